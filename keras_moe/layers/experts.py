@@ -1,0 +1,134 @@
+"""Batched experts: E copies of the transformer MLP, run as batched matmuls.
+
+Shape letters: E experts, N tokens per expert (G * C after dispatch),
+D model dimension, H hidden dimension.
+
+Weights mirror `Mlp` with a leading expert axis: `wi` <[E, D, H]> (`wi_0`,
+`wi_1` when gated), `wo` <[E, H, D]>, biases `bi` <[E, H]>, `bo` <[E, D]>,
+so that upcycling tiles a dense MLP into experts weight by weight.
+"""
+
+import keras
+from keras import ops
+
+from keras_moe.layers.mlp import get_activation
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class Experts(keras.layers.Layer):
+    """E independent MLPs applied to <[E, N, D]> dispatched tokens.
+
+    Args:
+        num_experts: E.
+        hidden_dim: H of each expert.
+        activation: an activation name of `keras_moe.layers.mlp`.
+        use_bias: whether the projections have biases.
+        kernel_initializer: initializer of the expert kernels.
+        bias_initializer: initializer of the biases.
+        dropout_rate: dropout on the hidden activations during training.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Example:
+
+    >>> experts = Experts(num_experts=4, hidden_dim=32)
+    >>> tuple(experts(keras.ops.ones((4, 10, 8))).shape)
+    (4, 10, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        activation="relu",
+        use_bias=False,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        dropout_rate=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (("num_experts", num_experts), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; received {value!r}")
+        self._activation_fn, self.gated = get_activation(activation)
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.dropout_rate = float(dropout_rate)
+        self.dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=self.dtype_policy, name="dropout"
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) != 3 or input_shape[0] != self.num_experts:
+            raise ValueError(
+                f"Experts expects inputs <[E={self.num_experts}, N, D]>; "
+                f"received input_shape={input_shape}"
+            )
+        model_dim = input_shape[-1]
+        e, h = self.num_experts, self.hidden_dim
+        names = ["wi_0", "wi_1"] if self.gated else ["wi"]
+        self.input_kernels = [
+            self.add_weight(
+                name=name,
+                shape=(e, model_dim, h),
+                initializer=self.kernel_initializer,
+            )
+            for name in names
+        ]
+        self.wo = self.add_weight(
+            name="wo", shape=(e, h, model_dim), initializer=self.kernel_initializer
+        )
+        self.input_biases = []
+        if self.use_bias:
+            self.input_biases = [
+                self.add_weight(
+                    name=name.replace("wi", "bi"),
+                    shape=(e, h),
+                    initializer=self.bias_initializer,
+                )
+                for name in names
+            ]
+            self.bo = self.add_weight(
+                name="bo", shape=(e, model_dim), initializer=self.bias_initializer
+            )
+
+    def call(self, inputs, training=False):
+        # (E, N, D) x (E, D, H) -> (E, N, H): one batched matmul per kernel.
+        hidden = [ops.matmul(inputs, kernel) for kernel in self.input_kernels]
+        if self.use_bias:
+            hidden = [h + b[:, None, :] for h, b in zip(hidden, self.input_biases)]
+        x = self._activation_fn(hidden[0])
+        if self.gated:
+            x = x * hidden[1]
+        x = self.dropout(x, training=training)
+        # (E, N, H) x (E, H, D) -> (E, N, D)
+        x = ops.matmul(x, self.wo)
+        if self.use_bias:
+            x = x + self.bo[:, None, :]
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "hidden_dim": self.hidden_dim,
+                "activation": self.activation,
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "dropout_rate": self.dropout_rate,
+            }
+        )
+        return config

@@ -1,0 +1,466 @@
+"""MoeLayer: a sparse Mixture-of-Experts replacement for the transformer MLP.
+
+Shape letters: G groups, S tokens per group (`group_size`), E experts,
+K experts per token, C expert capacity, D model dimension, H hidden dimension.
+
+Data flow of one call, for inputs <[..., D]>:
+
+    tokens <[..., D]> -> groups <[G, S, D]>            (grouping, padding)
+    router            -> RoutingInstructions <[G, E, C]>
+    dispatcher        -> slots <[G, E, C, D]> -> <[E, G*C, D]>
+    experts           -> <[E, G*C, D]> -> <[G, E, C, D]>
+    dispatcher        -> combined <[G, S, D]> -> outputs <[..., D]>
+
+Routing, dispatch and the experts run inside one
+`tf.function(jit_compile=True)` (XLA). Auxiliary losses are returned from it
+and added with `add_loss` outside, because `add_loss` must not run inside a
+nested compiled function; the same holds for the routing statistics, which
+update metric trackers that `model.fit` logs.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_moe.layers import dispatch as dispatch_lib
+from keras_moe.layers import routing
+from keras_moe.layers.experts import Experts
+from keras_moe.layers.routers import ExpertsChooseRouter
+from keras_moe.layers.routers import TokensChooseRouter
+
+NO_DROP = None
+_LOSS_WEIGHTS = (
+    "router_z_loss",
+    "load_balancing_loss",
+    "importance_loss",
+    "load_loss",
+)
+
+
+def default_dispatcher():
+    """The faster dispatcher for the devices TensorFlow sees.
+
+    "einsum" on TPU (dense matmuls are what the MXU does best), "indices"
+    elsewhere: on CPU and GPU gathering rows beats one-hot contractions
+    whose cost grows with the group size.
+    """
+    if tf.config.list_logical_devices("TPU"):
+        return "einsum"
+    return "indices"
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MoeLayer(keras.layers.Layer):
+    """Sparse Mixture-of-Experts MLP block.
+
+    Tokens are split into groups of `group_size`; within each group a router
+    assigns tokens to expert slots, each expert (an MLP) processes its slots,
+    and the outputs are added back weighted by the router. A token that no
+    expert takes gets zeros (in a transformer the residual connection carries
+    it). Padding tokens (`token_mask` False, or the padding added to fill the
+    last group) are never routed and take no capacity.
+
+    Capacity per expert and group is
+    `ceil(K * S * capacity_factor / E)` for token choice and
+    `ceil(S * capacity_factor / E)` for expert choice, floored at
+    `min_expert_capacity` and capped at S; `train_capacity_factor` applies
+    when `training=True`, `eval_capacity_factor` otherwise, and a capacity
+    factor of None means no token is dropped (C = S).
+
+    Dispatch: `dispatcher="auto"` picks `"indices"` (gather and segment sum)
+    on CPU and GPU and `"einsum"` (one-hot contractions) on TPU; both give
+    the same outputs and gradients.
+
+    Auxiliary losses (`add_loss`, weighted): router z-loss, Switch
+    load-balancing loss (token choice), V-MoE importance and load losses
+    (token choice; load only with `noise_std > 0`). Routing statistics are
+    tracked as metrics named `<layer name>_dropped` (fraction of real tokens
+    no expert took), `<layer name>_confidence` (mean top router probability)
+    and `<layer name>_max_load` (largest expert share times E; 1.0 is
+    perfectly balanced); `routing_stats()` also returns the last per-expert
+    usage.
+
+    Args:
+        num_experts: E.
+        hidden_dim: H of each expert.
+        router: `"tokens_choose"` or `"experts_choose"`. Expert choice lets a
+            token's routing depend on later tokens: never use it in a causal
+            decoder.
+        num_selected_experts: K, token choice only (1: Switch, 2: GShard).
+        batch_priority: V-MoE batch prioritized routing (token choice).
+        train_capacity_factor: capacity factor when training (None: no drop).
+        eval_capacity_factor: capacity factor otherwise (None: no drop).
+        min_expert_capacity: lower bound on C.
+        group_size: S. None makes each sequence (the second-to-last input
+            axis) a group; otherwise all tokens are flattened, padded to a
+            multiple of S and split.
+        normalize_combine_weights: renormalise each token's combine weights
+            over the experts that kept it.
+        activation, use_bias, dropout_rate: of the expert MLPs (see `Mlp`).
+        kernel_initializer, bias_initializer: of the expert MLPs.
+        router_kernel_initializer: of the <float32>[D, E] router kernel.
+        jitter_noise: Switch multiplicative router input noise (training).
+        noise_std: V-MoE Gaussian noise on router logits (training); V-MoE
+            uses 1 / E.
+        router_z_loss_weight, load_balancing_loss_weight,
+        importance_loss_weight, load_loss_weight: auxiliary loss weights.
+        dispatcher: `"auto"`, `"einsum"` or `"indices"`.
+        jit_compile: run routing, dispatch and experts under XLA.
+        check_numerics: in graph mode, fail the step when router logits are
+            not finite (eager calls always raise a ValueError for them).
+        seed: seed of the router noise.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Example:
+
+    >>> layer = MoeLayer(num_experts=4, hidden_dim=32, num_selected_experts=2)
+    >>> outputs = layer(keras.random.normal((2, 16, 8)))
+    >>> tuple(outputs.shape)
+    (2, 16, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        router=routing.TOKENS_CHOOSE,
+        num_selected_experts=1,
+        batch_priority=False,
+        train_capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        min_expert_capacity=4,
+        group_size=None,
+        normalize_combine_weights=False,
+        activation="relu",
+        use_bias=False,
+        dropout_rate=0.0,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        router_kernel_initializer="glorot_uniform",
+        jitter_noise=0.0,
+        noise_std=0.0,
+        router_z_loss_weight=1e-3,
+        load_balancing_loss_weight=1e-2,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        dispatcher="auto",
+        jit_compile=True,
+        check_numerics=False,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if router not in routing.ROUTER_TYPES:
+            raise ValueError(
+                f"router must be one of {routing.ROUTER_TYPES}; received "
+                f"router={router!r}"
+            )
+        if router == routing.EXPERTS_CHOOSE and num_selected_experts != 1:
+            raise ValueError(
+                "num_selected_experts applies to token choice only; received "
+                f"num_selected_experts={num_selected_experts} with "
+                "router='experts_choose'"
+            )
+        if group_size is not None and (
+            isinstance(group_size, bool)
+            or not isinstance(group_size, int)
+            or group_size < 1
+        ):
+            raise ValueError(
+                f"group_size must be None or an int >= 1; received {group_size!r}"
+            )
+        if dispatcher != "auto":
+            dispatch_lib.get_dispatcher(dispatcher)
+        # Validates E, K, both capacity factors and min_expert_capacity.
+        for factor in (train_capacity_factor, eval_capacity_factor):
+            routing.expert_capacity(
+                num_tokens=1,
+                num_experts=num_experts,
+                capacity_factor=factor,
+                num_selected_experts=num_selected_experts,
+                min_expert_capacity=min_expert_capacity,
+                router=router,
+            )
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.router_type = router
+        self.num_selected_experts = num_selected_experts
+        self.batch_priority = bool(batch_priority)
+        self.train_capacity_factor = train_capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_expert_capacity = min_expert_capacity
+        self.group_size = group_size
+        self.normalize_combine_weights = bool(normalize_combine_weights)
+        self.activation = activation
+        self.use_bias = bool(use_bias)
+        self.dropout_rate = float(dropout_rate)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.router_kernel_initializer = keras.initializers.get(
+            router_kernel_initializer
+        )
+        self.jitter_noise = float(jitter_noise)
+        self.noise_std = float(noise_std)
+        self.loss_weights = {
+            "router_z_loss": float(router_z_loss_weight),
+            "load_balancing_loss": float(load_balancing_loss_weight),
+            "importance_loss": float(importance_loss_weight),
+            "load_loss": float(load_loss_weight),
+        }
+        for name, weight in self.loss_weights.items():
+            if not weight >= 0:
+                raise ValueError(
+                    f"{name}_weight must be >= 0; received {weight!r}"
+                )
+        self.dispatcher = dispatcher
+        self.jit_compile = bool(jit_compile)
+        self.check_numerics = bool(check_numerics)
+        self.seed = seed
+
+        router_kwargs = dict(
+            num_experts=num_experts,
+            kernel_initializer=self.router_kernel_initializer,
+            jitter_noise=jitter_noise,
+            noise_std=noise_std,
+            normalize_combine_weights=normalize_combine_weights,
+            seed=seed,
+            dtype="float32",
+            name="router",
+        )
+        if router == routing.TOKENS_CHOOSE:
+            self.router = TokensChooseRouter(
+                num_selected_experts=num_selected_experts,
+                batch_priority=batch_priority,
+                **router_kwargs,
+            )
+        else:
+            self.router = ExpertsChooseRouter(**router_kwargs)
+        self.experts = Experts(
+            num_experts=num_experts,
+            hidden_dim=hidden_dim,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dropout_rate=dropout_rate,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+        self.dropped_tracker = keras.metrics.Mean(name=f"{self.name}_dropped")
+        self.confidence_tracker = keras.metrics.Mean(
+            name=f"{self.name}_confidence"
+        )
+        self.max_load_tracker = keras.metrics.Mean(name=f"{self.name}_max_load")
+        self._compiled_moe = None
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(
+                "MoeLayer expects inputs of rank >= 2 <[..., D]>; received "
+                f"input_shape={input_shape}"
+            )
+        if len(input_shape) == 2 and self.group_size is None:
+            raise ValueError(
+                "Rank-2 inputs <[N, D]> have no sequence axis to group by: "
+                f"pass group_size; received input_shape={input_shape}"
+            )
+        model_dim = input_shape[-1]
+        if model_dim is None:
+            raise ValueError(
+                f"The last (model) dimension must be known; received {input_shape}"
+            )
+        if self.group_size is None and input_shape[-2] is None:
+            raise ValueError(
+                "With group_size=None the sequence axis (-2) is the group and "
+                f"must be known; received input_shape={input_shape}"
+            )
+        self.router.build((None, None, model_dim))
+        self.experts.build((self.num_experts, None, model_dim))
+        self.expert_usage = self.add_weight(
+            name="expert_usage",
+            shape=(self.num_experts,),
+            initializer="zeros",
+            trainable=False,
+            aggregation="mean",
+        )
+        name = self.dispatcher
+        self._dispatcher_cls = dispatch_lib.get_dispatcher(
+            default_dispatcher() if name == "auto" else name
+        )
+        self._compiled_moe = (
+            tf.function(self._moe, jit_compile=True)
+            if self.jit_compile
+            else self._moe
+        )
+
+    def capacity(self, tokens_per_group, training):
+        """C for groups of S tokens (`training` picks the factor)."""
+        return routing.expert_capacity(
+            num_tokens=tokens_per_group,
+            num_experts=self.num_experts,
+            capacity_factor=(
+                self.train_capacity_factor
+                if training
+                else self.eval_capacity_factor
+            ),
+            num_selected_experts=self.num_selected_experts,
+            min_expert_capacity=self.min_expert_capacity,
+            router=self.router_type,
+        )
+
+    def call(self, inputs, training=False, token_mask=None):
+        training = bool(training)
+        model_dim = inputs.shape[-1]
+        if inputs.shape[-1] != self.experts.wo.shape[-1]:
+            raise ValueError(
+                f"MoeLayer was built for D={self.experts.wo.shape[-1]}; "
+                f"received inputs of shape {inputs.shape}"
+            )
+        groups, mask, num_real = self._group(inputs, token_mask)
+        capacity = self.capacity(groups.shape[1], training)
+        outputs, aux_losses, stats = self._compiled_moe(
+            groups, mask, capacity, training
+        )
+        self._check_finite(stats.pop("logits_finite"))
+        for name, value in aux_losses.items():
+            weight = self.loss_weights[name]
+            if weight > 0:
+                self.add_loss(weight * value)
+        self.dropped_tracker.update_state(stats["dropped"])
+        self.confidence_tracker.update_state(stats["confidence"])
+        self.max_load_tracker.update_state(stats["max_load"])
+        self.expert_usage.assign(stats["expert_usage"])
+        # (G, S, D) -> (G*S, D) -> drop padding -> (..., D)
+        outputs = ops.reshape(outputs, (-1, model_dim))[:num_real]
+        return ops.reshape(outputs, ops.shape(inputs))
+
+    def _group(self, inputs, token_mask):
+        """Returns groups <[G, S, D]>, mask <bool>[G, S], real token count."""
+        model_dim = inputs.shape[-1]
+        flat = ops.reshape(inputs, (-1, model_dim))
+        num_real = ops.shape(flat)[0]
+        if token_mask is None:
+            mask = ops.ones((num_real,), dtype="bool")
+        else:
+            if tuple(token_mask.shape) != tuple(inputs.shape[:-1]):
+                raise ValueError(
+                    "token_mask must have the shape of the inputs without "
+                    f"the last axis, {tuple(inputs.shape[:-1])}; received "
+                    f"{tuple(token_mask.shape)}"
+                )
+            mask = ops.reshape(ops.cast(token_mask, "bool"), (-1,))
+        if self.group_size is None:
+            group_size = inputs.shape[-2]
+            pad = 0
+        else:
+            group_size = self.group_size
+            pad = (-num_real) % group_size
+            flat = ops.pad(flat, ((0, pad), (0, 0)))
+            mask = ops.pad(mask, ((0, pad),), constant_values=False)
+        # (G*S, D) -> (G, S, D)
+        groups = ops.reshape(flat, (-1, group_size, model_dim))
+        return groups, ops.reshape(mask, (-1, group_size)), num_real
+
+    def _moe(self, groups, mask, capacity, training):
+        """Routing, dispatch, experts and combine; compiled with XLA."""
+        model_dim = groups.shape[-1]
+        num_groups = ops.shape(groups)[0]
+        routed = self.router.route(groups, capacity, training, token_mask=mask)
+        dispatcher = self._dispatcher_cls(routed.instructions)
+        slots = dispatcher.dispatch(groups)
+        # (G, E, C, D) -> (E, G, C, D) -> (E, G*C, D)
+        expert_inputs = ops.reshape(
+            ops.transpose(slots, (1, 0, 2, 3)), (self.num_experts, -1, model_dim)
+        )
+        expert_outputs = self.experts(expert_inputs, training=training)
+        # (E, G*C, D) -> (E, G, C, D) -> (G, E, C, D)
+        expert_outputs = ops.transpose(
+            ops.reshape(
+                expert_outputs, (self.num_experts, num_groups, capacity, model_dim)
+            ),
+            (1, 0, 2, 3),
+        )
+        outputs = dispatcher.combine(expert_outputs)
+        return outputs, routed.aux_losses, self._stats(routed, mask)
+
+    def _stats(self, routed, mask):
+        valid = ops.cast(mask, "float32")
+        num_valid = ops.maximum(ops.sum(valid), 1.0)
+        coverage = routed.instructions.token_coverage()
+        dropped = ops.sum(ops.cast(coverage == 0, "float32") * valid) / num_valid
+        confidence = ops.sum(ops.max(routed.router_probs, -1) * valid) / num_valid
+        load = ops.sum(routed.instructions.tokens_per_expert(), axis=0)  # (E,)
+        usage = load / ops.maximum(ops.sum(load), 1.0)
+        return {
+            "dropped": dropped,
+            "confidence": confidence,
+            "max_load": ops.max(usage) * self.num_experts,
+            "expert_usage": usage,
+            "logits_finite": ops.all(ops.isfinite(routed.router_logits)),
+        }
+
+    def _check_finite(self, finite):
+        if tf.executing_eagerly():
+            if not bool(finite):
+                raise ValueError(
+                    f"MoeLayer {self.name!r}: router logits contain NaN or "
+                    "infinite values (check the layer inputs)"
+                )
+        elif self.check_numerics:
+            tf.debugging.Assert(
+                finite, [f"MoeLayer {self.name}: non-finite router logits"]
+            )
+
+    def routing_stats(self):
+        """Routing statistics as NumPy values (means since the last reset)."""
+        return {
+            "dropped": float(self.dropped_tracker.result()),
+            "confidence": float(self.confidence_tracker.result()),
+            "max_load": float(self.max_load_tracker.result()),
+            "expert_usage": ops.convert_to_numpy(self.expert_usage),
+        }
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "hidden_dim": self.hidden_dim,
+                "router": self.router_type,
+                "num_selected_experts": self.num_selected_experts,
+                "batch_priority": self.batch_priority,
+                "train_capacity_factor": self.train_capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "min_expert_capacity": self.min_expert_capacity,
+                "group_size": self.group_size,
+                "normalize_combine_weights": self.normalize_combine_weights,
+                "activation": self.activation,
+                "use_bias": self.use_bias,
+                "dropout_rate": self.dropout_rate,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "router_kernel_initializer": keras.initializers.serialize(
+                    self.router_kernel_initializer
+                ),
+                "jitter_noise": self.jitter_noise,
+                "noise_std": self.noise_std,
+                "router_z_loss_weight": self.loss_weights["router_z_loss"],
+                "load_balancing_loss_weight": self.loss_weights[
+                    "load_balancing_loss"
+                ],
+                "importance_loss_weight": self.loss_weights["importance_loss"],
+                "load_loss_weight": self.loss_weights["load_loss"],
+                "dispatcher": self.dispatcher,
+                "jit_compile": self.jit_compile,
+                "check_numerics": self.check_numerics,
+                "seed": self.seed,
+            }
+        )
+        return config
