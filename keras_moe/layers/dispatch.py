@@ -67,9 +67,10 @@ class IndicesDispatcher(Dispatcher):
         rows = _global_rows(info.token_index, info.num_tokens, num_groups)
         # Empty slots go to a spare row that is cut off below.
         rows = ops.where(info.dispatch_mask > 0, rows, num_rows)
-        weighted = expert_outputs * ops.cast(
-            info.combine_weights, expert_outputs.dtype
-        )[..., None]
+        weighted = (
+            expert_outputs
+            * ops.cast(info.combine_weights, expert_outputs.dtype)[..., None]
+        )
         summed = ops.segment_sum(
             ops.reshape(weighted, (-1, model_dim)),
             ops.reshape(rows, (-1,)),

@@ -47,9 +47,18 @@ class Experts(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value in (("num_experts", num_experts), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1; received {value!r}")
+        for name, value in (
+            ("num_experts", num_experts),
+            ("hidden_dim", hidden_dim),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < 1
+            ):
+                raise ValueError(
+                    f"{name} must be an int >= 1; received {value!r}"
+                )
         self._activation_fn, self.gated = get_activation(activation)
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
@@ -80,7 +89,9 @@ class Experts(keras.layers.Layer):
             for name in names
         ]
         self.wo = self.add_weight(
-            name="wo", shape=(e, h, model_dim), initializer=self.kernel_initializer
+            name="wo",
+            shape=(e, h, model_dim),
+            initializer=self.kernel_initializer,
         )
         self.input_biases = []
         if self.use_bias:
@@ -93,14 +104,18 @@ class Experts(keras.layers.Layer):
                 for name in names
             ]
             self.bo = self.add_weight(
-                name="bo", shape=(e, model_dim), initializer=self.bias_initializer
+                name="bo",
+                shape=(e, model_dim),
+                initializer=self.bias_initializer,
             )
 
     def call(self, inputs, training=False):
         # (E, N, D) x (E, D, H) -> (E, N, H): one batched matmul per kernel.
         hidden = [ops.matmul(inputs, kernel) for kernel in self.input_kernels]
         if self.use_bias:
-            hidden = [h + b[:, None, :] for h, b in zip(hidden, self.input_biases)]
+            hidden = [
+                h + b[:, None, :] for h, b in zip(hidden, self.input_biases)
+            ]
         x = self._activation_fn(hidden[0])
         if self.gated:
             x = x * hidden[1]

@@ -78,7 +78,9 @@ class Mlp(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int):
-            raise ValueError(f"hidden_dim must be an int; received {hidden_dim!r}")
+            raise ValueError(
+                f"hidden_dim must be an int; received {hidden_dim!r}"
+            )
         if hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1; received {hidden_dim}")
         self._activation_fn, self.gated = get_activation(activation)

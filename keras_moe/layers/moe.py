@@ -49,6 +49,37 @@ def default_dispatcher():
     return "indices"
 
 
+class ExpertLoad(keras.metrics.Metric):
+    """Mean share of the filled slots that each expert received.
+
+    `result()` is the scalar `max_e share_e * E` (1.0 when balanced) so that
+    `fit` can log it; `usage()` is the <float32>[E] vector of shares.
+    """
+
+    def __init__(self, num_experts, name="max_load", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_experts = num_experts
+        self.total = self.add_variable(
+            shape=(num_experts,), initializer="zeros", name="total"
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", name="count"
+        )
+
+    def update_state(self, usage):
+        self.total.assign_add(ops.cast(usage, self.dtype))
+        self.count.assign_add(ops.cast(1, self.dtype))
+
+    def usage(self):
+        return self.total / ops.maximum(self.count, 1.0)
+
+    def result(self):
+        return ops.max(self.usage()) * self.num_experts
+
+    def get_config(self):
+        return {"num_experts": self.num_experts, **super().get_config()}
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class MoeLayer(keras.layers.Layer):
     """Sparse Mixture-of-Experts MLP block.
@@ -76,9 +107,12 @@ class MoeLayer(keras.layers.Layer):
     (token choice; load only with `noise_std > 0`). Routing statistics are
     tracked as metrics named `<layer name>_dropped` (fraction of real tokens
     no expert took), `<layer name>_confidence` (mean top router probability)
-    and `<layer name>_max_load` (largest expert share times E; 1.0 is
-    perfectly balanced); `routing_stats()` also returns the last per-expert
-    usage.
+    and `<layer name>_max_load` (largest mean expert share times E; 1.0 is
+    perfectly balanced); `routing_stats()` also returns the mean share of
+    every expert. All are means since the last metric reset (each epoch in
+    `fit`). They are metric trackers, not variables assigned in `call`: a
+    mirrored variable assignment inside a replica would be a cross-replica
+    merge point in the middle of the forward pass.
 
     Args:
         num_experts: E.
@@ -167,7 +201,8 @@ class MoeLayer(keras.layers.Layer):
             or group_size < 1
         ):
             raise ValueError(
-                f"group_size must be None or an int >= 1; received {group_size!r}"
+                "group_size must be None or an int >= 1; received "
+                f"{group_size!r}"
             )
         if dispatcher != "auto":
             dispatch_lib.get_dispatcher(dispatcher)
@@ -250,7 +285,9 @@ class MoeLayer(keras.layers.Layer):
         self.confidence_tracker = keras.metrics.Mean(
             name=f"{self.name}_confidence"
         )
-        self.max_load_tracker = keras.metrics.Mean(name=f"{self.name}_max_load")
+        self.load_tracker = ExpertLoad(
+            num_experts, name=f"{self.name}_max_load"
+        )
         self._compiled_moe = None
 
     def build(self, input_shape):
@@ -267,7 +304,8 @@ class MoeLayer(keras.layers.Layer):
         model_dim = input_shape[-1]
         if model_dim is None:
             raise ValueError(
-                f"The last (model) dimension must be known; received {input_shape}"
+                "The last (model) dimension must be known; received "
+                f"{input_shape}"
             )
         if self.group_size is None and input_shape[-2] is None:
             raise ValueError(
@@ -276,13 +314,6 @@ class MoeLayer(keras.layers.Layer):
             )
         self.router.build((None, None, model_dim))
         self.experts.build((self.num_experts, None, model_dim))
-        self.expert_usage = self.add_weight(
-            name="expert_usage",
-            shape=(self.num_experts,),
-            initializer="zeros",
-            trainable=False,
-            aggregation="mean",
-        )
         name = self.dispatcher
         self._dispatcher_cls = dispatch_lib.get_dispatcher(
             default_dispatcher() if name == "auto" else name
@@ -322,14 +353,13 @@ class MoeLayer(keras.layers.Layer):
             groups, mask, capacity, training
         )
         self._check_finite(stats.pop("logits_finite"))
+        self.dropped_tracker.update_state(stats["dropped"])
+        self.confidence_tracker.update_state(stats["confidence"])
+        self.load_tracker.update_state(stats["expert_usage"])
         for name, value in aux_losses.items():
             weight = self.loss_weights[name]
             if weight > 0:
                 self.add_loss(weight * value)
-        self.dropped_tracker.update_state(stats["dropped"])
-        self.confidence_tracker.update_state(stats["confidence"])
-        self.max_load_tracker.update_state(stats["max_load"])
-        self.expert_usage.assign(stats["expert_usage"])
         # (G, S, D) -> (G*S, D) -> drop padding -> (..., D)
         outputs = ops.reshape(outputs, (-1, model_dim))[:num_real]
         return ops.reshape(outputs, ops.shape(inputs))
@@ -370,13 +400,15 @@ class MoeLayer(keras.layers.Layer):
         slots = dispatcher.dispatch(groups)
         # (G, E, C, D) -> (E, G, C, D) -> (E, G*C, D)
         expert_inputs = ops.reshape(
-            ops.transpose(slots, (1, 0, 2, 3)), (self.num_experts, -1, model_dim)
+            ops.transpose(slots, (1, 0, 2, 3)),
+            (self.num_experts, -1, model_dim),
         )
         expert_outputs = self.experts(expert_inputs, training=training)
         # (E, G*C, D) -> (E, G, C, D) -> (G, E, C, D)
         expert_outputs = ops.transpose(
             ops.reshape(
-                expert_outputs, (self.num_experts, num_groups, capacity, model_dim)
+                expert_outputs,
+                (self.num_experts, num_groups, capacity, model_dim),
             ),
             (1, 0, 2, 3),
         )
@@ -387,14 +419,17 @@ class MoeLayer(keras.layers.Layer):
         valid = ops.cast(mask, "float32")
         num_valid = ops.maximum(ops.sum(valid), 1.0)
         coverage = routed.instructions.token_coverage()
-        dropped = ops.sum(ops.cast(coverage == 0, "float32") * valid) / num_valid
-        confidence = ops.sum(ops.max(routed.router_probs, -1) * valid) / num_valid
+        dropped = (
+            ops.sum(ops.cast(coverage == 0, "float32") * valid) / num_valid
+        )
+        confidence = (
+            ops.sum(ops.max(routed.router_probs, -1) * valid) / num_valid
+        )
         load = ops.sum(routed.instructions.tokens_per_expert(), axis=0)  # (E,)
         usage = load / ops.maximum(ops.sum(load), 1.0)
         return {
             "dropped": dropped,
             "confidence": confidence,
-            "max_load": ops.max(usage) * self.num_experts,
             "expert_usage": usage,
             "logits_finite": ops.all(ops.isfinite(routed.router_logits)),
         }
@@ -416,8 +451,8 @@ class MoeLayer(keras.layers.Layer):
         return {
             "dropped": float(self.dropped_tracker.result()),
             "confidence": float(self.confidence_tracker.result()),
-            "max_load": float(self.max_load_tracker.result()),
-            "expert_usage": ops.convert_to_numpy(self.expert_usage),
+            "max_load": float(self.load_tracker.result()),
+            "expert_usage": ops.convert_to_numpy(self.load_tracker.usage()),
         }
 
     def compute_output_shape(self, input_shape):

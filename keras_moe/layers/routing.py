@@ -97,7 +97,9 @@ def expert_capacity(
         )
     choices = num_selected_experts if router == TOKENS_CHOOSE else 1
     # Round before ceil so that 2 * 8 * 1.1 / 8 does not become 2.2000000001.
-    capacity = math.ceil(round(choices * num_tokens * capacity_factor, 6) / num_experts)
+    capacity = math.ceil(
+        round(choices * num_tokens * capacity_factor, 6) / num_experts
+    )
     return min(max(capacity, min_expert_capacity, 1), num_tokens)
 
 
@@ -211,7 +213,8 @@ def tokens_choose(
         service_order = tf.argsort(-gates[..., 0], axis=-1, stable=True)
     else:
         service_order = ops.broadcast_to(
-            ops.arange(num_tokens, dtype="int32")[None], (num_groups, num_tokens)
+            ops.arange(num_tokens, dtype="int32")[None],
+            (num_groups, num_tokens),
         )
     service_order = ops.cast(service_order, "int32")
     experts_in_order = ops.take_along_axis(
@@ -252,7 +255,9 @@ def tokens_choose(
         choice_expert * capacity + position,
         num_experts * capacity,
     )
-    sorted_choices = ops.cast(tf.argsort(sort_key, axis=-1, stable=True), "int32")
+    sorted_choices = ops.cast(
+        tf.argsort(sort_key, axis=-1, stable=True), "int32"
+    )
     load = ops.sum(
         choice_one_hot * ops.cast(choice_kept, "int32")[..., None], axis=1
     )  # (G, E)
@@ -335,8 +340,9 @@ def experts_choose(
     valid = ops.cast(_token_mask(token_mask, probs), "float32")
     # (G, S, E) -> (G, E, S). Masked tokens score -1, below any probability,
     # so they are only taken when an expert has more slots than real tokens.
-    scores = ops.transpose(probs * valid[..., None] - (1.0 - valid[..., None]),
-                           (0, 2, 1))
+    scores = ops.transpose(
+        probs * valid[..., None] - (1.0 - valid[..., None]), (0, 2, 1)
+    )
     gates, token_index = ops.top_k(scores, expert_capacity)
     token_index = ops.cast(token_index, "int32")
     dispatch_mask = ops.cast(gates >= 0.0, "float32")
@@ -395,9 +401,7 @@ def _check_router_probs(router_probs):
             "router_probs needs static S and E dimensions; received shape "
             f"{tuple(probs.shape)}"
         )
-    if tf.executing_eagerly() and not bool(
-        ops.all(ops.isfinite(probs))
-    ):
+    if tf.executing_eagerly() and not bool(ops.all(ops.isfinite(probs))):
         raise ValueError(
             "router_probs contains NaN or infinite values; check the router "
             "logits (a NaN in the inputs or a diverged router)"
@@ -407,5 +411,6 @@ def _check_router_probs(router_probs):
 
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; received {name}={value!r}")
-
+        raise ValueError(
+            f"{name} must be an int >= 1; received {name}={value!r}"
+        )

@@ -1,0 +1,1 @@
+"""Command-line launchers (absl flags) for keras_moe: demo, benchmark."""

@@ -1,0 +1,1 @@
+"""SavedModel export of keras_moe models for TensorFlow Serving."""

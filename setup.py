@@ -1,0 +1,79 @@
+"""Packaging for keras_moe.
+
+Exact versions of the whole stack live in requirements/constraints.txt; install
+with `pip install -c requirements/constraints.txt -e '.[test,bench,hub]'` (or
+`make venv`). Pins below are the ones the code depends on: unpinned, pip
+backtracks tf-models-official to old releases and fails to resolve.
+"""
+
+import pathlib
+
+from setuptools import find_packages
+from setuptools import setup
+
+_HERE = pathlib.Path(__file__).parent
+
+_PACKAGES = [
+    "keras_moe",
+    "keras_moe.*",
+    "apps",
+    "apps.*",
+    "export",
+    "export.*",
+]
+
+_KERAS_HUB = ["keras-hub==0.32.0", "kaggle==2.2.1"]
+
+_INSTALL_REQUIRES = [
+    "tensorflow==2.20.0",
+    "keras==3.15.1",
+    "tensorflow-text==2.20.1",
+    "tensorflow-datasets==4.9.10",
+    # tensorflow-datasets imports it without declaring it.
+    "importlib_resources",
+    # Held at 1.4.0 by tf-models-official's dependencies.
+    "absl-py==1.4.0",
+    "numpy",
+    "sentencepiece",
+    "scikit-learn",
+    "num2words",
+    "safetensors",
+    "matplotlib",
+]
+
+_EXTRAS_REQUIRE = {
+    "test": [
+        "pytest",
+        "black",
+        "isort",
+        "ruff",
+        # Reference statistics (e.g. the normal CDF) in loss tests.
+        "scipy",
+        "tensorflow-serving-api",
+        # The TF peer MoE layer, used for cross-checks.
+        "tf-models-official==2.20.0",
+    ],
+    "bench": ["tf-models-official==2.20.0", *_KERAS_HUB],
+    "hub": list(_KERAS_HUB),
+}
+
+setup(
+    name="keras_moe",
+    version="0.1.0",
+    description=(
+        "Sparse Mixture-of-Experts layers and sparse upcycling for Keras 3 "
+        "on TensorFlow."
+    ),
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=_PACKAGES),
+    install_requires=_INSTALL_REQUIRES,
+    extras_require=_EXTRAS_REQUIRE,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

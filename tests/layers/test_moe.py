@@ -1,0 +1,364 @@
+"""MoeLayer: numbers against NumPy, the upcycling property, the contract."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_moe.layers import losses
+from keras_moe.layers.mlp import Mlp
+from keras_moe.layers.moe import MoeLayer
+from tests.layer_test_case import run_layer_test
+
+try:
+    from tests.layers import reference_routing as ref
+except ImportError:
+    import reference_routing as ref
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _np_moe(layer, x, training):
+    """NumPy MoeLayer for relu experts, groups = sequences (group_size None)."""
+    kernel = _np(layer.router.kernel).astype(np.float64)
+    wi = _np(layer.experts.input_kernels[0]).astype(np.float64)
+    wo = _np(layer.experts.wo).astype(np.float64)
+    probs = np.exp(x @ kernel)
+    probs /= probs.sum(-1, keepdims=True)
+    capacity = layer.capacity(x.shape[1], training)
+    if layer.router_type == "tokens_choose":
+        routed = ref.tokens_choose(
+            probs,
+            layer.num_selected_experts,
+            capacity,
+            batch_priority=layer.batch_priority,
+            normalize=layer.normalize_combine_weights,
+        )
+    else:
+        routed = ref.experts_choose(
+            probs, capacity, normalize=layer.normalize_combine_weights
+        )
+    # Every expert on every token, then the combine array picks and weighs.
+    expert_out = np.einsum(
+        "gseh,ehd->gsed", np.maximum(np.einsum("gsd,edh->gseh", x, wi), 0), wo
+    )
+    return np.einsum("gsec,gsed->gsd", routed.combine, expert_out), routed
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_selected_experts": 1},
+        {"num_selected_experts": 2, "train_capacity_factor": 0.5},
+        {"num_selected_experts": 2, "batch_priority": True},
+        {"router": "experts_choose", "train_capacity_factor": 1.0},
+        {"router": "experts_choose", "normalize_combine_weights": True},
+    ],
+)
+@pytest.mark.parametrize("dispatcher", ["einsum", "indices"])
+def test_matches_numpy(kwargs, dispatcher):
+    x = np.random.default_rng(0).normal(size=(3, 16, 8)).astype("float32")
+    layer = MoeLayer(
+        num_experts=4,
+        hidden_dim=12,
+        dispatcher=dispatcher,
+        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
+        **kwargs,
+    )
+    y = _np(layer(x, training=True))
+    expected, routed = _np_moe(layer, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    if kwargs.get("train_capacity_factor") == 0.5:
+        assert routed.num_dropped > 0  # the case exercises overflow
+    # The statistics agree with the reference routing.
+    coverage = routed.dispatch.sum(axis=(2, 3))
+    stats = layer.routing_stats()
+    np.testing.assert_allclose(
+        stats["dropped"], np.mean(coverage == 0), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "router,k",
+    [("tokens_choose", 1), ("tokens_choose", 2), ("experts_choose", 1)],
+)
+@pytest.mark.parametrize("activation", ["relu", "gated_gelu"])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_identical_experts_reproduce_the_dense_mlp(
+    router, k, activation, use_bias
+):
+    """With copies of one MLP, normalised weights and no drops, MoE == MLP."""
+    x = np.random.default_rng(1).normal(size=(2, 10, 8)).astype("float32")
+    mlp = Mlp(
+        16, activation=activation, use_bias=use_bias, bias_initializer="uniform"
+    )
+    dense = _np(mlp(x))
+    layer = MoeLayer(
+        num_experts=4,
+        hidden_dim=16,
+        router=router,
+        num_selected_experts=k,
+        activation=activation,
+        use_bias=use_bias,
+        normalize_combine_weights=True,
+        eval_capacity_factor=None,
+        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
+    )
+    layer.build(x.shape)
+    for expert_w, dense_w in zip(layer.experts.weights, mlp.weights):
+        expert_w.assign(np.broadcast_to(_np(dense_w), expert_w.shape))
+    np.testing.assert_allclose(_np(layer(x)), dense, rtol=1e-5, atol=1e-5)
+    assert layer.routing_stats()["dropped"] == 0.0
+
+
+def test_aux_losses_are_added_with_their_weights():
+    x = np.random.default_rng(2).normal(size=(2, 16, 8)).astype("float32")
+    layer = MoeLayer(
+        4,
+        8,
+        num_selected_experts=2,
+        router_z_loss_weight=0.1,
+        load_balancing_loss_weight=0.2,
+        importance_loss_weight=0.3,
+    )
+    layer(x, training=True)
+    logits = x @ _np(layer.router.kernel)
+    probs = _np(keras.ops.softmax(logits))
+    top2 = np.argsort(-probs, axis=-1)[..., :2].astype("int32")
+    expected = [
+        0.1 * float(losses.router_z_loss(logits)),
+        0.2 * float(losses.load_balancing_loss(probs, top2)),
+        0.3 * float(losses.importance_loss(probs)),
+    ]
+    np.testing.assert_allclose(
+        [float(v) for v in layer.losses], expected, rtol=1e-5
+    )
+
+
+def test_group_size_pads_and_padding_takes_no_capacity():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 8)).astype("float32")  # 40 tokens, groups of 16
+    layer = MoeLayer(4, 8, group_size=16, eval_capacity_factor=1.0)
+    y = _np(layer(x))
+    assert y.shape == (40, 8)
+    # The first two groups are full: same as routing them alone.
+    np.testing.assert_allclose(y[:32], _np(layer(x[:32])), rtol=1e-6, atol=1e-6)
+    # The last group holds 8 real tokens and 8 padding tokens; padding with
+    # an explicit mask over real-looking tokens gives the same result.
+    last = np.concatenate([x[32:], rng.normal(size=(8, 8)).astype("float32")])
+    mask = np.arange(16) < 8
+    np.testing.assert_allclose(
+        y[32:], _np(layer(last, token_mask=mask))[:8], rtol=1e-6, atol=1e-6
+    )
+
+
+def test_capacity_factors_for_train_and_eval():
+    layer = MoeLayer(
+        8,
+        8,
+        num_selected_experts=2,
+        train_capacity_factor=1.25,
+        eval_capacity_factor=None,
+        min_expert_capacity=1,
+    )
+    assert layer.capacity(64, training=True) == 20
+    assert layer.capacity(64, training=False) == 64
+
+
+def test_layer_contract(tmp_path):
+    run_layer_test(
+        MoeLayer,
+        {"num_experts": 4, "hidden_dim": 16, "num_selected_experts": 2},
+        (4, 6, 8),
+        expected_num_trainable_weights=3,
+        tmp_path=tmp_path,
+    )
+
+
+def test_mixed_precision_keeps_the_router_in_float32():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = MoeLayer(4, 16, router="experts_choose")
+        y = layer(np.ones((2, 8, 8), "float32"), training=True)
+        assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+        assert layer.router.compute_dtype == "float32"
+        assert layer.router.kernel.dtype == "float32"
+        assert layer.experts.compute_dtype == "bfloat16"
+        probs = layer.router.route(
+            keras.ops.ones((2, 8, 8), "bfloat16"), expert_capacity=4
+        ).router_probs
+        assert keras.backend.standardize_dtype(probs.dtype) == "float32"
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def test_keras_round_trip_gives_identical_outputs(tmp_path):
+    inputs = keras.Input((6, 8))
+    hidden = MoeLayer(4, 16, num_selected_experts=2, batch_priority=True)(
+        inputs
+    )
+    model = keras.Model(
+        inputs, MoeLayer(4, 16, router="experts_choose")(hidden)
+    )
+    path = str(tmp_path / "moe.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    x = np.random.default_rng(4).normal(size=(3, 6, 8)).astype("float32")
+    np.testing.assert_array_equal(_np(model(x)), _np(restored(x)))
+    assert restored.layers[1].get_config() == model.layers[1].get_config()
+
+
+def test_jit_compiled_train_step_on_one_device():
+    inputs = keras.Input((8, 8))
+    outputs = MoeLayer(4, 16, num_selected_experts=2, jit_compile=True)(inputs)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    x = np.random.default_rng(5).normal(size=(16, 8, 8)).astype("float32")
+    history = model.fit(x, x, batch_size=8, epochs=3, verbose=0)
+    logged = history.history
+    assert logged["loss"][-1] < logged["loss"][0]
+    assert "moe_layer" in " ".join(logged)  # routing statistics are logged
+    dropped = [v for k, v in logged.items() if k.endswith("_dropped")][0]
+    assert all(0.0 <= v <= 1.0 for v in dropped)
+
+
+_MIRRORED_SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 4
+    )
+    import keras
+    from keras_moe.layers.moe import MoeLayer
+
+    def train(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            inputs = keras.Input((8, 8))
+            x = MoeLayer(4, 16, num_selected_experts=2)(inputs)
+            outputs = keras.layers.Dense(1)(keras.layers.Flatten()(x))
+            model = keras.Model(inputs, outputs)
+            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 8, 8)).astype("float32")
+        y = rng.normal(size=(64, 1)).astype("float32")
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False,
+                            verbose=0)
+        return history.history
+
+    mirrored = tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(4)]
+    )
+    assert mirrored.num_replicas_in_sync == 4
+    print(json.dumps({
+        "mirrored": train(mirrored),
+        "single": train(tf.distribute.OneDeviceStrategy("/cpu:0")),
+    }))
+    """)
+
+
+def test_fit_under_mirrored_strategy_matches_one_device():
+    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    import json
+
+    logs = json.loads(result.stdout.strip().splitlines()[-1])
+    mirrored, single = logs["mirrored"], logs["single"]
+    # Same global batch, same routing groups (one per sequence): the same
+    # training trajectory up to float summation order.
+    np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=1e-4)
+    assert set(k for k in mirrored if k.endswith("_dropped"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"num_experts": 0, "hidden_dim": 4},
+            "num_experts must be an int >= 1",
+        ),
+        (
+            {"num_experts": 2, "hidden_dim": 4, "num_selected_experts": 3},
+            "num_selected_experts must be at most num_experts",
+        ),
+        (
+            {"num_experts": 2, "hidden_dim": 4, "train_capacity_factor": 0.0},
+            "capacity_factor must be > 0",
+        ),
+        (
+            {"num_experts": 2, "hidden_dim": 4, "eval_capacity_factor": -1.0},
+            "capacity_factor must be > 0",
+        ),
+        ({"num_experts": 2, "hidden_dim": 4, "group_size": 0}, "group_size"),
+        (
+            {"num_experts": 2, "hidden_dim": 4, "router": "soft"},
+            "router must be",
+        ),
+        (
+            {"num_experts": 2, "hidden_dim": 4, "dispatcher": "scatter"},
+            "dispatcher must be one of",
+        ),
+        (
+            {
+                "num_experts": 2,
+                "hidden_dim": 4,
+                "router": "experts_choose",
+                "num_selected_experts": 2,
+            },
+            "token choice only",
+        ),
+        (
+            {
+                "num_experts": 2,
+                "hidden_dim": 4,
+                "load_balancing_loss_weight": -1,
+            },
+            "load_balancing_loss_weight must be >= 0",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoeLayer(**kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="rank >= 2"):
+        MoeLayer(2, 4)(np.zeros((8,), "float32"))
+    with pytest.raises(ValueError, match="pass group_size"):
+        MoeLayer(2, 4)(np.zeros((8, 4), "float32"))
+    layer = MoeLayer(2, 4)
+    with pytest.raises(ValueError, match="token_mask must have the shape"):
+        layer(np.zeros((2, 8, 4), "float32"), token_mask=np.ones((2, 4), bool))
+    x = np.zeros((2, 8, 4), "float32")
+    x[1, 3, 0] = np.nan
+    with pytest.raises(ValueError, match="router logits contain NaN"):
+        layer(x)
+
+
+def test_nan_logits_fail_the_step_in_graph_mode_with_check_numerics():
+    layer = MoeLayer(2, 4, check_numerics=True)
+    x = np.zeros((2, 8, 4), "float32")
+    layer(x)
+    x[0, 0, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
+        tf.function(layer)(x)
