@@ -1,0 +1,1 @@
+"""Checkpoint readers: each source format into a keras_moe model."""

@@ -1,0 +1,1 @@
+"""Dense models whose MLP blocks MoE layers can replace."""
