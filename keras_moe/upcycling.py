@@ -1,0 +1,535 @@
+"""Sparse upcycling: turn a dense keras_moe T5 or ViT into an MoE model.
+
+Follows "Sparse Upcycling: Training Mixture-of-Experts from Dense
+Checkpoints" (Komatsuzaki et al., 2022). The chosen MLP blocks become
+`MoeLayer`s whose E experts start as copies of the dense MLP; the router is
+freshly initialised; every other weight is copied unchanged.
+
+Defaults are the paper's recipe:
+
+* every other MLP block (the odd-indexed ones, counting from 0) in every
+  stack (ViT encoder; T5 encoder and decoder);
+* expert-choice routing with capacity factor 2 in encoders and ViT;
+  token-choice top-2 in decoders, because expert choice lets a decoder
+  token's routing depend on later tokens;
+* combine weights renormalised for vision, not for language;
+* a router initialised from Normal(0, 0.02).
+
+Shape letters: E experts, D model dimension, H MLP hidden dimension.
+"""
+
+import dataclasses
+import re
+import zlib
+
+import keras
+import numpy as np
+
+from keras_moe.layers import routing
+
+VISION = "vision"
+LANGUAGE = "language"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """One transformer stack whose MLP blocks can become MoE blocks."""
+
+    name: str  # canonical-name prefix and user-facing name
+    moe_key: str  # config key holding {block index: MoeLayer kwargs}
+    layers_key: str  # config key holding the number of blocks
+    causal: bool  # decoders: expert choice would leak future tokens
+
+
+_ARCHITECTURES = {
+    "ViT": (
+        VISION,
+        (Stack("encoder", "encoder_moe_blocks", "num_layers", False),),
+    ),
+    "T5": (
+        LANGUAGE,
+        (
+            Stack("encoder", "encoder_moe_blocks", "num_encoder_layers", False),
+            Stack("decoder", "decoder_moe_blocks", "num_decoder_layers", True),
+        ),
+    ),
+}
+
+
+def architecture(model):
+    """Returns (modality, stacks) of a keras_moe model, or raises."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _ARCHITECTURES and hasattr(
+            model, "canonical_variables"
+        ):
+            return _ARCHITECTURES[cls.__name__]
+    raise ValueError(
+        f"upcycle needs a keras_moe model with MLP blocks it knows "
+        f"({', '.join(_ARCHITECTURES)}); received {type(model).__name__}. "
+        "Convert other formats with keras_moe.checkpoints first."
+    )
+
+
+def select_blocks(blocks, num_layers, last_n=None):
+    """Block indices chosen by `blocks` in a stack of `num_layers` blocks.
+
+    Args:
+        blocks: "every_other" (odd indices), "all", "last_n" (with
+            `last_n`), "none", or an iterable of indices.
+        num_layers: number of blocks in the stack.
+        last_n: for "last_n", how many of the last blocks.
+    """
+    if isinstance(blocks, str):
+        if blocks == "every_other":
+            return list(range(1, num_layers, 2))
+        if blocks == "all":
+            return list(range(num_layers))
+        if blocks == "none":
+            return []
+        if blocks == "last_n":
+            if isinstance(last_n, bool) or not isinstance(last_n, int):
+                raise ValueError(
+                    f"blocks='last_n' needs an int last_n; received {last_n!r}"
+                )
+            if not 1 <= last_n <= num_layers:
+                raise ValueError(
+                    f"last_n must be in [1, {num_layers}]; received {last_n}"
+                )
+            return list(range(num_layers - last_n, num_layers))
+        raise ValueError(
+            "blocks must be 'every_other', 'all', 'last_n', 'none' or a list "
+            f"of block indices; received {blocks!r}"
+        )
+    indices = sorted(set(int(i) for i in blocks))
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"block indices {bad} are out of range for a stack of "
+            f"{num_layers} blocks (valid: 0..{num_layers - 1})"
+        )
+    return indices
+
+
+def upcycle(
+    model,
+    num_experts=32,
+    *,
+    blocks="every_other",
+    last_n=None,
+    encoder_router=routing.EXPERTS_CHOOSE,
+    decoder_router=routing.TOKENS_CHOOSE,
+    num_selected_experts=2,
+    train_capacity_factor=2.0,
+    eval_capacity_factor=2.0,
+    normalize_combine_weights=None,
+    router_kernel_initializer=None,
+    expert_noise=0.0,
+    expert_noise_type="multiplicative",
+    reinit_fraction=0.0,
+    group_size=None,
+    moe_kwargs=None,
+    allow_expert_choice_in_decoder=False,
+    seed=0,
+):
+    """Returns a new MoE model whose experts start as copies of `model`'s MLPs.
+
+    The input model is left untouched.
+
+    Args:
+        model: a dense (or partly MoE) keras_moe `ViT` or `T5`.
+        num_experts: E.
+        blocks: which MLP blocks become MoE blocks: "every_other" (the paper),
+            "all", "last_n" (with `last_n`), "none", a list of indices, or a
+            dict {stack name: any of those} ("encoder", "decoder").
+        last_n: the n of `blocks="last_n"`.
+        encoder_router: router of encoder stacks (ViT's too).
+        decoder_router: router of decoder stacks.
+        num_selected_experts: K of token-choice stacks.
+        train_capacity_factor, eval_capacity_factor: of every MoE block
+            (None: no token dropped).
+        normalize_combine_weights: None picks the paper's choice (True for
+            vision, False for language).
+        router_kernel_initializer: None for Normal(0, 0.02) seeded by `seed`.
+        expert_noise: std of the noise added to each expert's copied weights
+            to break their symmetry; 0 keeps exact copies.
+        expert_noise_type: "multiplicative" (w * (1 + eps)) or "additive"
+            (w + eps * std(w)).
+        reinit_fraction: Drop-Upcycling (Nakamura et al., 2025): in each
+            expert, this fraction of the hidden units (columns of the input
+            kernels, rows of the output kernel) is re-drawn from a normal
+            with the dense weight's mean and std.
+        group_size: MoeLayer group size (None: one group per sequence).
+        moe_kwargs: other MoeLayer kwargs applied to every MoE block (loss
+            weights, noise, dispatcher...).
+        allow_expert_choice_in_decoder: expert choice in a causal decoder is
+            refused unless this is True.
+        seed: seed of router initialisation, expert noise and re-draws.
+
+    Returns:
+        A new keras model of the same class.
+    """
+    modality, stacks = architecture(model)
+    _check_positive_int("num_experts", num_experts)
+    if expert_noise_type not in ("multiplicative", "additive"):
+        raise ValueError(
+            "expert_noise_type must be 'multiplicative' or 'additive'; "
+            f"received {expert_noise_type!r}"
+        )
+    if not expert_noise >= 0:
+        raise ValueError(
+            f"expert_noise must be >= 0; received {expert_noise!r}"
+        )
+    if not 0.0 <= reinit_fraction <= 1.0:
+        raise ValueError(
+            f"reinit_fraction must be in [0, 1]; received {reinit_fraction!r}"
+        )
+    if normalize_combine_weights is None:
+        normalize_combine_weights = modality == VISION
+    if router_kernel_initializer is None:
+        router_kernel_initializer = keras.initializers.RandomNormal(
+            stddev=0.02, seed=seed
+        )
+    config = model.get_config()
+    stack_blocks = blocks if isinstance(blocks, dict) else {}
+    unknown = set(stack_blocks) - {s.name for s in stacks}
+    if unknown:
+        raise ValueError(
+            f"blocks names unknown stacks {sorted(unknown)}; this model has "
+            f"{[s.name for s in stacks]}"
+        )
+    converted = {}
+    for stack in stacks:
+        router = decoder_router if stack.causal else encoder_router
+        if router not in routing.ROUTER_TYPES:
+            raise ValueError(
+                f"router of the {stack.name} must be one of "
+                f"{routing.ROUTER_TYPES}; received {router!r}"
+            )
+        if (
+            stack.causal
+            and router == routing.EXPERTS_CHOOSE
+            and not allow_expert_choice_in_decoder
+        ):
+            raise ValueError(
+                f"expert choice routing was asked for the {stack.name}, a "
+                "causal decoder: an expert picks its tokens by looking at "
+                "the whole sequence, so a token's output would depend on "
+                "later tokens. Use decoder_router='tokens_choose', or pass "
+                "allow_expert_choice_in_decoder=True to force it."
+            )
+        num_layers = config[stack.layers_key]
+        chosen = select_blocks(
+            (
+                stack_blocks.get(stack.name, blocks)
+                if isinstance(blocks, dict)
+                else blocks
+            ),
+            num_layers,
+            last_n,
+        )
+        existing = {
+            int(k): v for k, v in (config.get(stack.moe_key) or {}).items()
+        }
+        already = sorted(set(chosen) & set(existing))
+        if already:
+            raise ValueError(
+                f"{stack.name} blocks {already} are already MoE blocks"
+            )
+        layer_kwargs = {
+            "num_experts": num_experts,
+            "router": router,
+            "train_capacity_factor": train_capacity_factor,
+            "eval_capacity_factor": eval_capacity_factor,
+            "normalize_combine_weights": normalize_combine_weights,
+            "router_kernel_initializer": keras.initializers.serialize(
+                keras.initializers.get(router_kernel_initializer)
+            ),
+            "group_size": group_size,
+            "seed": seed,
+        }
+        if router == routing.TOKENS_CHOOSE:
+            layer_kwargs["num_selected_experts"] = num_selected_experts
+        layer_kwargs.update(moe_kwargs or {})
+        for index in chosen:
+            existing[index] = dict(layer_kwargs)
+        config[stack.moe_key] = existing or None
+        converted[stack.name] = chosen
+    if not any(converted.values()):
+        raise ValueError(
+            f"blocks={blocks!r} selects no MLP block to upcycle in "
+            f"{type(model).__name__}"
+        )
+
+    moe_model = type(model).from_config(config)
+    _copy_weights(
+        model,
+        moe_model,
+        num_experts,
+        expert_noise,
+        expert_noise_type,
+        reinit_fraction,
+        seed,
+    )
+    moe_model.upcycled_blocks = converted
+    return moe_model
+
+
+_EXPERT_NAME = re.compile(r"^(?P<block>.*/mlp)/experts/(?P<weight>[^/]+)$")
+_ROUTER_NAME = re.compile(r"^.*/mlp/router/kernel$")
+
+
+def _copy_weights(dense, moe, num_experts, noise, noise_type, reinit, seed):
+    """Copies dense weights into `moe`; tiles MLP weights into experts."""
+    source = dense.canonical_variables()
+    target = moe.canonical_variables()
+    missing = []
+    for name, variable in target.items():
+        if name in source:
+            variable.assign(source[name])
+            continue
+        match = _EXPERT_NAME.match(name)
+        dense_name = match and f"{match['block']}/{match['weight']}"
+        if match and dense_name in source:
+            dense_w = keras.ops.convert_to_numpy(source[dense_name])
+            variable.assign(
+                tile_expert_weight(
+                    dense_w,
+                    match["weight"],
+                    num_experts,
+                    noise=noise,
+                    noise_type=noise_type,
+                    reinit_fraction=reinit,
+                    seed=(seed, zlib.crc32(match["block"].encode())),
+                )
+            )
+            continue
+        if _ROUTER_NAME.match(name):
+            continue  # freshly initialised
+        missing.append(name)
+    if missing:
+        raise ValueError(
+            f"upcycle found no dense weight for {missing[:10]} in "
+            f"{type(dense).__name__}"
+        )
+
+
+def tile_expert_weight(
+    dense_w,
+    weight_name,
+    num_experts,
+    noise=0.0,
+    noise_type="multiplicative",
+    reinit_fraction=0.0,
+    seed=(0, 0),
+):
+    """<[...]> dense MLP weight -> <[E, ...]> expert weights.
+
+    `weight_name` is the Mlp weight name ("wi", "wi_0", "wi_1", "bi", ...,
+    "wo", "bo"): it says which axis holds the hidden units for
+    `reinit_fraction`. `seed` (a tuple) fixes the re-drawn units per block,
+    so that all weights of one expert re-draw the same hidden units.
+    """
+    experts = np.broadcast_to(dense_w, (num_experts,) + dense_w.shape)
+    if noise == 0 and reinit_fraction == 0:
+        return experts
+    experts = experts.copy()
+    rng = np.random.default_rng([*seed, zlib.crc32(weight_name.encode())])
+    if noise > 0:
+        eps = rng.normal(0.0, noise, size=experts.shape).astype(dense_w.dtype)
+        if noise_type == "multiplicative":
+            experts *= 1.0 + eps
+        else:
+            experts += eps * dense_w.std()
+    if reinit_fraction > 0 and weight_name != "bo":
+        # Hidden units: the last axis of wi*/bi*, the first axis of wo.
+        hidden_axis = 0 if weight_name == "wo" else dense_w.ndim - 1
+        hidden = dense_w.shape[hidden_axis]
+        count = int(round(reinit_fraction * hidden))
+        mean, std = float(dense_w.mean()), float(dense_w.std())
+        for e in range(num_experts):
+            units = np.random.default_rng([*seed, e]).permutation(hidden)
+            index = [slice(None)] * dense_w.ndim
+            index[hidden_axis] = units[:count]
+            shape = experts[e][tuple(index)].shape
+            experts[e][tuple(index)] = rng.normal(mean, std, size=shape)
+    return experts
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; received {value!r}")
+
+
+def upcycle_optimizer(dense_optimizer, dense_model, moe_model):
+    """A new optimizer for `moe_model` that continues `dense_optimizer`.
+
+    The paper reuses the dense optimizer state for vision: every slot
+    variable (Adam's first and second moments, momentum, ...) is copied for
+    the weights the two models share and tiled like the weights for the
+    experts; router slots start at zero. The step counter is copied so that
+    bias corrections continue where the dense run stopped.
+
+    Args:
+        dense_optimizer: a built Keras 3 optimizer that trained `dense_model`.
+        dense_model: the dense model `moe_model` was upcycled from.
+        moe_model: the result of `upcycle(dense_model, ...)`.
+
+    Returns:
+        A new optimizer of the same class and config, built for
+        `moe_model.trainable_variables`.
+    """
+    if not isinstance(dense_optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            "dense_optimizer must be a Keras 3 optimizer; received "
+            f"{type(dense_optimizer).__name__}"
+        )
+    if not dense_optimizer.built:
+        raise ValueError(
+            "dense_optimizer has no state yet (it was never built or applied); "
+            "use a fresh optimizer instead"
+        )
+    dense_vars = dense_model.canonical_variables()
+    tracked = {id(v) for v in dense_optimizer._trainable_variables}
+    foreign = [
+        n for n, v in dense_vars.items() if v.trainable and id(v) not in tracked
+    ]
+    if foreign:
+        raise ValueError(
+            "dense_optimizer does not track the weights of dense_model "
+            f"(e.g. {foreign[:3]}); pass the optimizer that trained it"
+        )
+    optimizer = dense_optimizer.__class__.from_config(
+        dense_optimizer.get_config()
+    )
+    optimizer.build(moe_model.trainable_variables)
+    optimizer.iterations.assign(dense_optimizer.iterations)
+    dense_slots = _slot_lists(dense_optimizer)
+    moe_slots = _slot_lists(optimizer)
+    num_experts = None
+    for name, variable in moe_model.canonical_variables().items():
+        if not variable.trainable:
+            continue
+        match = _EXPERT_NAME.match(name)
+        if name in dense_vars:
+            source, tile = dense_vars[name], False
+        elif match and f"{match['block']}/{match['weight']}" in dense_vars:
+            source = dense_vars[f"{match['block']}/{match['weight']}"]
+            tile, num_experts = True, variable.shape[0]
+        else:
+            continue  # router: fresh state
+        src_index = dense_optimizer._get_variable_index(source)
+        dst_index = optimizer._get_variable_index(variable)
+        for attr, slots in moe_slots.items():
+            value = keras.ops.convert_to_numpy(dense_slots[attr][src_index])
+            if tile:
+                value = np.broadcast_to(value, (num_experts,) + value.shape)
+            slots[dst_index].assign(value)
+    return optimizer
+
+
+def _slot_lists(optimizer):
+    """{attribute: list of per-variable slots} of a built Keras optimizer."""
+    count = len(optimizer._trainable_variables)
+    return {
+        attr: value
+        for attr, value in vars(optimizer).items()
+        if isinstance(value, list)
+        and attr != "_trainable_variables"
+        and len(value) == count
+        and count > 0
+        and all(isinstance(v, keras.Variable) for v in value)
+    }
+
+
+@dataclasses.dataclass
+class UpcycleSummary:
+    """What `upcycle` changed, with parameter and FLOP counts per token.
+
+    Active parameters count, in each MoE block, the router plus the experts
+    a token uses on average: K for token choice (with no drops), the
+    capacity factor for expert choice (E * C / S slots per token). FLOPs per
+    token are 2 x the active weight-matrix parameters (the matmuls); lookups
+    into embedding tables and the attention-score terms that grow with the
+    sequence length are left out.
+    """
+
+    blocks: dict
+    params_before: int
+    params_after: int
+    active_params_before: int
+    active_params_after: int
+    flops_per_token_before: int
+    flops_per_token_after: int
+
+    def __str__(self):
+        rows = [
+            ("MoE blocks", str(self.blocks), ""),
+            ("parameters", f"{self.params_before:,}", f"{self.params_after:,}"),
+            (
+                "active parameters / token",
+                f"{self.active_params_before:,}",
+                f"{self.active_params_after:,}",
+            ),
+            (
+                "FLOPs / token (matmuls)",
+                f"{self.flops_per_token_before:,}",
+                f"{self.flops_per_token_after:,}",
+            ),
+        ]
+        lines = [f"{'':28}{'dense':>16}{'upcycled':>16}"]
+        for label, before, after in rows:
+            if not after:
+                lines.append(f"{label:28}{before}")
+            else:
+                lines.append(f"{label:28}{before:>16}{after:>16}")
+        return "\n".join(lines)
+
+
+def summarize(dense_model, moe_model):
+    """An `UpcycleSummary` comparing a dense model and its upcycled version."""
+    before = _count(dense_model)
+    after = _count(moe_model)
+    blocks = getattr(moe_model, "upcycled_blocks", None) or {}
+    return UpcycleSummary(
+        blocks=blocks,
+        params_before=before[0],
+        params_after=after[0],
+        active_params_before=before[1],
+        active_params_after=after[1],
+        flops_per_token_before=2 * before[2],
+        flops_per_token_after=2 * after[2],
+    )
+
+
+_TABLES = ("shared/embedding", "position_embedding", "class_token")
+
+
+def _count(model):
+    """(total params, active params per token, active matmul params)."""
+    from keras_moe.layers.moe import MoeLayer
+
+    total = active = matmul = 0
+    moe_layers = {}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, MoeLayer):
+            moe_layers[id(layer)] = layer
+    expert_ids = {}
+    for layer in moe_layers.values():
+        if layer.router_type == routing.TOKENS_CHOOSE:
+            per_token = layer.num_selected_experts
+        else:
+            factor = layer.train_capacity_factor
+            per_token = layer.num_experts if factor is None else factor
+        for w in layer.experts.weights:
+            expert_ids[id(w)] = per_token / layer.num_experts
+    for name, variable in model.canonical_variables().items():
+        size = int(np.prod(variable.shape))
+        total += size
+        share = expert_ids.get(id(variable), 1.0)
+        active += size * share
+        is_table = name.endswith(_TABLES)
+        # Expert weights carry a leading E axis: <[E, H]> is a bias.
+        ndim = len(variable.shape) - (id(variable) in expert_ids)
+        if ndim >= 2 and not is_table:
+            matmul += size * share
+    return total, int(round(active)), int(round(matmul))
