@@ -52,6 +52,10 @@ _EXTRAS_REQUIRE = {
         "tensorflow-serving-api",
         # The TF peer MoE layer, used for cross-checks.
         "tf-models-official==2.20.0",
+        # Reference implementations for parity tests (CPU build of torch).
+        "torch==2.13.0",
+        "transformers==5.24.0",
+        *_KERAS_HUB,
     ],
     "bench": ["tf-models-official==2.20.0", *_KERAS_HUB],
     "hub": list(_KERAS_HUB),

@@ -2,5 +2,9 @@
 
 from keras_moe import layers
 from keras_moe.layers import MoeLayer
+from keras_moe.upcycling import summarize
+from keras_moe.upcycling import upcycle
+from keras_moe.upcycling import upcycle_checkpoint
+from keras_moe.upcycling import upcycle_optimizer
 
 __version__ = "0.1.0"

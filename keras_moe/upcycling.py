@@ -533,3 +533,21 @@ def _count(model):
         if ndim >= 2 and not is_table:
             matmul += size * share
     return total, int(round(active)), int(round(matmul))
+
+
+def upcycle_checkpoint(path, num_experts=32, architecture=None, **options):
+    """Reads a dense checkpoint of any supported format and upcycles it.
+
+    Args:
+        path: a T5 or ViT checkpoint (see `keras_moe.checkpoints`).
+        num_experts: E.
+        architecture: "t5", "vit" or None to detect.
+        **options: `upcycle` options.
+
+    Returns:
+        (dense model, upcycled model).
+    """
+    from keras_moe.checkpoints import read_checkpoint
+
+    dense = read_checkpoint(path, architecture=architecture)
+    return dense, upcycle(dense, num_experts, **options)

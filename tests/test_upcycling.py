@@ -276,3 +276,163 @@ def test_refuses_a_foreign_optimizer(vit):
         upcycling.upcycle_optimizer(other, vit, moe)
     with pytest.raises(ValueError, match="must be a Keras 3 optimizer"):
         upcycling.upcycle_optimizer("adam", vit, moe)
+
+
+@pytest.fixture(scope="module")
+def t5():
+    from keras_moe.models.t5 import T5
+
+    keras.utils.set_random_seed(1)
+    return T5.from_preset("t5_v1_1_tiny", num_encoder_layers=2)
+
+
+def _t5_inputs(model, seed=0):
+    rng = np.random.default_rng(seed)
+    enc = rng.integers(2, model.vocab_size, size=(2, 9)).astype("int32")
+    dec = rng.integers(2, model.vocab_size, size=(2, 7)).astype("int32")
+    enc_mask = np.ones_like(enc, dtype=bool)
+    enc_mask[1, 6:] = False
+    enc[1, 6:] = 0
+    return {
+        "encoder_token_ids": enc,
+        "decoder_token_ids": dec,
+        "encoder_padding_mask": enc_mask,
+        "decoder_padding_mask": np.ones_like(dec, dtype=bool),
+    }
+
+
+def test_t5_defaults_follow_the_paper(t5):
+    moe = upcycling.upcycle(t5, num_experts=4)
+    assert moe.upcycled_blocks == {
+        "encoder": [1],
+        "decoder": list(range(1, t5.num_decoder_layers, 2)),
+    }
+    config = moe.get_config()
+    encoder_kwargs = config["encoder_moe_blocks"][1]
+    decoder_kwargs = config["decoder_moe_blocks"][1]
+    assert encoder_kwargs["router"] == "experts_choose"
+    assert decoder_kwargs["router"] == "tokens_choose"
+    assert decoder_kwargs["num_selected_experts"] == 2
+    assert not decoder_kwargs["normalize_combine_weights"]  # language
+
+
+def test_t5_token_choice_preserves_the_logits(t5):
+    inputs = _t5_inputs(t5)
+    moe = upcycling.upcycle(
+        t5,
+        num_experts=4,
+        blocks="all",
+        encoder_router="tokens_choose",
+        normalize_combine_weights=True,
+        eval_capacity_factor=None,
+    )
+    np.testing.assert_allclose(
+        _np(moe(inputs)), _np(t5(inputs)), atol=1e-5, rtol=0
+    )
+
+
+def test_t5_upcycled_trains_and_round_trips(t5, tmp_path):
+    moe = upcycling.upcycle(t5, num_experts=4)
+    inputs = _t5_inputs(t5)
+    labels = np.roll(inputs["decoder_token_ids"], -1, axis=1)
+    moe.compile(optimizer=keras.optimizers.Adam(1e-2), loss=_LOSS)
+    history = moe.fit(inputs, labels, batch_size=2, epochs=4, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    moe(inputs, training=True)
+    assert len(moe.losses) >= 2
+    path = str(tmp_path / "t5.keras")
+    moe.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        _np(restored(inputs)), _np(moe(inputs)), atol=1e-6, rtol=0
+    )
+
+
+def test_t5_refuses_expert_choice_in_the_decoder(t5):
+    with pytest.raises(ValueError, match="causal decoder"):
+        upcycling.upcycle(t5, 4, decoder_router="experts_choose")
+    forced = upcycling.upcycle(
+        t5,
+        4,
+        decoder_router="experts_choose",
+        allow_expert_choice_in_decoder=True,
+    )
+    assert forced.get_config()["decoder_moe_blocks"][1]["router"] == (
+        "experts_choose"
+    )
+
+
+def test_upcycle_from_a_checkpoint_path(t5, tmp_path):
+    """Writes a Hugging Face safetensors directory, upcycles from its path."""
+    from safetensors.numpy import save_file
+
+    from keras_moe.checkpoints import read_checkpoint
+
+    vit = ViT.from_preset("vit_tiny")
+    # The Hugging Face layout written by hand from canonical weights.
+    w = {n: _np(v) for n, v in vit.canonical_variables().items()}
+    hf = {
+        "vit.embeddings.patch_embeddings.projection.weight": w[
+            "patch_embedding/kernel"
+        ].transpose(3, 2, 0, 1),
+        "vit.embeddings.patch_embeddings.projection.bias": w[
+            "patch_embedding/bias"
+        ],
+        "vit.embeddings.cls_token": w["class_token"],
+        "vit.embeddings.position_embeddings": w["position_embedding"],
+        "vit.layernorm.weight": w["encoder/final_norm/gamma"],
+        "vit.layernorm.bias": w["encoder/final_norm/beta"],
+        "classifier.weight": w["head/kernel"].T,
+        "classifier.bias": w["head/bias"],
+    }
+    for i in range(vit.num_layers):
+        p, q = f"encoder/block_{i}", f"vit.encoder.layer.{i}"
+        for ours, theirs in (
+            ("query", "attention.attention.query"),
+            ("key", "attention.attention.key"),
+            ("value", "attention.attention.value"),
+            ("output", "attention.output.dense"),
+        ):
+            hf[f"{q}.{theirs}.weight"] = w[f"{p}/attention/{ours}/kernel"].T
+            hf[f"{q}.{theirs}.bias"] = w[f"{p}/attention/{ours}/bias"]
+        hf[f"{q}.layernorm_before.weight"] = w[f"{p}/attention_norm/gamma"]
+        hf[f"{q}.layernorm_before.bias"] = w[f"{p}/attention_norm/beta"]
+        hf[f"{q}.layernorm_after.weight"] = w[f"{p}/mlp_norm/gamma"]
+        hf[f"{q}.layernorm_after.bias"] = w[f"{p}/mlp_norm/beta"]
+        hf[f"{q}.intermediate.dense.weight"] = w[f"{p}/mlp/wi"].T
+        hf[f"{q}.intermediate.dense.bias"] = w[f"{p}/mlp/bi"]
+        hf[f"{q}.output.dense.weight"] = w[f"{p}/mlp/wo"].T
+        hf[f"{q}.output.dense.bias"] = w[f"{p}/mlp/bo"]
+    directory = tmp_path / "hf_vit"
+    directory.mkdir()
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in hf.items()},
+        str(directory / "model.safetensors"),
+    )
+    (directory / "config.json").write_text(
+        '{"model_type": "vit", "hidden_size": %d, "num_hidden_layers": %d, '
+        '"num_attention_heads": %d, "intermediate_size": %d, '
+        '"image_size": %d, "patch_size": %d, "num_channels": 3, '
+        '"hidden_act": "gelu", "layer_norm_eps": 1e-06, "qkv_bias": true}'
+        % (
+            vit.model_dim,
+            vit.num_layers,
+            vit.num_heads,
+            vit.hidden_dim,
+            vit.image_hw[0],
+            vit.patch_size,
+        )
+    )
+    x = _images(vit)
+    np.testing.assert_allclose(
+        _np(read_checkpoint(str(directory))(x)), _np(vit(x)), atol=1e-5
+    )
+    dense, moe = upcycling.upcycle_checkpoint(
+        str(directory),
+        num_experts=4,
+        encoder_router="tokens_choose",
+        eval_capacity_factor=None,
+    )
+    np.testing.assert_allclose(_np(moe(x)), _np(vit(x)), atol=1e-5)
+    with pytest.raises(ValueError, match="does not exist"):
+        upcycling.upcycle_checkpoint(str(tmp_path / "nope"), num_experts=4)

@@ -1,1 +1,96 @@
-"""Checkpoint readers: each source format into a keras_moe model."""
+"""Checkpoint readers: each source format into a keras_moe model.
+
+`read_checkpoint(path)` picks the architecture and the format; the readers
+of each family live in `keras_moe.checkpoints.t5` and
+`keras_moe.checkpoints.vit`.
+"""
+
+import json
+import os
+
+from keras_moe.checkpoints.common import CheckpointMismatchError
+from keras_moe.checkpoints.common import assign_weights
+
+ARCHITECTURES = ("t5", "vit")
+
+
+def read_checkpoint(path, architecture=None, **kwargs):
+    """Reads a T5 or ViT checkpoint of any supported format.
+
+    Supported: original T5 (Mesh TensorFlow) checkpoints, Hugging Face
+    safetensors directories, TF Model Garden checkpoints and keras-hub
+    presets or `.weights.h5` files.
+
+    Args:
+        path: a checkpoint path (file, prefix or directory).
+        architecture: "t5", "vit" or None to try both (T5 first).
+        **kwargs: passed to the family's reader.
+
+    Returns:
+        A built keras_moe `T5` or `ViT`.
+
+    Raises:
+        ValueError naming the path and why no reader accepted it.
+    """
+    if architecture is not None and architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {ARCHITECTURES} or None; received "
+            f"{architecture!r}"
+        )
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        if not os.path.exists(os.fspath(path) + ".index"):
+            raise ValueError(f"checkpoint path does not exist: {path}")
+    candidates = [architecture] if architecture else _guess(path)
+    errors = []
+    for name in candidates:
+        try:
+            return _READERS[name](path, **kwargs)
+        except CheckpointMismatchError:
+            raise
+        except ValueError as error:
+            errors.append(f"as {name}: {error}")
+    raise ValueError(
+        f"no keras_moe reader accepts {path}: " + " | ".join(errors)
+    )
+
+
+def _guess(path):
+    """Architectures to try, the likeliest first."""
+    config = None
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = f.read().lower()
+    if config is not None and ("vit" in config and "t5" not in config):
+        return ["vit", "t5"]
+    if config is not None:
+        json.loads(config)  # a clear error for a corrupt config.json
+    return ["t5", "vit"]
+
+
+def _read_t5(path, **kwargs):
+    from keras_moe.checkpoints import t5
+
+    return t5.read_t5_checkpoint(path, **kwargs)
+
+
+def _read_vit(path, **kwargs):
+    from keras_moe.checkpoints import vit
+
+    if not isinstance(path, (str, os.PathLike)):
+        return vit.read_keras_hub(path, **kwargs)
+    path = os.fspath(path)
+    if path.endswith(".weights.h5") or os.path.isfile(
+        os.path.join(path, "model.weights.h5")
+    ):
+        return vit.read_keras_hub(path, **kwargs)
+    if path.endswith(".safetensors") or any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("model.safetensors", "model.safetensors.index.json")
+    ):
+        return vit.read_hf(path, **kwargs)
+    return vit.read_model_garden(path, **kwargs)
+
+
+_READERS = {"t5": _read_t5, "vit": _read_vit}

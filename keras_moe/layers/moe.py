@@ -11,11 +11,15 @@ Data flow of one call, for inputs <[..., D]>:
     experts           -> <[E, G*C, D]> -> <[G, E, C, D]>
     dispatcher        -> combined <[G, S, D]> -> outputs <[..., D]>
 
-Routing, dispatch and the experts run inside one
-`tf.function(jit_compile=True)` (XLA). Auxiliary losses are returned from it
-and added with `add_loss` outside, because `add_loss` must not run inside a
-nested compiled function; the same holds for the routing statistics, which
-update metric trackers that `model.fit` logs.
+With `jit_compile=True`, routing + dispatch and the combine each run inside
+a `tf.function(jit_compile=True)` (XLA), so that they compile even when the
+training step cannot (MirroredStrategy with several replicas). The experts
+run between them on TensorFlow's own batched-matmul kernels. Auxiliary
+losses are returned from the compiled function and added with `add_loss`
+outside, because `add_loss` must not run inside a nested compiled function;
+the routing statistics likewise update metric trackers outside. When the
+layer is already traced inside an XLA function (`compile(jit_compile=True)`)
+the nested functions are skipped: XLA compiles the whole step.
 """
 
 import keras
@@ -35,6 +39,16 @@ _LOSS_WEIGHTS = (
     "importance_loss",
     "load_loss",
 )
+
+
+def _use_xla(jit_compile):
+    """Whether routing and dispatch get their own XLA functions."""
+    if jit_compile == "auto":
+        return bool(
+            tf.config.list_logical_devices("TPU")
+            or tf.config.list_logical_devices("GPU")
+        )
+    return bool(jit_compile)
 
 
 def default_dispatcher():
@@ -139,7 +153,10 @@ class MoeLayer(keras.layers.Layer):
         router_z_loss_weight, load_balancing_loss_weight,
         importance_loss_weight, load_loss_weight: auxiliary loss weights.
         dispatcher: `"auto"`, `"einsum"` or `"indices"`.
-        jit_compile: run routing, dispatch and experts under XLA.
+        jit_compile: True to run routing, dispatch and combine in their own
+            XLA functions, False for none, "auto" (default) for XLA on GPU
+            and TPU only: on CPU, TensorFlow's kernels ran the layer faster
+            than XLA's CPU backend (see `apps/benchmark.py`).
         check_numerics: in graph mode, fail the step when router logits are
             not finite (eager calls always raise a ValueError for them).
         seed: seed of the router noise.
@@ -178,7 +195,7 @@ class MoeLayer(keras.layers.Layer):
         importance_loss_weight=0.0,
         load_loss_weight=0.0,
         dispatcher="auto",
-        jit_compile=True,
+        jit_compile="auto",
         check_numerics=False,
         seed=None,
         **kwargs,
@@ -248,7 +265,12 @@ class MoeLayer(keras.layers.Layer):
                     f"{name}_weight must be >= 0; received {weight!r}"
                 )
         self.dispatcher = dispatcher
-        self.jit_compile = bool(jit_compile)
+        if jit_compile not in (True, False, "auto"):
+            raise ValueError(
+                "jit_compile must be True, False or 'auto'; received "
+                f"{jit_compile!r}"
+            )
+        self.jit_compile = jit_compile
         self.check_numerics = bool(check_numerics)
         self.seed = seed
 
@@ -288,7 +310,6 @@ class MoeLayer(keras.layers.Layer):
         self.load_tracker = ExpertLoad(
             num_experts, name=f"{self.name}_max_load"
         )
-        self._compiled_moe = None
 
     def build(self, input_shape):
         if len(input_shape) < 2:
@@ -318,11 +339,16 @@ class MoeLayer(keras.layers.Layer):
         self._dispatcher_cls = dispatch_lib.get_dispatcher(
             default_dispatcher() if name == "auto" else name
         )
-        self._compiled_moe = (
-            tf.function(self._moe, jit_compile=True)
-            if self.jit_compile
-            else self._moe
-        )
+        if _use_xla(self.jit_compile):
+            self._compiled_dispatch = tf.function(
+                self._route_and_dispatch, jit_compile=True
+            )
+            self._compiled_combine = tf.function(
+                self._combine, jit_compile=True
+            )
+        else:
+            self._compiled_dispatch = self._route_and_dispatch
+            self._compiled_combine = self._combine
 
     def capacity(self, tokens_per_group, training):
         """C for groups of S tokens (`training` picks the factor)."""
@@ -349,9 +375,7 @@ class MoeLayer(keras.layers.Layer):
             )
         groups, mask, num_real = self._group(inputs, token_mask)
         capacity = self.capacity(groups.shape[1], training)
-        outputs, aux_losses, stats = self._compiled_moe(
-            groups, mask, capacity, training
-        )
+        outputs, aux_losses, stats = self._moe(groups, mask, capacity, training)
         self._check_finite(stats.pop("logits_finite"))
         self.dropped_tracker.update_state(stats["dropped"])
         self.confidence_tracker.update_state(stats["confidence"])
@@ -391,19 +415,31 @@ class MoeLayer(keras.layers.Layer):
         groups = ops.reshape(flat, (-1, group_size, model_dim))
         return groups, ops.reshape(mask, (-1, group_size)), num_real
 
-    def _moe(self, groups, mask, capacity, training):
-        """Routing, dispatch, experts and combine; compiled with XLA."""
+    def _route_and_dispatch(self, groups, mask, capacity, training):
+        """Routing and dispatch (compiled with XLA): groups -> expert rows."""
         model_dim = groups.shape[-1]
-        num_groups = ops.shape(groups)[0]
         routed = self.router.route(groups, capacity, training, token_mask=mask)
-        dispatcher = self._dispatcher_cls(routed.instructions)
-        slots = dispatcher.dispatch(groups)
+        slots = self._dispatcher_cls(routed.instructions).dispatch(groups)
         # (G, E, C, D) -> (E, G, C, D) -> (E, G*C, D)
         expert_inputs = ops.reshape(
             ops.transpose(slots, (1, 0, 2, 3)),
             (self.num_experts, -1, model_dim),
         )
-        expert_outputs = self.experts(expert_inputs, training=training)
+        info = routed.instructions
+        routing_tensors = (
+            info.token_index,
+            info.combine_weights,
+            info.dispatch_mask,
+        )
+        stats = self._stats(routed, mask)
+        return expert_inputs, routing_tensors, routed.aux_losses, stats
+
+    def _combine(self, expert_outputs, routing_tensors, num_tokens):
+        """Combine (compiled with XLA): expert rows -> <[G, S, D]> tokens."""
+        token_index, combine_weights, dispatch_mask = routing_tensors
+        num_groups = ops.shape(token_index)[0]
+        capacity = token_index.shape[-1]
+        model_dim = expert_outputs.shape[-1]
         # (E, G*C, D) -> (E, G, C, D) -> (G, E, C, D)
         expert_outputs = ops.transpose(
             ops.reshape(
@@ -412,8 +448,33 @@ class MoeLayer(keras.layers.Layer):
             ),
             (1, 0, 2, 3),
         )
-        outputs = dispatcher.combine(expert_outputs)
-        return outputs, routed.aux_losses, self._stats(routed, mask)
+        instructions = routing.RoutingInstructions(
+            token_index=token_index,
+            combine_weights=combine_weights,
+            dispatch_mask=dispatch_mask,
+            num_tokens=num_tokens,
+        )
+        return self._dispatcher_cls(instructions).combine(expert_outputs)
+
+    def _moe(self, groups, mask, capacity, training):
+        """Route, dispatch, run the experts, combine."""
+        dispatch_fn, combine_fn = (
+            self._compiled_dispatch,
+            self._compiled_combine,
+        )
+        if tf.__internal__.get_enclosing_xla_context() is not None:
+            # Already inside an XLA function (e.g. compile(jit_compile=True)):
+            # a nested compiled function would see the outer step's tensors
+            # as constants and recompile on every step.
+            dispatch_fn, combine_fn = self._route_and_dispatch, self._combine
+        expert_inputs, routing_tensors, aux, stats = dispatch_fn(
+            groups, mask, capacity, training
+        )
+        # The experts are plain batched matmuls: TensorFlow's own kernels
+        # (oneDNN on CPU) run them faster than XLA's CPU backend does.
+        expert_outputs = self.experts(expert_inputs, training=training)
+        outputs = combine_fn(expert_outputs, routing_tensors, groups.shape[1])
+        return outputs, aux, stats
 
     def _stats(self, routed, mask):
         valid = ops.cast(mask, "float32")

@@ -65,12 +65,14 @@ def _np_moe(layer, x, training):
     ],
 )
 @pytest.mark.parametrize("dispatcher", ["einsum", "indices"])
-def test_matches_numpy(kwargs, dispatcher):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_matches_numpy(kwargs, dispatcher, jit_compile):
     x = np.random.default_rng(0).normal(size=(3, 16, 8)).astype("float32")
     layer = MoeLayer(
         num_experts=4,
         hidden_dim=12,
         dispatcher=dispatcher,
+        jit_compile=jit_compile,
         router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
         **kwargs,
     )
@@ -230,6 +232,22 @@ def test_jit_compiled_train_step_on_one_device():
     assert "moe_layer" in " ".join(logged)  # routing statistics are logged
     dropped = [v for k, v in logged.items() if k.endswith("_dropped")][0]
     assert all(0.0 <= v <= 1.0 for v in dropped)
+    # Inside the XLA step the layer's own compiled functions are skipped
+    # (nested, they would recompile on every step).
+    layer = model.layers[1]
+    assert layer._compiled_dispatch.experimental_get_tracing_count() == 0
+
+
+def test_layer_xla_functions_trace_once_per_mode():
+    layer = MoeLayer(4, 16, num_selected_experts=2, jit_compile=True)
+    inputs = keras.Input((8, 8))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(6).normal(size=(32, 8, 8)).astype("float32")
+    model.fit(x, x, batch_size=8, epochs=2, verbose=0)
+    model.evaluate(x, x, batch_size=8, verbose=0)
+    # One trace for training=True, one for training=False.
+    assert layer._compiled_dispatch.experimental_get_tracing_count() == 2
 
 
 _MIRRORED_SCRIPT = textwrap.dedent("""
@@ -247,7 +265,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
         with strategy.scope():
             keras.utils.set_random_seed(0)
             inputs = keras.Input((8, 8))
-            x = MoeLayer(4, 16, num_selected_experts=2)(inputs)
+            x = MoeLayer(4, 16, num_selected_experts=2, jit_compile=True)(inputs)
             outputs = keras.layers.Dense(1)(keras.layers.Flatten()(x))
             model = keras.Model(inputs, outputs)
             model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
@@ -351,7 +369,7 @@ def test_bad_inputs():
         layer(np.zeros((2, 8, 4), "float32"), token_mask=np.ones((2, 4), bool))
     x = np.zeros((2, 8, 4), "float32")
     x[1, 3, 0] = np.nan
-    with pytest.raises(ValueError, match="router logits contain NaN"):
+    with pytest.raises(ValueError, match="NaN or infinite"):
         layer(x)
 
 
