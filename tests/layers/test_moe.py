@@ -265,7 +265,8 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
         with strategy.scope():
             keras.utils.set_random_seed(0)
             inputs = keras.Input((8, 8))
-            x = MoeLayer(4, 16, num_selected_experts=2, jit_compile=True)(inputs)
+            moe = MoeLayer(4, 16, num_selected_experts=2, jit_compile=True)
+            x = moe(inputs)
             outputs = keras.layers.Dense(1)(keras.layers.Flatten()(x))
             model = keras.Model(inputs, outputs)
             model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
