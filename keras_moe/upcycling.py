@@ -24,8 +24,10 @@ import zlib
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_moe.layers import routing
+from keras_moe.layers.experts import weights_to_be_overwritten
 
 VISION = "vision"
 LANGUAGE = "language"
@@ -260,7 +262,8 @@ def upcycle(
             f"{type(model).__name__}"
         )
 
-    moe_model = type(model).from_config(config)
+    with weights_to_be_overwritten():
+        moe_model = type(model).from_config(config)
     _copy_weights(
         model,
         moe_model,
@@ -290,6 +293,13 @@ def _copy_weights(dense, moe, num_experts, noise, noise_type, reinit, seed):
         match = _EXPERT_NAME.match(name)
         dense_name = match and f"{match['block']}/{match['weight']}"
         if match and dense_name in source:
+            if noise == 0 and reinit == 0:
+                # Broadcast in TensorFlow: assigning a NumPy broadcast view
+                # would first materialise a contiguous copy of it.
+                variable.assign(
+                    tf.broadcast_to(source[dense_name], variable.shape)
+                )
+                continue
             dense_w = keras.ops.convert_to_numpy(source[dense_name])
             variable.assign(
                 tile_expert_weight(

@@ -8,10 +8,36 @@ Weights mirror `Mlp` with a leading expert axis: `wi` <[E, D, H]> (`wi_0`,
 so that upcycling tiles a dense MLP into experts weight by weight.
 """
 
+import contextlib
+import threading
+
 import keras
 from keras import ops
 
 from keras_moe.layers.mlp import get_activation
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def weights_to_be_overwritten():
+    """Experts built inside this context start from zeros, not random draws.
+
+    For callers that overwrite every expert weight right after building
+    (upcycling copies the dense MLP into them): drawing E random kernels only
+    to discard them dominated the cost of upcycling. The layers' configs keep
+    their real initializers.
+    """
+    previous = getattr(_STATE, "skip", False)
+    _STATE.skip = True
+    try:
+        yield
+    finally:
+        _STATE.skip = previous
+
+
+def _initializer(initializer):
+    return "zeros" if getattr(_STATE, "skip", False) else initializer
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -84,14 +110,14 @@ class Experts(keras.layers.Layer):
             self.add_weight(
                 name=name,
                 shape=(e, model_dim, h),
-                initializer=self.kernel_initializer,
+                initializer=_initializer(self.kernel_initializer),
             )
             for name in names
         ]
         self.wo = self.add_weight(
             name="wo",
             shape=(e, h, model_dim),
-            initializer=self.kernel_initializer,
+            initializer=_initializer(self.kernel_initializer),
         )
         self.input_biases = []
         if self.use_bias:

@@ -414,8 +414,19 @@ def moe_blocks_config(name, value, num_layers):
                 f"{name}[{index}] must be a dict of MoeLayer kwargs; "
                 f"received {kwargs!r}"
             )
-        blocks[index] = copy.deepcopy(kwargs)
+        blocks[index] = plain_config(kwargs)
     return blocks
+
+
+def plain_config(value):
+    """Plain nested dicts and lists. A config taken from a live model holds
+    Keras-tracked containers that reference the model; deep-copying those
+    would copy the whole model."""
+    if isinstance(value, dict):
+        return {key: plain_config(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(item) for item in value]
+    return copy.copy(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -469,7 +480,7 @@ class T5Block(keras.layers.Layer):
         self.relative_attention_max_distance = relative_attention_max_distance
         self.dropout_rate = float(dropout_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.moe_kwargs = copy.deepcopy(moe_kwargs)
+        self.moe_kwargs = plain_config(moe_kwargs)
 
         def norm(name):
             return RMSNorm(
@@ -611,7 +622,7 @@ class T5Block(keras.layers.Layer):
                 ),
                 "dropout_rate": self.dropout_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
-                "moe_kwargs": copy.deepcopy(self.moe_kwargs),
+                "moe_kwargs": plain_config(self.moe_kwargs),
             }
         )
         return config
@@ -811,7 +822,7 @@ class T5Stack(keras.layers.Layer):
                 ),
                 "dropout_rate": self.dropout_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
-                "moe_blocks": copy.deepcopy(self.moe_blocks),
+                "moe_blocks": plain_config(self.moe_blocks),
             }
         )
         return config

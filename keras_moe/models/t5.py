@@ -34,6 +34,7 @@ from keras_moe.layers.mlp import ACTIVATIONS
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.layers import T5Stack
 from keras_moe.models.layers import moe_blocks_config
+from keras_moe.models.layers import plain_config
 
 PAD_ID = 0
 DECODER_START_ID = 0
@@ -562,8 +563,8 @@ class T5(keras.Model):
                 "tie_embeddings": self.tie_embeddings,
                 "dropout_rate": self.dropout_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
-                "encoder_moe_blocks": copy.deepcopy(self.encoder_moe_blocks),
-                "decoder_moe_blocks": copy.deepcopy(self.decoder_moe_blocks),
+                "encoder_moe_blocks": plain_config(self.encoder_moe_blocks),
+                "decoder_moe_blocks": plain_config(self.decoder_moe_blocks),
             }
         )
         return config

@@ -104,3 +104,22 @@ def test_bad_arguments():
         Experts(0, 4)
     with pytest.raises(ValueError, match=r"expects inputs <\[E=3, N, D\]>"):
         Experts(3, 4)(np.zeros((2, 5, 8), "float32"))
+
+
+def test_weights_to_be_overwritten_skips_only_the_random_draw():
+    from keras_moe.layers.experts import weights_to_be_overwritten
+
+    with weights_to_be_overwritten():
+        skipped = Experts(2, 4, name="e")
+        skipped.build((2, 3, 5))
+    drawn = Experts(2, 4, name="e")
+    drawn.build((2, 3, 5))
+    assert not np.any(_np_weights(skipped))
+    assert np.all(np.std(_np_weights(drawn)) > 0)
+    assert skipped.get_config() == drawn.get_config()
+
+
+def _np_weights(layer):
+    return np.concatenate(
+        [keras.ops.convert_to_numpy(w).ravel() for w in layer.weights]
+    )
