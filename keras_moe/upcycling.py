@@ -15,7 +15,18 @@ Defaults are the paper's recipe:
 * combine weights renormalised for vision, not for language;
 * a router initialised from Normal(0, 0.02).
 
-Shape letters: E experts, D model dimension, H MLP hidden dimension.
+`ensemble_size=M > 1` makes an E^3 ViT ("Sparse MoEs meet Efficient
+Ensembles", Allingham et al., 2021): the same MoE blocks, with the E experts
+split into M groups of E/M routed per ensemble member (see
+`keras_moe.layers.ensemble`). Every expert still starts as a copy of the
+dense MLP, so every member starts as the dense model (exactly so with token
+choice, normalised weights and no drops); members part ways through their
+own router columns and, with `expert_noise`, their own expert copies. The
+paper's E^3 routes by token choice: pass `encoder_router="tokens_choose"`
+and `num_selected_experts` K (at most E/M).
+
+Shape letters: E experts, M ensemble members, D model dimension, H MLP
+hidden dimension.
 """
 
 import dataclasses
@@ -27,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_moe.layers import routing
+from keras_moe.layers.ensemble import check_ensemble_size
 from keras_moe.layers.experts import weights_to_be_overwritten
 
 VISION = "vision"
@@ -131,6 +143,7 @@ def upcycle(
     group_size=None,
     moe_kwargs=None,
     allow_expert_choice_in_decoder=False,
+    ensemble_size=1,
     seed=0,
 ):
     """Returns a new MoE model whose experts start as copies of `model`'s MLPs.
@@ -165,6 +178,10 @@ def upcycle(
             weights, noise, dispatcher...).
         allow_expert_choice_in_decoder: expert choice in a causal decoder is
             refused unless this is True.
+        ensemble_size: M > 1 makes an E^3 model (ViT only): `num_experts`
+            must be a multiple of M and, with token choice,
+            `num_selected_experts` at most E/M. 1 (default) keeps the
+            model's own ensemble size (1 for a dense model).
         seed: seed of router initialisation, expert noise and re-draws.
 
     Returns:
@@ -172,6 +189,8 @@ def upcycle(
     """
     modality, stacks = architecture(model)
     _check_positive_int("num_experts", num_experts)
+    config = model.get_config()
+    ensemble_size = _ensemble_size(model, config, ensemble_size, num_experts)
     if expert_noise_type not in ("multiplicative", "additive"):
         raise ValueError(
             "expert_noise_type must be 'multiplicative' or 'additive'; "
@@ -191,7 +210,6 @@ def upcycle(
         router_kernel_initializer = keras.initializers.RandomNormal(
             stddev=0.02, seed=seed
         )
-    config = model.get_config()
     stack_blocks = blocks if isinstance(blocks, dict) else {}
     unknown = set(stack_blocks) - {s.name for s in stacks}
     if unknown:
@@ -252,6 +270,8 @@ def upcycle(
         if router == routing.TOKENS_CHOOSE:
             layer_kwargs["num_selected_experts"] = num_selected_experts
         layer_kwargs.update(moe_kwargs or {})
+        if ensemble_size > 1:
+            _check_ensemble_block(layer_kwargs, num_experts, ensemble_size)
         for index in chosen:
             existing[index] = dict(layer_kwargs)
         config[stack.moe_key] = existing or None
@@ -262,6 +282,8 @@ def upcycle(
             f"{type(model).__name__}"
         )
 
+    if ensemble_size > 1:
+        config["ensemble_size"] = ensemble_size
     with weights_to_be_overwritten():
         moe_model = type(model).from_config(config)
     _copy_weights(
@@ -275,6 +297,44 @@ def upcycle(
     )
     moe_model.upcycled_blocks = converted
     return moe_model
+
+
+def _ensemble_size(model, config, ensemble_size, num_experts):
+    """The M of the upcycled model, validated."""
+    check_ensemble_size(ensemble_size)
+    current = config.get("ensemble_size", 1)
+    if ensemble_size == 1:
+        return current
+    if "ensemble_size" not in config:
+        raise ValueError(
+            f"ensemble_size={ensemble_size} (E^3) needs a model with an "
+            f"ensemble_size argument (ViT); received {type(model).__name__}"
+        )
+    if current not in (1, ensemble_size):
+        raise ValueError(
+            f"the model is already an ensemble of {current} members; "
+            f"received ensemble_size={ensemble_size}"
+        )
+    check_ensemble_size(ensemble_size, num_experts)
+    return ensemble_size
+
+
+def _check_ensemble_block(layer_kwargs, num_experts, ensemble_size):
+    """Fails early on MoE kwargs an E^3 block cannot take."""
+    per_member = num_experts // ensemble_size
+    k = layer_kwargs.get("num_selected_experts", 1)
+    if layer_kwargs["router"] == routing.TOKENS_CHOOSE and k > per_member:
+        raise ValueError(
+            f"num_selected_experts={k} exceeds the experts of one ensemble "
+            f"member, num_experts / ensemble_size = {per_member}"
+        )
+    group_size = layer_kwargs.get("group_size")
+    if group_size is not None and group_size % ensemble_size:
+        raise ValueError(
+            "group_size counts the tokens of all ensemble members and must "
+            f"be a multiple of ensemble_size; received group_size="
+            f"{group_size}, ensemble_size={ensemble_size}"
+        )
 
 
 _EXPERT_NAME = re.compile(r"^(?P<block>.*/mlp)/experts/(?P<weight>[^/]+)$")

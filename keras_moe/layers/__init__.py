@@ -4,6 +4,9 @@ from keras_moe.layers import losses
 from keras_moe.layers import routing
 from keras_moe.layers.dispatch import EinsumDispatcher
 from keras_moe.layers.dispatch import IndicesDispatcher
+from keras_moe.layers.ensemble import EnsembleAverage
+from keras_moe.layers.ensemble import EnsembleMoeLayer
+from keras_moe.layers.ensemble import EnsembleTile
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.mlp import Mlp
 from keras_moe.layers.moe import MoeLayer

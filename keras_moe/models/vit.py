@@ -23,6 +23,25 @@ Each block's MLP is its `mlp` attribute: a `keras_moe.layers.Mlp`, or a
 A model is built for one image size; `ViT.with_image_size` makes a copy for
 another one, with the position embedding resampled on the patch grid by
 `interpolate_position_embedding`.
+
+E^3 ("Sparse MoEs meet Efficient Ensembles", Allingham et al., 2021) with
+`ensemble_size=M > 1`: the tokens are tiled M times before the first MoE
+block (<[B, T, D]> -> <[M*B, T, D]>, member-major, see
+`keras_moe.layers.ensemble`), every MoE block is an `EnsembleMoeLayer` whose
+E experts are split into M groups of E/M (member m routes only within group
+m), and the head runs once per member:
+
+    training=True : per-member logits            <float32>[M*B, classes]
+    training=False: log of the members' averaged <float32>[B, classes]
+                    probabilities, log(mean_m softmax(z_m))
+
+The inference output is a valid logit vector whose softmax is the ensemble's
+averaged probabilities. `compile(loss=SparseCategoricalCrossentropy(
+from_logits=True))` therefore trains each member on the repeated labels
+(the paper's per-member cross-entropy: `compute_loss` and `compute_metrics`
+repeat targets and sample weights to the M*B rows of a training step) and
+evaluates the ensemble's negative log-likelihood. `member_logits(images)`
+returns each member's logits <float32>[M, B, classes].
 """
 
 import math
@@ -31,6 +50,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe.layers.ensemble import EnsembleAverage
+from keras_moe.layers.ensemble import EnsembleMoeLayer
+from keras_moe.layers.ensemble import EnsembleTile
+from keras_moe.layers.ensemble import check_ensemble_size
+from keras_moe.layers.ensemble import match_member_rows
 from keras_moe.layers.mlp import Mlp
 from keras_moe.layers.mlp import get_activation
 from keras_moe.layers.moe import MoeLayer
@@ -284,7 +308,8 @@ class ViTBlock(keras.layers.Layer):
     `x + Attention(LayerNorm(x))`, then `x + mlp(LayerNorm(x))`, where `mlp`
     is an `Mlp(hidden_dim, activation, use_bias=True)` or, when `moe` is a
     dict of `MoeLayer` kwargs, a `MoeLayer` (hidden_dim, activation and
-    use_bias default to the dense MLP's).
+    use_bias default to the dense MLP's); an `EnsembleMoeLayer` when the
+    dict has an `ensemble_size` (inputs then hold M*B member-tiled rows).
 
     Args:
         num_heads: attention heads.
@@ -293,7 +318,8 @@ class ViTBlock(keras.layers.Layer):
         layer_norm_epsilon: of both LayerNorms.
         dropout_rate: on the attention and MLP outputs and the MLP hidden
             activations, when training.
-        moe: None or a dict of `MoeLayer` kwargs.
+        moe: None or a dict of `MoeLayer` kwargs (`EnsembleMoeLayer` kwargs
+            with `ensemble_size`).
         **kwargs: passed to `keras.layers.Layer`.
 
     Example:
@@ -363,7 +389,10 @@ class ViTBlock(keras.layers.Layer):
                 dropout_rate=self.dropout_rate,
             )
             kwargs.update(self.moe)
-            self.mlp = MoeLayer(dtype=self.dtype_policy, name="mlp", **kwargs)
+            layer_cls = (
+                EnsembleMoeLayer if "ensemble_size" in self.moe else MoeLayer
+            )
+            self.mlp = layer_cls(dtype=self.dtype_policy, name="mlp", **kwargs)
         self.mlp.build(input_shape)
         self.dropout = keras.layers.Dropout(
             self.dropout_rate, dtype=self.dtype_policy, name="dropout"
@@ -454,6 +483,18 @@ class ViT(keras.Model):
     the pooled features <float32>[B, D]. `encode(images)` returns the final
     LayerNorm's output <[B, T, D]> (class token first).
 
+    E^3 (`ensemble_size=M > 1`, see the module docstring): `call` returns
+    per-member logits <float32>[M*B, num_classes] when training and the log
+    of the averaged member probabilities <float32>[B, num_classes]
+    otherwise (so `predict` gives log-probabilities of the ensemble: apply
+    `softmax` or `exp` for probabilities); `encode` returns <[M*B, T, D]>;
+    a headless E^3 model returns per-member features <float32>[M*B, D].
+    Fit it with a `from_logits=True` cross-entropy: targets are repeated
+    per member in training steps, so the loss is the mean of the members'
+    cross-entropies and training metrics are means over members, while
+    `evaluate` scores the ensemble's prediction. In a custom loop, tile the
+    labels with `keras_moe.layers.ensemble.EnsembleTile(M)`.
+
     Weights are listed under the canonical names of MODELS.md by
     `canonical_variables()`; checkpoint readers in `keras_moe.checkpoints.vit`
     fill them from Hugging Face, TF Model Garden and keras-hub checkpoints.
@@ -477,6 +518,10 @@ class ViT(keras.Model):
             Face, keras-hub) or "gelu_tanh" (TF Model Garden).
         encoder_moe_blocks: None or {block index: MoeLayer kwargs}; those
             blocks get a `MoeLayer` as `mlp`.
+        ensemble_size: M of E^3; 1 (default) is a plain (V-MoE) model. M > 1
+            needs at least one MoE block, with num_experts a multiple of M
+            (and K at most E/M): those blocks get an `EnsembleMoeLayer`. A
+            block's kwargs may name `ensemble_size` only with this value.
         **kwargs: passed to `keras.Model` (name, dtype).
 
     Example:
@@ -501,6 +546,7 @@ class ViT(keras.Model):
         dropout_rate=0.0,
         activation="gelu",
         encoder_moe_blocks=None,
+        ensemble_size=1,
         **kwargs,
     ):
         kwargs.setdefault("name", "vit")
@@ -552,6 +598,22 @@ class ViT(keras.Model):
         self.dropout_rate = float(dropout_rate)
         self.activation = activation
         self.encoder_moe_blocks = _moe_blocks(encoder_moe_blocks, num_layers)
+        check_ensemble_size(ensemble_size)
+        for index, block_kwargs in self.encoder_moe_blocks.items():
+            given = block_kwargs.get("ensemble_size", ensemble_size)
+            if given != ensemble_size:
+                raise ValueError(
+                    f"encoder_moe_blocks[{index}] has ensemble_size={given!r} "
+                    f"but the ViT has ensemble_size={ensemble_size}: set it "
+                    "once, on the ViT"
+                )
+        if ensemble_size > 1 and not self.encoder_moe_blocks:
+            raise ValueError(
+                f"ensemble_size={ensemble_size} needs at least one MoE block "
+                "(the batch is tiled before the first one); "
+                "encoder_moe_blocks is empty"
+            )
+        self.ensemble_size = ensemble_size
         self.image_hw = image
         self.grid_size = (image[0] // patch_size, image[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -577,12 +639,24 @@ class ViT(keras.Model):
                 activation=activation,
                 layer_norm_epsilon=layer_norm_epsilon,
                 dropout_rate=dropout_rate,
-                moe=self.encoder_moe_blocks.get(i),
+                moe=self._block_moe_kwargs(i),
                 dtype=self.dtype_policy,
                 name=f"block_{i}",
             )
             for i in range(num_layers)
         ]
+        self.ensemble_tile = self.ensemble_average = None
+        if ensemble_size > 1:
+            self.ensemble_tile = EnsembleTile(
+                ensemble_size, dtype=self.dtype_policy, name="ensemble_tile"
+            )
+            # Averages the float32 head output in float32.
+            self.ensemble_average = EnsembleAverage(
+                ensemble_size,
+                mode="logits",
+                dtype="float32",
+                name="ensemble_average",
+            )
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon,
             dtype=self.dtype_policy,
@@ -599,6 +673,17 @@ class ViT(keras.Model):
                 name="head",
             )
         self.build((None, *image, num_channels))
+
+    def _block_moe_kwargs(self, index):
+        kwargs = self.encoder_moe_blocks.get(index)
+        if kwargs is not None and self.ensemble_size > 1:
+            kwargs = dict(kwargs, ensemble_size=self.ensemble_size)
+        return kwargs
+
+    @property
+    def first_moe_block(self):
+        """Index of the first MoE block (where E^3 tiles), or None."""
+        return min(self.encoder_moe_blocks, default=None)
 
     def build(self, input_shape):
         if self.pooling == "token":
@@ -634,7 +719,8 @@ class ViT(keras.Model):
             )
 
     def encode(self, images, training=False):
-        """Images <[B, H_img, W_img, C]> -> final-norm tokens <[B, T, D]>."""
+        """Images <[B, H_img, W_img, C]> -> final-norm tokens <[B, T, D]>
+        (<[M*B, T, D]>, member-tiled, for E^3)."""
         images = ops.convert_to_tensor(images)
         self._check_images(images)
         x = self.patch_embedding(ops.cast(images, self.compute_dtype))
@@ -646,7 +732,9 @@ class ViT(keras.Model):
             x = ops.concatenate([token, x], axis=1)
         x = x + ops.cast(self.position_embedding, x.dtype)
         x = self.embedding_dropout(x, training=training)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.ensemble_tile is not None and i == self.first_moe_block:
+                x = self.ensemble_tile(x)  # (B, T, D) -> (M*B, T, D)
             x = block(x, training=training)
         return self.final_norm(x)
 
@@ -658,9 +746,50 @@ class ViT(keras.Model):
 
     def call(self, images, training=False):
         x = self.pool(self.encode(images, training=training))
-        if self.head is not None:
-            x = self.head(x)
-        return ops.cast(x, "float32")
+        if self.head is None:
+            return ops.cast(x, "float32")
+        x = ops.cast(self.head(x), "float32")
+        if self.ensemble_average is not None and not training:
+            # (M*B, classes) -> (B, classes): log(mean_m softmax(z_m)).
+            x = self.ensemble_average(x)
+        return x
+
+    def member_logits(self, images, training=False):
+        """Images <[B, ...]> -> each member's logits <float32>[M, B, classes].
+
+        For a plain model (M=1) this is the call's output with a leading
+        axis of 1. Needs a head.
+        """
+        if self.head is None:
+            raise ValueError("member_logits needs a head (num_classes > 0)")
+        x = self.pool(self.encode(images, training=training))
+        x = ops.cast(self.head(x), "float32")
+        # (M*B, classes) -> (M, B, classes)
+        return ops.reshape(x, (self.ensemble_size, -1, self.num_classes))
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """Keras loss; for E^3, targets are repeated for each member."""
+        if self.ensemble_size > 1 and y_pred is not None:
+            y = match_member_rows(y, y_pred)
+            sample_weight = match_member_rows(sample_weight, y_pred)
+        return super().compute_loss(
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras metrics; for E^3, targets are repeated for each member."""
+        if self.ensemble_size > 1 and y_pred is not None:
+            y = match_member_rows(y, y_pred)
+            sample_weight = match_member_rows(sample_weight, y_pred)
+        return super().compute_metrics(
+            x, y, y_pred, sample_weight=sample_weight
+        )
 
     def canonical_variables(self):
         """{canonical name: keras.Variable}, the names of MODELS.md."""
@@ -730,6 +859,7 @@ class ViT(keras.Model):
                 "dropout_rate": self.dropout_rate,
                 "activation": self.activation,
                 "encoder_moe_blocks": self.encoder_moe_blocks or None,
+                "ensemble_size": self.ensemble_size,
             }
         )
         return config
