@@ -26,6 +26,8 @@ _KERAS_HUB = ["keras-hub==0.32.0", "kaggle==2.2.1"]
 
 _INSTALL_REQUIRES = [
     "tensorflow==2.20.0",
+    # PredictRequest protos and serving configs written by export/.
+    "tensorflow-serving-api==2.20.0",
     "keras==3.15.1",
     "tensorflow-text==2.20.1",
     "tensorflow-datasets==4.9.10",
@@ -49,7 +51,6 @@ _EXTRAS_REQUIRE = {
         "ruff",
         # Reference statistics (e.g. the normal CDF) in loss tests.
         "scipy",
-        "tensorflow-serving-api",
         # The TF peer MoE layer, used for cross-checks.
         "tf-models-official==2.20.0",
         # Reference implementations for parity tests (CPU build of torch).
