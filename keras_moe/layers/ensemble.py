@@ -301,58 +301,23 @@ class EnsembleMoeLayer(MoeLayer):
                 f"{num_experts // ensemble_size}; received "
                 f"num_selected_experts={k}"
             )
-        super().__init__(num_experts, hidden_dim, **kwargs)
+        # Read by _make_router while MoeLayer.__init__ builds the router.
         self.ensemble_size = ensemble_size
-        self.experts_per_member = num_experts // ensemble_size
-        # MoeLayer made a plain router; put the ensemble router in its
-        # place (same name, same kernel shape) and in its tracking slot, so
-        # that weight lists and `.keras` files see one router.
-        config = self.router.get_config()
-        config["ensemble_size"] = ensemble_size
-        ensemble_router = _ENSEMBLE_ROUTERS[self.router_type].from_config(
-            config
-        )
-        self._tracker.replace_tracked_value(
-            "layers", self.router, ensemble_router
-        )
-        self.router = ensemble_router
+        super().__init__(num_experts, hidden_dim, **kwargs)
 
-    def capacity(self, tokens_per_group, training):
-        """C for member groups of `tokens_per_group` (S/M) tokens."""
-        return routing.expert_capacity(
-            num_tokens=tokens_per_group,
-            num_experts=self.experts_per_member,
-            capacity_factor=(
-                self.train_capacity_factor
-                if training
-                else self.eval_capacity_factor
-            ),
-            num_selected_experts=self.num_selected_experts,
-            min_expert_capacity=self.min_expert_capacity,
-            router=self.router_type,
+    def _make_router(self, router_type, router_kwargs):
+        return _ENSEMBLE_ROUTERS[router_type](
+            ensemble_size=self.ensemble_size, **router_kwargs
         )
 
-    def call(self, inputs, training=False, token_mask=None):
-        training = bool(training)
-        model_dim = inputs.shape[-1]
-        if model_dim != self.experts.wo.shape[-1]:
-            raise ValueError(
-                f"EnsembleMoeLayer was built for D={self.experts.wo.shape[-1]}"
-                f"; received inputs of shape {inputs.shape}"
-            )
-        inputs = self._check_members(inputs)
-        groups, mask, num_real = self._group(inputs, token_mask)
-        capacity = self.capacity(groups.shape[1], training)
-        outputs, aux_losses, stats = self._moe(groups, mask, capacity, training)
-        self._check_finite(stats.pop("logits_finite"))
-        self.dropped_tracker.update_state(stats["dropped"])
-        self.confidence_tracker.update_state(stats["confidence"])
-        self.load_tracker.update_state(stats["expert_usage"])
-        for name, value in aux_losses.items():
-            weight = self.loss_weights[name]
-            if weight > 0:
-                self.add_loss(weight * value)
-        return ops.reshape(self._ungroup(outputs, num_real), ops.shape(inputs))
+    @property
+    def experts_per_member(self):
+        return self.num_experts // self.ensemble_size
+
+    @property
+    def experts_per_router(self):
+        """Member groups of S/M tokens route among E/M experts."""
+        return self.experts_per_member
 
     def routing_weights(self, inputs, training=False, token_mask=None):
         """Per-token gates over all E experts, for inspection and tests.
@@ -367,7 +332,7 @@ class EnsembleMoeLayer(MoeLayer):
         inputs = ops.convert_to_tensor(inputs)
         if not self.built:
             self.build(inputs.shape)
-        inputs = self._check_members(inputs)
+        inputs = self._check_inputs(inputs)
         groups, mask, num_real = self._group(inputs, token_mask)
         capacity = self.capacity(groups.shape[1], bool(training))
         routed = self.router.route(groups, capacity, bool(training), mask)
@@ -386,7 +351,7 @@ class EnsembleMoeLayer(MoeLayer):
             )
         }
 
-    def _check_members(self, inputs):
+    def _check_inputs(self, inputs):
         """Checks that the leading axis holds M*B rows."""
         members = self.ensemble_size
         rows = inputs.shape[0]

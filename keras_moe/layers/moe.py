@@ -32,14 +32,6 @@ from keras_moe.layers.experts import Experts
 from keras_moe.layers.routers import ExpertsChooseRouter
 from keras_moe.layers.routers import TokensChooseRouter
 
-NO_DROP = None
-_LOSS_WEIGHTS = (
-    "router_z_loss",
-    "load_balancing_loss",
-    "importance_loss",
-    "load_loss",
-)
-
 
 def _use_xla(jit_compile):
     """Whether routing and dispatch get their own XLA functions."""
@@ -285,13 +277,11 @@ class MoeLayer(keras.layers.Layer):
             name="router",
         )
         if router == routing.TOKENS_CHOOSE:
-            self.router = TokensChooseRouter(
+            router_kwargs.update(
                 num_selected_experts=num_selected_experts,
                 batch_priority=batch_priority,
-                **router_kwargs,
             )
-        else:
-            self.router = ExpertsChooseRouter(**router_kwargs)
+        self.router = self._make_router(router, router_kwargs)
         self.experts = Experts(
             num_experts=num_experts,
             hidden_dim=hidden_dim,
@@ -350,11 +340,22 @@ class MoeLayer(keras.layers.Layer):
             self._compiled_dispatch = self._route_and_dispatch
             self._compiled_combine = self._combine
 
+    def _make_router(self, router_type, router_kwargs):
+        """The router layer (a subclass may route differently)."""
+        if router_type == routing.TOKENS_CHOOSE:
+            return TokensChooseRouter(**router_kwargs)
+        return ExpertsChooseRouter(**router_kwargs)
+
+    @property
+    def experts_per_router(self):
+        """Experts one token's router chooses among (E here)."""
+        return self.num_experts
+
     def capacity(self, tokens_per_group, training):
         """C for groups of S tokens (`training` picks the factor)."""
         return routing.expert_capacity(
             num_tokens=tokens_per_group,
-            num_experts=self.num_experts,
+            num_experts=self.experts_per_router,
             capacity_factor=(
                 self.train_capacity_factor
                 if training
@@ -367,12 +368,13 @@ class MoeLayer(keras.layers.Layer):
 
     def call(self, inputs, training=False, token_mask=None):
         training = bool(training)
-        model_dim = inputs.shape[-1]
         if inputs.shape[-1] != self.experts.wo.shape[-1]:
             raise ValueError(
-                f"MoeLayer was built for D={self.experts.wo.shape[-1]}; "
-                f"received inputs of shape {inputs.shape}"
+                f"{type(self).__name__} was built for "
+                f"D={self.experts.wo.shape[-1]}; received inputs of shape "
+                f"{inputs.shape}"
             )
+        inputs = self._check_inputs(inputs)
         groups, mask, num_real = self._group(inputs, token_mask)
         capacity = self.capacity(groups.shape[1], training)
         outputs, aux_losses, stats = self._moe(groups, mask, capacity, training)
@@ -384,9 +386,16 @@ class MoeLayer(keras.layers.Layer):
             weight = self.loss_weights[name]
             if weight > 0:
                 self.add_loss(weight * value)
-        # (G, S, D) -> (G*S, D) -> drop padding -> (..., D)
-        outputs = ops.reshape(outputs, (-1, model_dim))[:num_real]
-        return ops.reshape(outputs, ops.shape(inputs))
+        return ops.reshape(self._ungroup(outputs, num_real), ops.shape(inputs))
+
+    def _check_inputs(self, inputs):
+        """Hook for input checks beyond the shape (identity here)."""
+        return inputs
+
+    def _ungroup(self, values, num_real):
+        """<[G, S, ...]> groups -> <[n, ...]> tokens without the padding."""
+        # (G, S, ...) -> (G*S, ...) -> drop padding
+        return ops.reshape(values, (-1, *values.shape[2:]))[:num_real]
 
     def _group(self, inputs, token_mask):
         """Returns groups <[G, S, D]>, mask <bool>[G, S], real token count."""
