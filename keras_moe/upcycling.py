@@ -1,4 +1,4 @@
-"""Sparse upcycling: turn a dense keras_moe T5 or ViT into an MoE model.
+"""Sparse upcycling: turn a dense keras_moe T5, ViT or VLM into an MoE model.
 
 Follows "Sparse Upcycling: Training Mixture-of-Experts from Dense
 Checkpoints" (Komatsuzaki et al., 2022). The chosen MLP blocks become
@@ -8,11 +8,13 @@ freshly initialised; every other weight is copied unchanged.
 Defaults are the paper's recipe:
 
 * every other MLP block (the odd-indexed ones, counting from 0) in every
-  stack (ViT encoder; T5 encoder and decoder);
+  stack (ViT encoder; T5 encoder and decoder; all three in a
+  `keras_moe.models.vlm.VisionLanguageModel`, whose ViT stack is named
+  "vision");
 * expert-choice routing with capacity factor 2 in encoders and ViT;
   token-choice top-2 in decoders, because expert choice lets a decoder
   token's routing depend on later tokens;
-* combine weights renormalised for vision, not for language;
+* combine weights renormalised in vision stacks, not in language stacks;
 * a router initialised from Normal(0, 0.02).
 
 `ensemble_size=M > 1` makes an E^3 ViT ("Sparse MoEs meet Efficient
@@ -43,6 +45,7 @@ from keras_moe.layers.experts import weights_to_be_overwritten
 
 VISION = "vision"
 LANGUAGE = "language"
+VISION_LANGUAGE = "vision_language"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +56,42 @@ class Stack:
     moe_key: str  # config key holding {block index: MoeLayer kwargs}
     layers_key: str  # config key holding the number of blocks
     causal: bool  # decoders: expert choice would leak future tokens
+    modality: str  # VISION or LANGUAGE: the paper's combine-weight choice
+    # Config key of the sub-config holding `layers_key`; None: the config.
+    layers_config: str | None = None
+
+    def num_layers(self, config):
+        """The number of blocks of this stack in a model's `config`."""
+        if self.layers_config is not None:
+            config = config[self.layers_config]
+        return config[self.layers_key]
 
 
+_VIT_ENCODER = Stack(
+    "encoder", "encoder_moe_blocks", "num_layers", False, VISION
+)
+_T5_ENCODER = Stack(
+    "encoder", "encoder_moe_blocks", "num_encoder_layers", False, LANGUAGE
+)
+_T5_DECODER = Stack(
+    "decoder", "decoder_moe_blocks", "num_decoder_layers", True, LANGUAGE
+)
 _ARCHITECTURES = {
-    "ViT": (
-        VISION,
-        (Stack("encoder", "encoder_moe_blocks", "num_layers", False),),
-    ),
-    "T5": (
-        LANGUAGE,
+    "ViT": (VISION, (_VIT_ENCODER,)),
+    "T5": (LANGUAGE, (_T5_ENCODER, _T5_DECODER)),
+    # keras_moe.models.vlm: its ViT's blocks, then its T5's; the ViT and T5
+    # kwargs (layer counts) sit in sub-configs, the MoE blocks at the top.
+    "VisionLanguageModel": (
+        VISION_LANGUAGE,
         (
-            Stack("encoder", "encoder_moe_blocks", "num_encoder_layers", False),
-            Stack("decoder", "decoder_moe_blocks", "num_decoder_layers", True),
+            dataclasses.replace(
+                _VIT_ENCODER,
+                name="vision",
+                moe_key="vision_moe_blocks",
+                layers_config="vision_config",
+            ),
+            dataclasses.replace(_T5_ENCODER, layers_config="text_config"),
+            dataclasses.replace(_T5_DECODER, layers_config="text_config"),
         ),
     ),
 }
@@ -151,19 +178,22 @@ def upcycle(
     The input model is left untouched.
 
     Args:
-        model: a dense (or partly MoE) keras_moe `ViT` or `T5`.
+        model: a dense (or partly MoE) keras_moe `ViT`, `T5` or
+            `VisionLanguageModel`.
         num_experts: E.
         blocks: which MLP blocks become MoE blocks: "every_other" (the paper),
             "all", "last_n" (with `last_n`), "none", a list of indices, or a
-            dict {stack name: any of those} ("encoder", "decoder").
+            dict {stack name: any of those} ("encoder", "decoder", and
+            "vision" for a VisionLanguageModel's ViT; a stack the dict does
+            not name gets "every_other").
         last_n: the n of `blocks="last_n"`.
-        encoder_router: router of encoder stacks (ViT's too).
+        encoder_router: router of encoder stacks (ViTs' too).
         decoder_router: router of decoder stacks.
         num_selected_experts: K of token-choice stacks.
         train_capacity_factor, eval_capacity_factor: of every MoE block
             (None: no token dropped).
-        normalize_combine_weights: None picks the paper's choice (True for
-            vision, False for language).
+        normalize_combine_weights: None picks the paper's choice per stack
+            (True for ViT stacks, False for T5 stacks).
         router_kernel_initializer: None for Normal(0, 0.02) seeded by `seed`.
         expert_noise: std of the noise added to each expert's copied weights
             to break their symmetry; 0 keeps exact copies.
@@ -187,7 +217,7 @@ def upcycle(
     Returns:
         A new keras model of the same class.
     """
-    modality, stacks = architecture(model)
+    _, stacks = architecture(model)
     _check_positive_int("num_experts", num_experts)
     config = model.get_config()
     ensemble_size = _ensemble_size(model, config, ensemble_size, num_experts)
@@ -204,8 +234,6 @@ def upcycle(
         raise ValueError(
             f"reinit_fraction must be in [0, 1]; received {reinit_fraction!r}"
         )
-    if normalize_combine_weights is None:
-        normalize_combine_weights = modality == VISION
     if router_kernel_initializer is None:
         router_kernel_initializer = keras.initializers.RandomNormal(
             stddev=0.02, seed=seed
@@ -237,10 +265,10 @@ def upcycle(
                 "later tokens. Use decoder_router='tokens_choose', or pass "
                 "allow_expert_choice_in_decoder=True to force it."
             )
-        num_layers = config[stack.layers_key]
+        num_layers = stack.num_layers(config)
         chosen = select_blocks(
             (
-                stack_blocks.get(stack.name, blocks)
+                stack_blocks.get(stack.name, "every_other")
                 if isinstance(blocks, dict)
                 else blocks
             ),
@@ -260,7 +288,11 @@ def upcycle(
             "router": router,
             "train_capacity_factor": train_capacity_factor,
             "eval_capacity_factor": eval_capacity_factor,
-            "normalize_combine_weights": normalize_combine_weights,
+            "normalize_combine_weights": (
+                stack.modality == VISION
+                if normalize_combine_weights is None
+                else normalize_combine_weights
+            ),
             "router_kernel_initializer": keras.initializers.serialize(
                 keras.initializers.get(router_kernel_initializer)
             ),

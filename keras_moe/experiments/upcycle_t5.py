@@ -1,0 +1,377 @@
+"""Sparse upcycling of a T5 at small scale, at equal extra compute.
+
+Reproduces the language claims of "Sparse Upcycling: Training
+Mixture-of-Experts from Dense Checkpoints" (Komatsuzaki et al., 2023): a
+dense `keras_moe.models.t5.T5` is pre-trained with T5's span-corruption
+objective on `pydoc_corpus` (CPython's help topics, about 65k words), then
+continued densely, sparsely upcycled (expert choice in the encoder,
+token-choice top-2 in the decoder, no renormalisation), tiled deeper, or
+replaced by an MoE trained from scratch, each for the same extra FLOPs
+(see `upcycling_common` for the protocol).
+
+Shape letters: B batch, T encoder length, U decoder length, V vocabulary
+(`keras_moe.data.VOCAB_SIZE`).
+
+Two measurements per arm and budget:
+
+* upstream: the span-corruption loss (mean cross-entropy per target token)
+  and token accuracy on the held-out `pydoc_corpus` validation topics,
+  with fixed noise masks;
+* downstream: `number_words` translation into English words ("translate to
+  English: 4213" -> "four thousand, two hundred and thirteen"): a copy of
+  the model is fine-tuned for a fixed number of steps (the same steps,
+  batches and fresh optimizer for every arm) and scored by exact match of
+  greedy generation on held-out numbers.
+
+English is the target language because it is the pre-training corpus's
+language. The fine-tune cost is the same for every arm in steps, not in
+FLOPs (it is outside the compute budget, as in the paper).
+
+Example (a smoke run of about a minute):
+
+    from keras_moe.experiments import upcycle_t5
+    upcycle_t5.run("/tmp/upcycle_t5", seeds=(0,), small=True)
+"""
+
+import json
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_moe import data as data_lib
+from keras_moe import flops
+from keras_moe.experiments import common
+from keras_moe.experiments import upcycling_common
+from keras_moe.models.t5 import T5
+
+NAME = "upcycle_t5"
+SUPPORTED_OPTIONS = upcycling_common.SUPPORTED_OPTIONS
+DOWNSTREAM = "number_words"
+LANGUAGE = "en"
+METRICS = {
+    "heldout_loss": "held-out span-corruption loss (nats/token)",
+    "heldout_accuracy": "held-out span-corruption token accuracy",
+    "exact_match": f"{DOWNSTREAM} ({LANGUAGE}) exact match after fine-tune",
+}
+_STREAMS = {"pretrain": 0, "continue": 1, "scratch": 2}
+# Noise-mask seed of the held-out span-corruption examples.
+_HELDOUT_SEED = 12345
+_SHUFFLE_BUFFER = 2048
+
+_MODEL = dict(
+    vocab_size=data_lib.VOCAB_SIZE,
+    activation="relu",
+    tie_embeddings=True,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)
+CONFIGS = {
+    "default": dict(
+        model=dict(
+            _MODEL,
+            model_dim=64,
+            num_heads=4,
+            head_dim=16,
+            hidden_dim=256,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+        ),
+        input_length=32,
+        batch_size=32,
+        pretrain_steps=1000,
+        learning_rate=2e-3,
+        warmup_steps=100,
+        heldout_examples=None,
+        finetune_steps=300,
+        finetune_batch_size=64,
+        finetune_learning_rate=2e-3,
+        test_examples=1000,
+    ),
+    "small": dict(
+        model=dict(
+            _MODEL,
+            model_dim=16,
+            num_heads=2,
+            head_dim=8,
+            hidden_dim=32,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+        ),
+        input_length=24,
+        batch_size=8,
+        pretrain_steps=12,
+        learning_rate=2e-3,
+        warmup_steps=4,
+        heldout_examples=32,
+        finetune_steps=4,
+        finetune_batch_size=8,
+        finetune_learning_rate=2e-3,
+        test_examples=16,
+    ),
+}
+
+
+def _masked_mean(values, targets):
+    """Mean of <[B, U]> `values` over the real (non-padding) targets."""
+    mask = tf.cast(targets != data_lib.PAD_ID, values.dtype)
+    return tf.reduce_sum(values * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+
+def _loss(model, inputs, targets):
+    logits = model(inputs, training=True)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+    return _masked_mean(losses, targets)
+
+
+def _pretraining_batches(config, stream, seed):
+    """Endless span-corruption batches of the train topics; masks and order
+    fixed by (seed, stream)."""
+    stream_seed = 1000 * seed + _STREAMS[stream]
+    dataset = data_lib.span_corruption_dataset(
+        "train",
+        config["batch_size"],
+        config["input_length"],
+        seed=stream_seed,
+        repeat=True,
+        drop_remainder=True,
+    )
+    # The runs come in corpus order: shuffle them across paragraphs.
+    dataset = (
+        dataset.unbatch()
+        .shuffle(_SHUFFLE_BUFFER, seed=stream_seed)
+        .batch(config["batch_size"], drop_remainder=True)
+        .prefetch(2)
+    )
+    return iter(dataset)
+
+
+def _first_batch(dataset):
+    """The first (and only) batch of a dataset, as tensors."""
+    return next(iter(dataset))
+
+
+def _heldout(config):
+    """The held-out span-corruption examples, one batch."""
+    dataset = data_lib.span_corruption_dataset(
+        "validation",
+        1 << 16,
+        config["input_length"],
+        seed=_HELDOUT_SEED,
+    )
+    inputs, targets = _first_batch(dataset)
+    limit = config["heldout_examples"]
+    if limit is not None:
+        inputs = {k: v[:limit] for k, v in inputs.items()}
+        targets = targets[:limit]
+    return inputs, targets
+
+
+def _translation(split, limit=None):
+    """`number_words` in `LANGUAGE` as one batch of NumPy arrays."""
+    lengths = data_lib.seq2seq_lengths(DOWNSTREAM, "train", (LANGUAGE,))
+    held_out = data_lib.seq2seq_lengths(DOWNSTREAM, "test", (LANGUAGE,))
+    input_length = max(lengths[0], held_out[0])
+    target_length = max(lengths[1], held_out[1])
+    dataset = data_lib.seq2seq_dataset(
+        DOWNSTREAM,
+        split,
+        1 << 16,
+        input_length,
+        target_length,
+        languages=(LANGUAGE,),
+    )
+    inputs, targets = _first_batch(dataset)
+    inputs = {k: v.numpy()[:limit] for k, v in inputs.items()}
+    return inputs, targets.numpy()[:limit]
+
+
+class FineTuner:
+    """Fine-tunes a copy of a model on the translation task; exact match.
+
+    One copy (model, optimizer and compiled step) is kept per architecture
+    and reused: the weights are overwritten and the optimizer zeroed for
+    every fine-tune, so nothing is traced twice.
+
+    Args:
+        config: the experiment config.
+        train: (inputs, targets) NumPy arrays to fine-tune on.
+        test: (inputs, targets) NumPy arrays to score.
+    """
+
+    def __init__(self, config, train, test):
+        self.config = config
+        self.train_inputs, self.train_targets = train
+        self.test_inputs, self.test_targets = test
+        self._copies = {}
+
+    def _copy_of(self, model):
+        config = model.get_config()
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in self._copies:
+            copy = type(model).from_config(config)
+            optimizer = upcycling_common.make_optimizer(
+                self.config["finetune_learning_rate"],
+                max(1, self.config["finetune_steps"] // 10),
+            )
+            optimizer.build(copy.trainable_variables)
+            self._copies[key] = upcycling_common.Trainer(
+                copy, optimizer, _loss, 0, jit_compile=False
+            )
+        return self._copies[key]
+
+    def _batches(self, seed):
+        """The fine-tuning batches of `seed`: the same for every arm."""
+        rng = np.random.default_rng([seed, 7])
+        size = self.config["finetune_batch_size"]
+        while True:
+            index = rng.choice(len(self.train_targets), size, replace=False)
+            inputs = {k: v[index] for k, v in self.train_inputs.items()}
+            yield inputs, self.train_targets[index]
+
+    def __call__(self, model, seed):
+        """Fine-tunes a copy of `model`; returns its test exact match."""
+        trainer = self._copy_of(model)
+        trainer.model.set_weights(model.get_weights())
+        upcycling_common.reset_optimizer(trainer.optimizer)
+        trainer.train(self._batches(seed), self.config["finetune_steps"])
+        return exact_match(
+            trainer.model, self.test_inputs, self.test_targets
+        )
+
+
+def exact_match(model, inputs, targets):
+    """Fraction of examples whose greedy generation equals the target.
+
+    Args:
+        model: a T5.
+        inputs: the T5 input dict (NumPy), `encoder_token_ids` <int>[B, T].
+        targets: <int>[B, U] target ids, EOS-terminated, 0-padded.
+
+    Returns:
+        A float: generated ids (after the start id, zeros after EOS) equal
+        to the target row.
+    """
+    length = targets.shape[1]
+    generated = model.generate(
+        inputs["encoder_token_ids"],
+        length + 1,
+        encoder_padding_mask=inputs["encoder_padding_mask"],
+    )
+    generated = keras.ops.convert_to_numpy(generated)[:, 1:]
+    return float(np.mean(np.all(generated == targets, axis=1)))
+
+
+def _evaluator(heldout, finetuner):
+    """`fn(trainer, seed) -> metrics`: held-out loss, token accuracy and
+    downstream exact match."""
+    inputs, targets = heldout
+
+    def evaluate(trainer, seed):
+        logits = trainer.forward(inputs)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            targets, logits
+        )
+        correct = tf.cast(
+            tf.argmax(logits, axis=-1, output_type=targets.dtype) == targets,
+            tf.float32,
+        )
+        return {
+            "heldout_loss": float(_masked_mean(losses, targets)),
+            "heldout_accuracy": float(_masked_mean(correct, targets)),
+            "exact_match": finetuner(trainer.model, seed),
+        }
+
+    return evaluate
+
+
+def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
+    """Runs the experiment and writes results.csv, results.md and
+    upcycle_t5.png into `output_dir`.
+
+    Args:
+        output_dir: created if needed.
+        seeds: one dense pre-training (and one run of every arm) per seed.
+        small: smoke-test size (tiny model, a few steps).
+        options: ablation options (see `upcycling_common.parse_options`).
+
+    Returns:
+        {"rows": result rows, "summary": mean/std rows, "files": paths}.
+    """
+    if not isinstance(small, bool):
+        raise ValueError(f"small must be a bool; received {small!r}")
+    config = CONFIGS["small" if small else "default"]
+    seeds = common.check_seeds(seeds)
+    model = config["model"]
+    settings = upcycling_common.parse_options(
+        NAME,
+        options,
+        {
+            "encoder": model["num_encoder_layers"],
+            "decoder": model["num_decoder_layers"],
+        },
+    )
+    output_dir = common.prepare_output_dir(output_dir)
+    start = time.perf_counter()
+    print(f"[{NAME}] {settings.describe()}", flush=True)
+    heldout = _heldout(config)
+    finetuner = FineTuner(
+        config,
+        _translation("train"),
+        _translation("test", config["test_examples"]),
+    )
+    input_length = config["input_length"]
+    target_length = int(heldout[1].shape[1])
+    batch_size = config["batch_size"]
+
+    def step_flops(model):
+        return batch_size * flops.training_step_flops(
+            model, input_length, target_length
+        )
+
+    task = upcycling_common.Task(
+        name=NAME,
+        build_dense=lambda: T5(**config["model"]),
+        loss_fn=_loss,
+        batches=lambda stream, seed: _pretraining_batches(
+            config, stream, seed
+        ),
+        step_flops=step_flops,
+        evaluate=_evaluator(heldout, finetuner),
+        pretrain_steps=config["pretrain_steps"],
+        learning_rate=config["learning_rate"],
+        warmup_steps=config["warmup_steps"],
+    )
+    cache = {}
+    rows = common.for_each_seed(
+        seeds,
+        lambda seed: upcycling_common.run_seed(task, settings, seed, cache),
+        label=f"[{NAME}] ",
+    )
+    header = (
+        f"Dense T5 (v1.0 style: ReLU MLP, tied embeddings; D="
+        f"{model['model_dim']}, F={model['hidden_dim']}, "
+        f"{model['num_heads']} heads of {model['head_dim']}, "
+        f"{model['num_encoder_layers']}+{model['num_decoder_layers']} blocks, "
+        f"V={model['vocab_size']}) pre-trained with span corruption "
+        f"(T={input_length}, U={target_length}) on pydoc_corpus for "
+        f"{config['pretrain_steps']} steps of {batch_size}; extra budgets "
+        f"as fractions of those FLOPs. MoE recipe: {settings.describe()}. "
+        f"Tiled dense: {cache['extra_layers']} extra block(s) per stack. "
+        f"Held-out: {int(heldout[1].shape[0])} span-corruption examples of "
+        f"the validation topics. Downstream: {config['finetune_steps']} "
+        f"fine-tuning steps of {config['finetune_batch_size']} "
+        f"{DOWNSTREAM} ({LANGUAGE}) examples, exact match on "
+        f"{len(finetuner.test_targets)} held-out numbers.\n"
+    )
+    files, summary = upcycling_common.write_outputs(
+        output_dir,
+        NAME,
+        rows,
+        METRICS,
+        header,
+        time.perf_counter() - start,
+    )
+    print(f"[{NAME}] wrote {', '.join(files)}", flush=True)
+    return {"rows": rows, "summary": summary, "files": files}

@@ -1,0 +1,871 @@
+"""The compute-matched protocol shared by `upcycle_vit` and `upcycle_t5`.
+
+A dense model is pre-trained once per seed for P FLOPs (its training steps
+times `keras_moe.flops.training_step_flops` times the batch size). Then,
+for each extra budget b (a fraction of P), four arms are trained until they
+have used (1 + b) * P FLOPs in all:
+
+* `dense`: the dense model keeps training, optimizer state and step
+  counter included (b * P more FLOPs).
+* `upcycled`: `keras_moe.upcycle(dense)` with the paper's recipe (every
+  other MLP block, E experts, expert choice with capacity factor 2 in
+  encoders, renormalised combine weights in vision) and, by default, the
+  dense optimizer's state through `keras_moe.upcycle_optimizer`
+  (b * P more FLOPs; an MoE step costs more, so it takes fewer steps).
+* `moe_scratch`: the same MoE architecture, randomly initialised and
+  trained from scratch with a fresh optimizer for the whole (1 + b) * P:
+  the sunk dense pre-training compute is spent on the MoE instead.
+* `dense_tiled`: "dense upcycling" by depth tiling (Rae et al., 2021,
+  used as the dense baseline of the Sparse Upcycling paper): a deeper dense
+  model whose block j starts as a copy of pre-trained block
+  floor(j * L / L') (each block repeated in place, A B C D -> A A B C C D),
+  with L' chosen so that its step costs as close as possible to the
+  upcycled model's, and the dense optimizer state tiled the same way
+  (b * P more FLOPs).
+
+Budget 0 is evaluated too: the pre-trained dense model, the upcycled and
+the tiled models before any extra step, and the MoE trained from scratch
+for P FLOPs. Each arm is one run evaluated at every budget along the way
+(budgets sorted); the steps of a budget are `round(flops / step_flops)`,
+so an arm's FLOPs are within half a step of the target.
+
+The learning rate warms up linearly and then stays constant
+(`LinearWarmup`), so that a budget's evaluation along one run is the same
+as a run that stops there, and continuing arms keep the step counter (no
+second warm-up). Training runs in a compiled `tf.function` per model
+(`Trainer`); the loss adds the MoE auxiliary losses (`model.losses`).
+
+Options (`SUPPORTED_OPTIONS`, see `parse_options`) change the MoE arms:
+num_experts, capacity_factor, router and moe_blocks change both MoE arms
+(and so the tiled depth); expert_noise, reinit_fraction and
+reuse_optimizer_state change how the upcycled arm starts; budgets the
+extra budgets.
+"""
+
+import dataclasses
+import os
+import math
+import re
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_moe import experiments
+from keras_moe import upcycling
+from keras_moe.experiments import common
+from keras_moe.layers import routing
+
+ARMS = ("dense", "upcycled", "moe_scratch", "dense_tiled")
+ARM_LABELS = {
+    "dense": "dense continuation",
+    "upcycled": "sparse upcycling (MoE)",
+    "moe_scratch": "MoE from scratch",
+    "dense_tiled": "dense upcycling (depth tiling)",
+}
+SUPPORTED_OPTIONS = experiments.OPTION_NAMES
+DEFAULT_BUDGETS = (0.1, 0.25, 0.5, 1.0)
+ROUTERS = (routing.EXPERTS_CHOOSE, routing.TOKENS_CHOOSE)
+# Token-choice MoE blocks route each token to this many experts (the
+# paper's top-2 decoders), at most E.
+TOKENS_CHOOSE_K = 2
+
+
+# --------------------------------------------------------------------------
+# Options.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The MoE recipe and budgets of one run (the defaults are the paper's).
+
+    Attributes:
+        num_experts: E of every MoE block.
+        capacity_factor: train and eval capacity factor of every MoE block.
+        router: router of encoder (and ViT) MoE blocks; decoders always use
+            token choice.
+        moe_blocks: "every_other", "all" or "last_n:<n>".
+        expert_noise: multiplicative noise std on the upcycled experts.
+        reinit_fraction: fraction of each upcycled expert's hidden units
+            re-drawn (Drop-Upcycling).
+        reuse_optimizer_state: whether the upcycled arm continues the dense
+            optimizer's state (`keras_moe.upcycle_optimizer`).
+        budgets: sorted extra budgets, fractions of the dense pre-training
+            FLOPs.
+    """
+
+    num_experts: int = 8
+    capacity_factor: float = 2.0
+    router: str = routing.EXPERTS_CHOOSE
+    moe_blocks: str = "every_other"
+    expert_noise: float = 0.0
+    reinit_fraction: float = 0.0
+    reuse_optimizer_state: bool = True
+    budgets: tuple = DEFAULT_BUDGETS
+
+    def upcycle_kwargs(self, seed, moe_kwargs=None):
+        """`keras_moe.upcycle` keyword arguments of this recipe."""
+        blocks, last_n = experiments.parse_moe_blocks(self.moe_blocks)
+        return {
+            "num_experts": self.num_experts,
+            "blocks": blocks,
+            "last_n": last_n,
+            "encoder_router": self.router,
+            "num_selected_experts": min(TOKENS_CHOOSE_K, self.num_experts),
+            "train_capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.capacity_factor,
+            "expert_noise": self.expert_noise,
+            "reinit_fraction": self.reinit_fraction,
+            "moe_kwargs": dict(moe_kwargs or {}),
+            "seed": seed,
+        }
+
+    def describe(self):
+        """One line naming every setting, for the results page."""
+        budgets = ", ".join(f"{b:g}" for b in self.budgets)
+        return (
+            f"E={self.num_experts}, capacity factor {self.capacity_factor:g}, "
+            f"router {self.router}, MoE blocks {self.moe_blocks}, expert "
+            f"noise {self.expert_noise:g}, re-initialised fraction "
+            f"{self.reinit_fraction:g}, optimizer state "
+            f"{'reused' if self.reuse_optimizer_state else 'fresh'}, "
+            f"budgets {budgets}"
+        )
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(
+        value, bool
+    )
+
+
+def parse_options(experiment, options, stack_layers):
+    """Validates the `options` of `run` into `Settings`, before any work.
+
+    Args:
+        experiment: the experiment's name, for messages.
+        options: None or {option name: value} with names from
+            `SUPPORTED_OPTIONS`.
+        stack_layers: {stack name: number of blocks} of the dense model, to
+            check `moe_blocks` against.
+
+    Returns:
+        `Settings`.
+
+    Raises:
+        ValueError: an unknown option, or a value out of range; the message
+            names the option and what it accepts.
+    """
+    options = experiments.check_options(experiment, options, SUPPORTED_OPTIONS)
+    values = {}
+    for name, value in options.items():
+        values[name] = _check_option(name, value)
+    if "moe_blocks" in values:
+        blocks, last_n = experiments.parse_moe_blocks(values["moe_blocks"])
+        for stack, num_layers in stack_layers.items():
+            try:
+                upcycling.select_blocks(blocks, num_layers, last_n)
+            except ValueError as e:
+                raise ValueError(
+                    f"option moe_blocks={values['moe_blocks']!r} does not "
+                    f"fit the {stack} of {num_layers} blocks: {e}"
+                ) from None
+    return Settings(**values)
+
+
+def _check_option(name, value):
+    """One option's value, validated and normalised."""
+    if name == "num_experts":
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"option num_experts must be an int; got {value!r}")
+        if value < 1:
+            raise ValueError(f"option num_experts must be >= 1; got {value}")
+        return int(value)
+    if name == "capacity_factor":
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"option capacity_factor must be a number > 0; got {value!r}"
+            )
+        return float(value)
+    if name == "router":
+        if value not in ROUTERS:
+            raise ValueError(
+                f"option router must be one of {ROUTERS}; got {value!r}"
+            )
+        return value
+    if name == "moe_blocks":
+        try:
+            experiments.parse_moe_blocks(value)
+        except ValueError as e:
+            raise ValueError(f"option {e}") from None
+        return value
+    if name in ("expert_noise", "reinit_fraction"):
+        high = 1.0 if name == "reinit_fraction" else math.inf
+        if not _is_number(value) or not 0.0 <= value <= high:
+            bounds = "in [0, 1]" if high == 1.0 else ">= 0"
+            raise ValueError(
+                f"option {name} must be a number {bounds}; got {value!r}"
+            )
+        return float(value)
+    if name == "reuse_optimizer_state":
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(
+                f"option reuse_optimizer_state must be a bool; got {value!r}"
+            )
+        return bool(value)
+    if name == "budgets":
+        return _check_budgets(value)
+    raise ValueError(f"unknown option {name!r}")  # check_options stops it.
+
+
+def _check_budgets(value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(
+            "option budgets must be a list of fractions > 0 (e.g. [0.1, "
+            f"0.5]); got {value!r}"
+        )
+    budgets = tuple(value)
+    if not budgets or not all(
+        _is_number(b) and math.isfinite(b) and b > 0 for b in budgets
+    ):
+        raise ValueError(
+            f"option budgets must be a non-empty list of fractions > 0; "
+            f"got {value!r}"
+        )
+    budgets = tuple(sorted(float(b) for b in budgets))
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"option budgets repeats a value: {value!r}")
+    return budgets
+
+
+# --------------------------------------------------------------------------
+# Training.
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`peak * min(1, (step + 1) / warmup_steps)`: warm-up, then constant.
+
+    Args:
+        peak: the learning rate after warm-up.
+        warmup_steps: steps of the linear warm-up (>= 1).
+
+    Example:
+
+    >>> float(LinearWarmup(1e-3, 10)(4))
+    0.0005
+    """
+
+    def __init__(self, peak, warmup_steps):
+        if not peak > 0:
+            raise ValueError(f"peak must be > 0; received {peak!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise ValueError(
+                f"warmup_steps must be an int; received {warmup_steps!r}"
+            )
+        if warmup_steps < 1:
+            raise ValueError(
+                f"warmup_steps must be >= 1; received {warmup_steps}"
+            )
+        self.peak = float(peak)
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        return self.peak * keras.ops.minimum(
+            1.0, (step + 1.0) / float(self.warmup_steps)
+        )
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
+def make_optimizer(learning_rate, warmup_steps):
+    """Adam with `LinearWarmup` and global gradient-norm clipping at 1."""
+    return keras.optimizers.Adam(
+        learning_rate=LinearWarmup(learning_rate, warmup_steps),
+        global_clipnorm=1.0,
+    )
+
+
+class Trainer:
+    """Trains `model` with `optimizer` in a compiled step; counts FLOPs.
+
+    Args:
+        model: a Keras model.
+        optimizer: a Keras optimizer (built on the first step if needed).
+        loss_fn: `loss_fn(model, inputs, targets) -> scalar` of the task;
+            the MoE auxiliary losses (`model.losses`) are added to it.
+        step_flops: FLOPs of one training step (batch included).
+        jit_compile: whether the step is compiled with XLA.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, step_flops, jit_compile):
+        self.model = model
+        self.optimizer = optimizer
+        self.step_flops = int(step_flops)
+        self.steps = 0
+        self.seconds = 0.0
+
+        @tf.function(jit_compile=jit_compile)
+        def train_step(inputs, targets):
+            variables = model.trainable_variables
+            with tf.GradientTape() as tape:
+                loss = loss_fn(model, inputs, targets)
+                total = loss
+                if model.losses:
+                    total = total + tf.add_n(model.losses)
+            gradients = tape.gradient(total, variables)
+            optimizer.apply_gradients(
+                [(g, v) for g, v in zip(gradients, variables) if g is not None]
+            )
+            return loss
+
+        self._train_step = train_step
+        # Inference, compiled once per model (the evaluations reuse it).
+        self.forward = tf.function(lambda inputs: model(inputs, training=False))
+
+    @property
+    def flops(self):
+        """FLOPs of the steps this trainer ran."""
+        return self.steps * self.step_flops
+
+    def train(self, batches, num_steps):
+        """Runs `num_steps` steps on `(inputs, targets)` from `batches`.
+
+        Returns:
+            The mean task loss of those steps (NaN for none).
+        """
+        start = time.perf_counter()
+        losses = []
+        for _ in range(num_steps):
+            inputs, targets = next(batches)
+            losses.append(self._train_step(inputs, targets))
+        self.steps += num_steps
+        self.seconds += time.perf_counter() - start
+        if not losses:
+            return float("nan")
+        return float(np.mean([float(x) for x in losses]))
+
+
+def steps_for_flops(flops, step_flops):
+    """Training steps whose FLOPs are nearest to `flops` (half-step error).
+
+    Example:
+
+    >>> steps_for_flops(1000, 300), steps_for_flops(1000, 400)
+    (3, 2)
+    """
+    if not step_flops > 0:
+        raise ValueError(f"step_flops must be > 0; received {step_flops!r}")
+    if flops < 0:
+        raise ValueError(f"flops must be >= 0; received {flops!r}")
+    return int(math.floor(flops / step_flops + 0.5))
+
+
+def reset_optimizer(optimizer):
+    """Zeroes every variable of a built optimizer (state and step count)."""
+    for variable in optimizer.variables:
+        variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+
+
+# --------------------------------------------------------------------------
+# Dense upcycling by depth tiling.
+
+_BLOCK = re.compile(r"^(?P<stack>[a-z_]+)/block_(?P<index>\d+)/(?P<rest>.+)$")
+
+
+def tiled_sources(num_layers, new_num_layers):
+    """Source block of each block of a stack tiled to `new_num_layers`.
+
+    Block j copies block floor(j * L / L'): every block repeated in place,
+    in order (for L' = 2L, each block twice).
+
+    Example:
+
+    >>> tiled_sources(4, 6)
+    [0, 0, 1, 2, 2, 3]
+    """
+    if new_num_layers < num_layers:
+        raise ValueError(
+            f"a tiled stack cannot be shallower: {new_num_layers} < "
+            f"{num_layers}"
+        )
+    return [j * num_layers // new_num_layers for j in range(new_num_layers)]
+
+
+def _stacks(model):
+    """{stack name: config key of its block count} of a ViT or T5."""
+    _, stacks = upcycling.architecture(model)
+    return {stack.name: stack.layers_key for stack in stacks}
+
+
+def stack_layers(model):
+    """{stack name: number of blocks} of a keras_moe ViT or T5."""
+    config = model.get_config()
+    return {name: config[key] for name, key in _stacks(model).items()}
+
+
+def tiled_config(model, extra_layers):
+    """`model`'s config with `extra_layers` more blocks in every stack."""
+    config = model.get_config()
+    for key in _stacks(model).values():
+        config[key] = config[key] + extra_layers
+    return config
+
+
+def depth_tile(model, extra_layers):
+    """A deeper dense copy of `model`, blocks tiled (see `tiled_sources`).
+
+    Args:
+        model: a dense keras_moe `ViT` or `T5`.
+        extra_layers: blocks added to every stack (>= 0).
+
+    Returns:
+        `(tiled model, {tiled canonical name: source canonical name})`.
+    """
+    layers = stack_layers(model)
+    tiled = type(model).from_config(tiled_config(model, extra_layers))
+    sources = {
+        stack: tiled_sources(count, count + extra_layers)
+        for stack, count in layers.items()
+    }
+    source_variables = model.canonical_variables()
+    name_map = {}
+    for name, variable in tiled.canonical_variables().items():
+        match = _BLOCK.match(name)
+        source = name
+        if match and match["stack"] in sources:
+            index = sources[match["stack"]][int(match["index"])]
+            source = f"{match['stack']}/block_{index}/{match['rest']}"
+        if source not in source_variables:
+            raise ValueError(
+                f"depth_tile found no weight {source!r} for {name!r} in "
+                f"{type(model).__name__}"
+            )
+        variable.assign(source_variables[source])
+        name_map[name] = source
+    return tiled, name_map
+
+
+def _slot_lists(optimizer):
+    """{attribute: list of per-variable slots} of a built Keras optimizer."""
+    count = len(optimizer._trainable_variables)
+    return {
+        attr: value
+        for attr, value in vars(optimizer).items()
+        if isinstance(value, list)
+        and attr != "_trainable_variables"
+        and len(value) == count
+        and count > 0
+        and all(isinstance(v, keras.Variable) for v in value)
+    }
+
+
+def tile_optimizer(dense_optimizer, dense_model, tiled_model, name_map):
+    """A new optimizer for `tiled_model` continuing `dense_optimizer`.
+
+    Every slot (Adam's moments) of a tiled weight is the slot of its source
+    weight; the step counter is copied.
+
+    Args:
+        dense_optimizer: the built optimizer that trained `dense_model`.
+        dense_model: the dense model.
+        tiled_model: the result of `depth_tile(dense_model, ...)`.
+        name_map: its {tiled name: source name}.
+    """
+    optimizer = dense_optimizer.__class__.from_config(
+        dense_optimizer.get_config()
+    )
+    optimizer.build(tiled_model.trainable_variables)
+    optimizer.iterations.assign(dense_optimizer.iterations)
+    source_slots = _slot_lists(dense_optimizer)
+    target_slots = _slot_lists(optimizer)
+    sources = dense_model.canonical_variables()
+    for name, variable in tiled_model.canonical_variables().items():
+        if not variable.trainable:
+            continue
+        src = dense_optimizer._get_variable_index(sources[name_map[name]])
+        dst = optimizer._get_variable_index(variable)
+        for attr, slots in target_slots.items():
+            slots[dst].assign(source_slots[attr][src])
+    return optimizer
+
+
+def matched_extra_layers(dense_model, target_flops, step_flops_fn):
+    """Blocks to add per stack so that a step costs closest to
+    `target_flops` (at least one block).
+
+    Args:
+        dense_model: the dense model.
+        target_flops: step FLOPs to match (the upcycled model's).
+        step_flops_fn: `fn(model) -> step FLOPs`.
+    """
+    best = None
+    for extra in range(1, 1 + 3 * max(stack_layers(dense_model).values())):
+        model = type(dense_model).from_config(tiled_config(dense_model, extra))
+        gap = abs(step_flops_fn(model) - target_flops)
+        if best is not None and gap >= best[0]:
+            break  # FLOPs grow with depth: the gap only widens from here.
+        best = (gap, extra)
+    return best[1]
+
+
+# --------------------------------------------------------------------------
+# The protocol.
+
+
+@dataclasses.dataclass
+class Task:
+    """What an experiment plugs into `run_seed`.
+
+    Attributes:
+        name: the experiment name, for progress lines.
+        build_dense: `fn() -> dense model` (randomly initialised).
+        loss_fn: `fn(model, inputs, targets) -> scalar` (see `Trainer`).
+        batches: `fn(stream, seed) -> iterator of (inputs, targets)`;
+            stream "pretrain", "continue" (shared by the three continuing
+            arms, so they see the same batches) or "scratch".
+        step_flops: `fn(model) -> FLOPs of one training step`.
+        evaluate: `fn(trainer, seed) -> {metric: float}` of
+            `trainer.model` (`trainer.forward` is its compiled inference
+            call).
+        pretrain_steps: dense pre-training steps.
+        learning_rate: peak learning rate of every arm.
+        warmup_steps: linear warm-up of every fresh optimizer.
+        moe_kwargs: extra `MoeLayer` kwargs of the MoE arms.
+        jit_compile: XLA for the training steps.
+    """
+
+    name: str
+    build_dense: object
+    loss_fn: object
+    batches: object
+    step_flops: object
+    evaluate: object
+    pretrain_steps: int
+    learning_rate: float
+    warmup_steps: int
+    moe_kwargs: dict = dataclasses.field(default_factory=dict)
+    jit_compile: bool = False
+
+
+def run_seed(task, settings, seed, cache):
+    """Pre-trains the dense model of one seed and trains the four arms.
+
+    Args:
+        task: the `Task`.
+        settings: the `Settings`.
+        seed: the seed of initialisation, routers and data order.
+        cache: a dict kept across seeds (the tiled depth is found once).
+
+    Returns:
+        A list of result rows, one per arm and budget (0 included).
+    """
+    keras.utils.set_random_seed(seed)
+    dense = task.build_dense()
+    trainer = Trainer(
+        dense,
+        make_optimizer(task.learning_rate, task.warmup_steps),
+        task.loss_fn,
+        task.step_flops(dense),
+        task.jit_compile,
+    )
+    loss = trainer.train(
+        task.batches("pretrain", seed), task.pretrain_steps
+    )
+    sunk = trainer.flops
+    print(
+        f"[{task.name} seed {seed}] dense pre-training: "
+        f"{trainer.steps} steps, {common.format_flops(sunk)}FLOPs, "
+        f"train loss {loss:.4f}, {trainer.seconds:.1f} s",
+        flush=True,
+    )
+    rows = []
+    context = dict(task=task, settings=settings, seed=seed, sunk=sunk)
+
+    # Upcycled (and tiled) arms start from the dense model and optimizer
+    # before the dense arm trains them further.
+    moe = upcycling.upcycle(
+        dense, **settings.upcycle_kwargs(seed, task.moe_kwargs)
+    )
+    if settings.reuse_optimizer_state:
+        moe_optimizer = upcycling.upcycle_optimizer(
+            trainer.optimizer, dense, moe
+        )
+    else:
+        moe_optimizer = make_optimizer(task.learning_rate, task.warmup_steps)
+    moe_config = moe.get_config()
+    moe_step_flops = task.step_flops(moe)
+    rows += _run_arm(
+        "upcycled",
+        Trainer(
+            moe, moe_optimizer, task.loss_fn, moe_step_flops, task.jit_compile
+        ),
+        **context,
+    )
+    del moe, moe_optimizer
+
+    if "extra_layers" not in cache:
+        cache["extra_layers"] = matched_extra_layers(
+            dense, moe_step_flops, task.step_flops
+        )
+    tiled, name_map = depth_tile(dense, cache["extra_layers"])
+    rows += _run_arm(
+        "dense_tiled",
+        Trainer(
+            tiled,
+            tile_optimizer(trainer.optimizer, dense, tiled, name_map),
+            task.loss_fn,
+            task.step_flops(tiled),
+            task.jit_compile,
+        ),
+        **context,
+    )
+    del tiled
+
+    rows += _run_arm("dense", trainer, **context)
+    del dense, trainer
+
+    keras.utils.set_random_seed(seed + 10_000)
+    scratch = type_of_config(moe_config).from_config(moe_config)
+    rows += _run_arm(
+        "moe_scratch",
+        Trainer(
+            scratch,
+            make_optimizer(task.learning_rate, task.warmup_steps),
+            task.loss_fn,
+            task.step_flops(scratch),
+            task.jit_compile,
+        ),
+        **dict(context, sunk=0),
+        pretrain_flops=sunk,
+    )
+    return rows
+
+
+def type_of_config(config):
+    """The keras_moe model class a `get_config()` dict belongs to."""
+    from keras_moe.models.t5 import T5
+    from keras_moe.models.vit import ViT
+
+    return T5 if "vocab_size" in config else ViT
+
+
+def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
+    """Trains one arm through every budget, evaluating at each.
+
+    `sunk` is the compute the arm inherits (the dense pre-training for
+    continuing arms, 0 from scratch); the arm's own steps make up the rest
+    of (1 + budget) * P.
+    """
+    pretrain_flops = sunk if pretrain_flops is None else pretrain_flops
+    batches = task.batches(
+        "scratch" if arm == "moe_scratch" else "continue", seed
+    )
+    start_steps = trainer.steps
+    rows = []
+    for budget in (0.0, *settings.budgets):
+        own = (1.0 + budget) * pretrain_flops - sunk
+        target = steps_for_flops(own, trainer.step_flops)
+        done = trainer.steps - start_steps
+        loss = trainer.train(batches, target - done)
+        tic = time.perf_counter()
+        metrics = task.evaluate(trainer, seed)
+        arm_flops = (trainer.steps - start_steps) * trainer.step_flops
+        row = {
+            "seed": seed,
+            "arm": arm,
+            "budget": budget,
+            "steps": trainer.steps - start_steps,
+            "step_flops": trainer.step_flops,
+            "arm_flops": arm_flops,
+            "total_flops": sunk + arm_flops,
+            "pretrain_flops": pretrain_flops,
+            "compute_ratio": (sunk + arm_flops) / pretrain_flops,
+            "params": trainer.model.count_params(),
+            **metrics,
+            "train_seconds": round(trainer.seconds, 2),
+            "eval_seconds": round(time.perf_counter() - tic, 2),
+        }
+        rows.append(row)
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)
+        )
+        print(
+            f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
+            f"{row['steps']} steps (train loss {loss:.4f}), {shown} "
+            f"({row['eval_seconds']:.1f} s eval)",
+            flush=True,
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Results.
+
+
+def summarize(rows, metrics):
+    """Mean and std over seeds of `metrics` per arm and budget, arms in
+    `ARMS` order."""
+    summary = common.aggregate(
+        rows, by=("arm", "budget"), metrics=(*metrics, "compute_ratio")
+    )
+    order = {arm: i for i, arm in enumerate(ARMS)}
+    return sorted(summary, key=lambda r: (order[r["arm"]], r["budget"]))
+
+
+def results_table(summary, metrics, digits=4):
+    """Markdown table: one row per budget, one column per arm and metric."""
+    budgets = sorted({row["budget"] for row in summary})
+    cells = {(row["arm"], row["budget"]): row for row in summary}
+    lines = []
+    for metric in metrics:
+        table_rows = []
+        for budget in budgets:
+            out = {"budget": f"+{budget:.0%}"}
+            for arm in ARMS:
+                row = cells.get((arm, budget))
+                out[arm] = (
+                    common.format_mean_std(
+                        row[metric], row[f"{metric}_std"], digits
+                    )
+                    if row
+                    else ""
+                )
+            table_rows.append(out)
+        lines.append(f"**{metric}** (mean ± std over seeds)\n")
+        lines.append(
+            common.markdown_table(
+                table_rows,
+                ("budget", *ARMS),
+                ("extra compute", *(ARM_LABELS[a] for a in ARMS)),
+            )
+        )
+    return "\n".join(lines)
+
+
+def plot_against_compute(summary, metrics, path, title):
+    """Each metric against extra compute, one line per arm, std bars.
+
+    Args:
+        summary: rows of `summarize`.
+        metrics: {metric key: axis label}, one panel each.
+        path: the .png path.
+        title: the figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(
+        1, len(metrics), figsize=(5.0 * len(metrics), 3.9), squeeze=False
+    )
+    for axis, (metric, label) in zip(axes[0], metrics.items()):
+        for i, arm in enumerate(ARMS):
+            points = [r for r in summary if r["arm"] == arm]
+            if not points:
+                continue
+            axis.errorbar(
+                [100.0 * r["budget"] for r in points],
+                [r[metric] for r in points],
+                yerr=[r[f"{metric}_std"] for r in points],
+                marker="o",
+                markersize=4,
+                capsize=3,
+                color=f"C{i}",
+                label=ARM_LABELS[arm],
+            )
+        axis.set_xlabel("extra training compute (% of dense pre-training FLOPs)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    common.save_figure(figure, path)
+
+
+def check_compute_matched(rows):
+    """Raises if arms of one seed and budget differ by more than one step's
+    FLOPs in total compute (a self-check run before results are written)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["seed"], row["budget"]), []).append(row)
+    for (seed, budget), members in groups.items():
+        totals = [r["total_flops"] for r in members]
+        step = max(r["step_flops"] for r in members)
+        if max(totals) - min(totals) > step:
+            raise RuntimeError(
+                f"seed {seed}, budget {budget}: arms used {totals} FLOPs, "
+                f"more than one step ({step}) apart"
+            )
+
+
+def arm_table(rows):
+    """Markdown table of each arm's size and step cost (seed-independent)."""
+    seen = {}
+    for row in rows:
+        seen.setdefault(row["arm"], row)
+    table = [
+        {
+            "arm": ARM_LABELS[arm],
+            "params": f"{seen[arm]['params']:,}",
+            "step": common.format_flops(seen[arm]["step_flops"]),
+            "ratio": f"{seen[arm]['step_flops'] / seen['dense']['step_flops']:.2f}",
+        }
+        for arm in ARMS
+        if arm in seen
+    ]
+    return common.markdown_table(
+        table,
+        ("arm", "params", "step", "ratio"),
+        ("arm", "parameters", "FLOPs per training step", "x dense step"),
+    )
+
+
+def write_outputs(output_dir, name, rows, metrics, header, wall_seconds):
+    """Writes results.csv, results.md and `<name>.png` into `output_dir`.
+
+    Args:
+        output_dir: an existing directory.
+        name: the experiment name (plot file name and titles).
+        rows: the result rows of every seed.
+        metrics: {metric key: axis label} to tabulate and plot.
+        header: Markdown put above the tables (what was run).
+        wall_seconds: the run's wall time.
+
+    Returns:
+        (paths written, summary rows).
+    """
+    check_compute_matched(rows)
+    summary = summarize(rows, tuple(metrics))
+    seeds = sorted({row["seed"] for row in rows})
+    plot = f"{name}.png"
+    paths = [
+        f"{output_dir}/results.csv",
+        f"{output_dir}/results.md",
+        f"{output_dir}/{plot}",
+    ]
+    plot_against_compute(
+        summary,
+        metrics,
+        paths[2],
+        f"{name}: quality against extra compute "
+        f"(mean ± std over {len(seeds)} seed(s))",
+    )
+    common.write_csv(paths[0], rows)
+    text = "\n".join(
+        [
+            f"# {name}\n",
+            header,
+            f"Seeds: {seeds}. Wall time: {wall_seconds:.0f} s on "
+            f"{os.cpu_count()} CPU core(s).\n",
+            arm_table(rows),
+            results_table(summary, tuple(metrics)),
+            f"![{name}]({plot})\n",
+        ]
+    )
+    common.write_text(paths[1], text)
+    return paths, summary

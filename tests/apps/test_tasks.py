@@ -1,0 +1,257 @@
+"""Tests of keras_moe.tasks, the library behind the launchers (in-process).
+
+The launchers themselves run in `test_launchers.py`; here the pieces are
+checked against independent computations: Keras' own losses and metrics,
+the export package's capacity rebuild, and hand-made examples.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+from export.saved_model import with_eval_capacity_factor as export_rebuild
+from keras_moe import tasks
+from keras_moe.models.t5 import T5
+from keras_moe.models.vit import ViT
+
+
+def _tiny_vit(**overrides):
+    kwargs = dict(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        model_dim=16,
+        num_heads=2,
+        hidden_dim=32,
+        num_layers=2,
+        num_classes=10,
+    )
+    kwargs.update(overrides)
+    keras.utils.set_random_seed(0)
+    model = ViT(**kwargs)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:  # zero heads and unit norms test little
+        noise = rng.normal(scale=0.3, size=weight.shape)
+        weight.assign(weight.numpy() + noise.astype("float32"))
+    return model
+
+
+def _images(count=6, seed=1):
+    return np.random.default_rng(seed).random((count, 8, 8, 1), "float32")
+
+
+def test_with_eval_capacity_factor_matches_the_export_rebuild():
+    moe = keras_moe.upcycle(
+        _tiny_vit(),
+        num_experts=4,
+        eval_capacity_factor=0.5,
+        expert_noise=0.2,  # experts that differ
+        moe_kwargs={"min_expert_capacity": 1},
+        seed=3,
+    )
+    images = _images()
+    rebuilt = tasks.with_eval_capacity_factor(moe, None)
+    assert [
+        layer.eval_capacity_factor for layer in tasks.moe_layers(rebuilt)
+    ] == [None]
+    assert moe.blocks[1].mlp.eval_capacity_factor == 0.5  # left untouched
+    for a, b in zip(moe.weights, rebuilt.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The export package rebuilds models for serving independently.
+    np.testing.assert_allclose(
+        rebuilt(images), export_rebuild(moe, None)(images), atol=1e-6
+    )
+    # Capacity 0.5 drops tokens that no-drop keeps: the outputs differ.
+    assert not np.allclose(moe(images), rebuilt(images), atol=1e-4)
+    assert tasks.with_eval_capacity_factor(rebuilt, None) is rebuilt
+    dense = _tiny_vit()
+    assert tasks.with_eval_capacity_factor(dense, 2.0) is dense
+
+
+def test_with_eval_capacity_factor_rejects_a_bad_factor():
+    moe = keras_moe.upcycle(_tiny_vit(), num_experts=4)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        tasks.with_eval_capacity_factor(moe, -1.0)
+
+
+def test_score_classifier_against_keras_metrics():
+    model = _tiny_vit()
+    images = _images(12)
+    labels = np.arange(12) % 10
+    dataset = [(images[:5], labels[:5]), (images[5:], labels[5:])]
+    scores = tasks.score_classifier(model, dataset)
+    logits = model(images)
+    accuracy = keras.metrics.SparseCategoricalAccuracy()
+    accuracy.update_state(labels, logits)
+    nll = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        labels, logits
+    )
+    assert scores["examples"] == 12
+    np.testing.assert_allclose(scores["accuracy"], accuracy.result(), atol=1e-7)
+    np.testing.assert_allclose(scores["nll"], nll, rtol=1e-5)
+    assert 0 <= scores["ece"] <= 1
+
+
+def test_score_translation_against_keras_and_hand_made_targets():
+    keras.utils.set_random_seed(0)
+    model = T5.from_preset("t5_tiny", vocab_size=40)
+    rng = np.random.default_rng(0)
+    encoder = rng.integers(3, 40, size=(4, 6)).astype("int32")
+    encoder[:, -1] = 1  # end of sequence
+    # Targets: the model's own greedy output for rows 0 and 2 (exact
+    # matches), one token changed in rows 1 and 3.
+    generated = model.generate(encoder, 6).numpy()[:, 1:]  # (4, 5)
+    targets = generated.copy()
+    targets[1, 0] = (targets[1, 0] + 1) % 40 or 3
+    targets[3, -1] = (targets[3, -1] + 1) % 40 or 3
+    # Every position counts, whatever the ids (an EOS the model generated
+    # is kept as it is).
+    weights = np.ones(targets.shape, "float32")
+    decoder = np.concatenate([np.zeros((4, 1), "int32"), targets[:, :-1]], 1)
+    inputs = {"encoder_token_ids": encoder, "decoder_token_ids": decoder}
+    scores = tasks.score_translation(
+        model,
+        [
+            (
+                {k: v[:2] for k, v in inputs.items()},
+                targets[:2],
+                weights[:2],
+            ),
+            ({k: v[2:] for k, v in inputs.items()}, targets[2:], weights[2:]),
+        ],
+    )
+    logits = model(inputs)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )(targets, logits, sample_weight=weights)
+    accuracy = keras.metrics.SparseCategoricalAccuracy()
+    accuracy.update_state(targets, logits, sample_weight=weights)
+    assert scores["examples"] == 4
+    np.testing.assert_allclose(scores["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(
+        scores["token_accuracy"], accuracy.result(), atol=1e-7
+    )
+    assert scores["exact_match"] == 0.5
+
+
+def test_score_translation_skips_padding():
+    keras.utils.set_random_seed(0)
+    model = T5.from_preset("t5_tiny", vocab_size=40)
+    encoder = np.array([[5, 6, 7, 1]], "int32")
+    targets = np.array([[9, 1, 0, 0]], "int32")
+    decoder = np.array([[0, 9, 1, 0]], "int32")
+    weights = (targets != 0).astype("float32")
+    inputs = {"encoder_token_ids": encoder, "decoder_token_ids": decoder}
+    scores = tasks.score_translation(model, [(inputs, targets, weights)])
+    logits = model(inputs).numpy().astype(np.float64)[0, :2]
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(log_probs[0, 9] + log_probs[1, 1]) / 2
+    np.testing.assert_allclose(scores["loss"], expected, rtol=1e-5)
+
+
+def test_load_model_reads_keras_files_and_checkpoints(tmp_path):
+    model = _tiny_vit()
+    path = tasks.save_keras(model, tmp_path / "sub" / "vit.keras")
+    assert os.listdir(tmp_path / "sub") == ["vit.keras"]  # no temp left
+    loaded = tasks.load_model(path, architecture="vit")
+    np.testing.assert_allclose(loaded(_images()), model(_images()), atol=1e-6)
+    with pytest.raises(ValueError, match="holds a vit model"):
+        tasks.load_model(path, architecture="t5")
+    with pytest.raises(ValueError, match="no model file"):
+        tasks.load_model(tmp_path / "missing.keras")
+    with pytest.raises(ValueError, match="does not exist"):
+        tasks.load_model(tmp_path / "missing_checkpoint")
+    (tmp_path / "bad.keras").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="cannot load"):
+        tasks.load_model(tmp_path / "bad.keras")
+
+
+def test_check_model_fits_data():
+    digits = tasks.DataSpec(
+        "digits",
+        tasks.CLASSIFICATION,
+        "/unused",
+        image_shape=(8, 8, 1),
+        num_classes=10,
+    )
+    tasks.check_model_fits_data(_tiny_vit(), digits)
+    with pytest.raises(ValueError, match=r"images \(8, 8, 1\) and 10"):
+        tasks.check_model_fits_data(_tiny_vit(num_classes=4), digits)
+    with pytest.raises(ValueError, match="needs a ViT"):
+        tasks.check_model_fits_data(T5.from_preset("t5_tiny"), digits)
+    words = tasks.DataSpec("number_words", tasks.TRANSLATION, "/unused")
+    with pytest.raises(ValueError, match="vocab_size=128"):
+        tasks.check_model_fits_data(T5.from_preset("t5_tiny"), words)
+    with pytest.raises(ValueError, match="needs a T5"):
+        tasks.check_model_fits_data(_tiny_vit(), words)
+
+
+def test_dense_model_fits_its_dataset():
+    spec = tasks.DataSpec(
+        "composed_digits",
+        tasks.CLASSIFICATION,
+        "/unused",
+        image_shape=(8, 16, 1),
+        num_classes=100,
+    )
+    model = tasks.dense_model("vit", spec, {"model_dim": 16, "num_heads": 2})
+    tasks.check_model_fits_data(model, spec)
+    assert model.image_hw == (8, 16) and model.num_layers == 4
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        tasks.dense_model("bert", spec)
+    with pytest.raises(ValueError, match="T5 trains on 'number_words'"):
+        tasks.dense_model("t5", spec)
+
+
+def test_describe_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
+        tasks.describe_dataset("nope", str(tmp_path))
+    spec = tasks.describe_dataset("number_words", str(tmp_path))
+    assert spec.kind == tasks.TRANSLATION and spec.input_length == 16
+
+
+def test_routing_stats_logger_writes_every_layer(tmp_path):
+    model = keras_moe.upcycle(
+        _tiny_vit(num_layers=4), num_experts=4, blocks="every_other"
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    images = _images(8)
+    model.fit(
+        images,
+        np.arange(8) % 10,
+        epochs=2,
+        batch_size=4,
+        verbose=0,
+        callbacks=[tasks.RoutingStatsLogger(str(tmp_path))],
+    )
+    values = {}
+    for name in os.listdir(tmp_path):
+        for event in tf.compat.v1.train.summary_iterator(str(tmp_path / name)):
+            for value in event.summary.value:
+                values.setdefault(value.tag, []).append(
+                    tf.make_ndarray(value.tensor)
+                )
+    for path in ("vit/block_1/mlp", "vit/block_3/mlp"):
+        # The value of the last epoch is the layer's routing_stats() now.
+        stats = model.get_layer("block_1" if "1" in path else "block_3")
+        stats = stats.mlp.routing_stats()
+        for name in ("dropped", "confidence", "max_load"):
+            logged = values[f"routing/{path}/{name}"]
+            assert len(logged) == 2
+            np.testing.assert_allclose(logged[-1], stats[name], rtol=1e-6)
+        assert f"routing/{path}/expert_usage" in values
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "deep" / "out.json"
+    tasks.write_json(path, {"a": np.float32(0.5)})
+    assert json.loads(path.read_text()) == {"a": 0.5}
+    assert os.listdir(tmp_path / "deep") == ["out.json"]
