@@ -3,17 +3,20 @@
 Every launcher validates all its flags while absl parses them, before any
 work starts: absl validators (`register_*` below), required flags and enum
 flags. A wrong flag ends the process with exit code 2 and one line per
-wrong flag on stderr, naming the flag:
+wrong flag on stderr, naming the flag (wrapped here):
 
-    error: flag --dataset=nope: not a keras_moe dataset (...) and not
-    prepared in /data/tfds (available: ...)
+    error: flag --checkpoint=/tmp/nope: no checkpoint or model file at
+        '/tmp/nope'
+    error: flags dataset=nope, tfds_data_dir=None: --dataset='nope' is not
+        a keras_moe dataset [...] and is not prepared in ...; available: [...]
 
 An error the library raises later (a `ValueError`: a checkpoint no reader
 takes, a dataset that does not fit the model) ends it with exit code 1 and
 one line, `error: <message>`, without a traceback.
 
-The checks here import nothing heavy, except the dataset check, which reads
-the TFDS data directory through `keras_moe.data` (TensorFlow).
+The checks here import nothing heavy, except the dataset and mesh checks,
+which need `keras_moe.data` and `keras_moe.distribution.mesh` (TensorFlow;
+the mesh check lists the devices only for a spec that parses).
 """
 
 import os

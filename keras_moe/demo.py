@@ -254,43 +254,41 @@ def test_probabilities(model, images, batch_size=256):
 
 
 @contextlib.contextmanager
-def _recorded_routing(layers):
-    """Records the `RoutingInstructions` of each MoE layer's router calls.
+def _recorded_inputs(layers):
+    """Records the inputs of each layer's calls.
 
-    Yields {layer path: [RoutingInstructions, ...]}; the routers are
-    restored on exit. The model must run eagerly (on CPU the MoE layers
-    route without XLA), so that the recorded tensors hold values.
+    Yields {layer path: [inputs, ...]}; the layers are restored on exit.
+    The model must be called eagerly, so that the inputs hold values.
     """
     records = {layer.path: [] for layer in layers}
-    routers = []
     for layer in layers:
-        router = layer.router
-        original = router.route
+        original = layer.call
 
-        def route(*args, _original=original, _out=records[layer.path], **kw):
-            output = _original(*args, **kw)
-            _out.append(output.instructions)
-            return output
+        def call(inputs, *args, _call=original, _out=records[layer.path], **kw):
+            _out.append(inputs)
+            return _call(inputs, *args, **kw)
 
         # A plain instance attribute, not a tracked Keras attribute.
-        object.__setattr__(router, "route", route)
-        routers.append(router)
+        object.__setattr__(layer, "call", call)
     try:
         yield records
     finally:
-        for router in routers:
-            object.__delattr__(router, "route")
+        for layer in layers:
+            object.__delattr__(layer, "call")
 
 
 def routing_by_position(model, images, batch_size=256):
     """How often each expert takes each token position, per MoE layer.
 
-    Runs `model` on `images` (eval mode, eagerly) and reads each MoE
-    layer's routing: with one group per image, expert e of a layer takes
-    its C slots' tokens out of the S token positions.
+    Runs `model` on `images` eagerly, records each MoE layer's inputs and
+    routes them again with the layer's own router and eval capacity
+    (`router.route`, outside any XLA function the layer may compile):
+    with one group per image, expert e takes the tokens of its C slots out
+    of the S token positions.
 
     Args:
-        model: a keras_moe ViT with MoE blocks (group_size None).
+        model: a keras_moe ViT whose MoE layers route each image as one
+            group (`group_size=None`, no E^3 ensemble).
         images: <float32>[N, H, W, C].
         batch_size: images per call.
 
@@ -300,29 +298,38 @@ def routing_by_position(model, images, batch_size=256):
         the class token).
 
     Raises:
-        ValueError: no MoE layer, or routing that did not run eagerly.
+        ValueError: no MoE layer, or one that groups tokens otherwise.
     """
     layers = tasks.moe_layers(model)
     if not layers:
         raise ValueError("routing_by_position needs a model with MoE layers")
-    with _recorded_routing(layers) as records:
+    for layer in layers:
+        if layer.group_size is not None or layer.experts_per_router != (
+            layer.num_experts
+        ):
+            raise ValueError(
+                f"routing_by_position needs one routing group per image; "
+                f"{layer.path} has group_size={layer.group_size} and routes "
+                f"among {layer.experts_per_router} of {layer.num_experts} "
+                "experts"
+            )
+    with _recorded_inputs(layers) as records:
         for i in range(0, len(images), batch_size):
             model(images[i : i + batch_size], training=False)
     heatmaps = {}
-    for path, instructions in records.items():
+    for layer in layers:
         taken = []
-        for routed in instructions:
-            if not hasattr(routed.token_index, "numpy"):
-                raise ValueError(
-                    f"{path} routed inside a compiled function; "
-                    "routing_by_position needs eager routing"
-                )
-            index = routed.token_index.numpy()  # (G, E, C)
-            mask = routed.dispatch_mask.numpy()  # (G, E, C)
+        for inputs in records[layer.path]:
+            tokens = inputs.shape[1]  # (B, S, D): one group per image
+            routed = layer.router.route(
+                inputs, layer.capacity(tokens, training=False), training=False
+            ).instructions
+            index = keras.ops.convert_to_numpy(routed.token_index)
+            mask = keras.ops.convert_to_numpy(routed.dispatch_mask)
             # (G, E, C) -> (G, E, C, S) one-hot positions -> (G, E, S)
-            one_hot = np.eye(routed.num_tokens)[index] * mask[..., None]
+            one_hot = np.eye(tokens)[index] * mask[..., None]
             taken.append(np.minimum(one_hot.sum(axis=2), 1.0))
-        heatmaps[path] = np.concatenate(taken).mean(axis=0)
+        heatmaps[layer.path] = np.concatenate(taken).mean(axis=0)
     return heatmaps
 
 

@@ -40,6 +40,7 @@ import tensorflow as tf
 from keras_moe import data as data_lib
 from keras_moe import metrics as metrics_lib
 from keras_moe.checkpoints import read_checkpoint
+from keras_moe.data import registry as data_registry
 from keras_moe.dense_checkpoints import write_dense_checkpoint
 from keras_moe.distribution import strategies
 from keras_moe.distribution.fault_tolerance import fit_resumable
@@ -99,7 +100,7 @@ def describe_dataset(name, data_dir=None, input_length=16, target_length=16):
         ValueError: unknown dataset, or one that is neither an image
             classification dataset nor `number_words`.
     """
-    data_dir = data_lib.registry.resolve_data_dir(data_dir)
+    data_dir = data_registry.resolve_data_dir(data_dir)
     if name == "number_words":
         return DataSpec(
             name,
@@ -108,7 +109,7 @@ def describe_dataset(name, data_dir=None, input_length=16, target_length=16):
             input_length=input_length,
             target_length=target_length,
         )
-    features = data_lib.registry.builder(name, data_dir).info.features
+    features = data_registry.builder(name, data_dir).info.features
     if "image" not in features or "label" not in features:
         raise ValueError(
             f"dataset {name!r} has features {sorted(features)}; keras_moe "
@@ -551,6 +552,7 @@ def train(
             steps_per_epoch,
             batch_size,
             learning_rate,
+            save_every_steps,
             seed,
         )
     distribution = strategies.get_strategy(strategy, tpu=tpu, devices=devices)
@@ -637,43 +639,75 @@ class RoutingStatsLogger(keras.callbacks.Callback):
             self._writer = None
 
 
+class _SaveTrainerEvery(keras.callbacks.Callback):
+    """Saves an `ExpertParallelTrainer` checkpoint every `every` steps."""
+
+    def __init__(self, trainer, path, every):
+        super().__init__()
+        self.trainer = trainer
+        self.path = path
+        self.every = every
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer.step % self.every == 0:
+            self.trainer.save(self.path)
+
+
 def _train_expert_parallel(
     model_path,
     spec,
     output_dir,
-    mesh_spec,
+    mesh,
     epochs,
     steps_per_epoch,
     batch_size,
     learning_rate,
+    save_every_steps,
     seed,
 ):
+    """`train` on an expert-parallel mesh (see `train`); resumable."""
     from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
-    from keras_moe.distribution.mesh import parse_mesh_spec
 
-    mesh = parse_mesh_spec(mesh_spec)
+    if spec.kind != CLASSIFICATION:
+        raise ValueError(
+            "expert-parallel training (--mesh) takes image classifiers; "
+            f"{spec.name!r} is a {spec.kind} dataset"
+        )
     model = load_model(model_path)
     check_model_fits_data(model, spec)
-    if spec.kind != CLASSIFICATION:
-        raise ValueError("expert-parallel training supports ViT models")
-    trainer = ExpertParallelTrainer(
-        model,
-        mesh,
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    optimizer = keras.optimizers.Adam(learning_rate)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    checkpoint = os.path.join(output_dir, "backup", "expert_parallel.npz")
+    if os.path.exists(checkpoint):
+        trainer = ExpertParallelTrainer.restore(
+            checkpoint, model, mesh, optimizer=optimizer, loss=loss
+        )
+    else:
+        trainer = ExpertParallelTrainer(
+            model, mesh, optimizer=optimizer, loss=loss
+        )
+    start = trainer.step
     dataset = batches(spec, "train", batch_size, seed, drop_remainder=True)
-    steps = (steps_per_epoch or _count_batches(dataset)) * epochs
-    losses = trainer.fit(dataset.repeat(), steps=steps)
-    trainer.sync_to_model()
+    total = (steps_per_epoch or _count_batches(dataset)) * epochs
+    # Step t trains on batch t of the repeated stream, resumed or not.
+    losses = trainer.fit(
+        dataset.repeat().skip(start),
+        steps=max(total - start, 0),
+        callbacks=[_SaveTrainerEvery(trainer, checkpoint, save_every_steps)],
+    )
+    trainer.save(checkpoint)
     model_file = save_keras(model, os.path.join(output_dir, "model.keras"))
     losses = [float(x) for x in losses]
-    write_json(os.path.join(output_dir, "history.json"), {"loss": losses})
+    if losses:
+        write_json(os.path.join(output_dir, "history.json"), {"loss": losses})
     return {
         "model": model_file,
-        "mesh": mesh_spec,
-        "steps": steps,
-        "last_epoch": {"loss": losses[-1]},
+        "mesh": {
+            name: trainer.mesh.dim_size(name) for name in ("batch", "expert")
+        },
+        "resumed_from_step": start,
+        "steps": total,
+        "last_step_loss": losses[-1] if losses else None,
     }
 
 

@@ -47,6 +47,9 @@ def test_option_checks():
     assert experiments.check_module_options(e3, {"num_experts": 4}) == {
         "num_experts": 4
     }
+    # The module's own value checks run too (E^3 needs an even E).
+    with pytest.raises(ValueError, match="num_experts must be an even int"):
+        experiments.check_module_options(e3, {"num_experts": 3})
 
 
 def test_parse_seeds_and_moe_blocks():
@@ -126,9 +129,21 @@ def _launch(*args, timeout=600):
             ["--experiment=e3", "--router=tokens_choose"],
             "does not support option\\(s\\) router",
         ),
+        (
+            ["--experiment=e3", "--num_experts=3"],
+            "num_experts must be an even int",
+        ),
         (["--experiment=e3", "--output_dir=FILE"], "--output_dir=.* is an"),
     ],
-    ids=["missing", "unknown", "seeds", "moe_blocks", "unsupported", "file"],
+    ids=[
+        "missing",
+        "unknown",
+        "seeds",
+        "moe_blocks",
+        "unsupported",
+        "value",
+        "file",
+    ],
 )
 def test_wrong_flags_fail_before_any_work(tmp_path, args, message):
     file_path = tmp_path / "a_file"

@@ -9,10 +9,11 @@ Datasets (`DATASETS`), each a `tfds.core.GeneratorBasedBuilder`:
 * `digits`: 1,797 real 8x8 handwritten digits, `train` 1,437 / `test` 360.
 * `composed_digits`: two digits side by side, 100 classes, `train` 20,000 /
   `test` 2,000; test images are made only from `digits` test images.
-* `number_words`: "translate to French: 21" -> "vingt et un" in en, fr, de,
-  es; `train` / `validation` / `test` use disjoint numbers.
+* `number_words`: "translate to French: 21" -> "vingt et un" for 0..9999 in
+  en, fr, de, es; `train` 32,000 / `validation` 4,000 / `test` 4,000, with
+  disjoint numbers.
 * `pydoc_corpus`: paragraphs of CPython's pydoc topics (about 65k words),
-  `train` / `validation` split by topic.
+  `train` / `validation` split by topic (2,190 / 417 on Python 3.11.7).
 
 `prepare(name)` builds a dataset once into `default_data_dir()` (or the
 given `data_dir`); `load(name, split)` returns its feature dicts. The
@@ -20,8 +21,10 @@ SentencePiece model (`tokenizer()`, `sentencepiece_model_path()`) is trained
 at prepare time on the text datasets, with T5's ids: pad 0, eos 1, unk 2 and
 `NUM_EXTRA_IDS` sentinels at the top of the `VOCAB_SIZE` vocabulary.
 
-Pipelines: `classification_dataset`, `seq2seq_dataset` (T5 inputs),
-`span_corruption_dataset` (T5 pre-training objective).
+Pipelines: `classification_dataset`, `seq2seq_dataset` (T5 inputs; the
+longest `number_words` sequence is 12 tokens on each side, EOS included),
+`span_corruption_dataset` (T5 pre-training objective). Every split is read
+in a fixed order; shuffling is the pipelines' `shuffle=True, seed=...`.
 """
 
 from keras_moe.data.pipelines import classification_dataset

@@ -34,6 +34,7 @@ import tensorflow as tf
 from keras_moe.data import registry
 from keras_moe.data import vocabulary
 from keras_moe.data.text import LANGUAGES
+from keras_moe.distribution.fault_tolerance import reproducible_shuffle
 
 SEQ2SEQ_DATASETS = ("number_words",)
 _SHUFFLE_BUFFER = 50_000
@@ -52,16 +53,25 @@ def finish(ds, batch_size, shuffle, seed, repeat, drop_remainder):
     Args:
         ds: an unbatched `tf.data.Dataset`.
         batch_size: examples per batch.
-        shuffle: whether to shuffle examples (buffer of 50,000, reshuffled
-            each epoch).
-        seed: shuffle seed (an int); None for a random order.
+        shuffle: whether to shuffle examples (buffer of 50,000, a new order
+            each pass).
+        seed: shuffle seed (an int): every iteration of the result then
+            yields the same stream (pass p shuffled by (seed, p); see
+            `keras_moe.distribution.reproducible_shuffle`), which is what
+            lets a resumed run see the data an uninterrupted one would.
+            None for a random order.
         repeat: whether to repeat forever.
         drop_remainder: whether to drop the last, smaller batch.
     """
-    if shuffle:
-        ds = ds.shuffle(_SHUFFLE_BUFFER, seed=seed)
-    if repeat:
-        ds = ds.repeat()
+    if shuffle and seed is not None:
+        ds = reproducible_shuffle(
+            ds, _SHUFFLE_BUFFER, seed, passes=None if repeat else 1
+        )
+    else:
+        if shuffle:
+            ds = ds.shuffle(_SHUFFLE_BUFFER)
+        if repeat:
+            ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(
         tf.data.AUTOTUNE
     )

@@ -233,9 +233,9 @@ def span_corruption_dataset(
     raw_length, target_length = span_corruption_lengths(
         input_length, noise_density, mean_noise_span_length
     )
-    num_spans = span_counts(raw_length, noise_density, mean_noise_span_length)[
-        1
-    ]
+    _, num_spans = span_counts(
+        raw_length, noise_density, mean_noise_span_length
+    )
     if num_spans > vocabulary.NUM_EXTRA_IDS:
         raise ValueError(
             f"input_length={input_length} gives {num_spans} noise spans, "

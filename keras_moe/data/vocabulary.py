@@ -5,8 +5,9 @@ at prepare time on the `train` splits of `pydoc_corpus` (paragraphs) and
 `number_words` (prompts and targets in every language), with T5's ids: pad
 `PAD_ID` = 0, end of sequence `EOS_ID` = 1, unknown `UNK_ID` = 2, no
 beginning-of-sequence piece. Digits are split into single pieces, so every
-number is spelled digit by digit; every character of the training text is
-covered.
+number is spelled digit by digit. Text is normalized with SentencePiece's
+`nmt_nfkc` rule (Unicode NFKC, as `pydoc_corpus` is stored); every
+character of the training text is covered, others become `UNK_ID`.
 
 As in T5, `NUM_EXTRA_IDS` sentinel ids for span corruption sit above the
 SentencePiece pieces, at the top of the model vocabulary: `sentinel_id(0)`
@@ -19,6 +20,7 @@ directory's lock) to `sentencepiece_model_path(data_dir)`.
 """
 
 import functools
+import operator
 import os
 import tempfile
 
@@ -30,7 +32,6 @@ UNK_ID = 2
 SENTENCEPIECE_VOCAB_SIZE = 2000
 NUM_EXTRA_IDS = 100
 VOCAB_SIZE = SENTENCEPIECE_VOCAB_SIZE + NUM_EXTRA_IDS
-TRAINING_DATASETS = ("pydoc_corpus", "number_words")
 _MODEL_DIR = "keras_moe_sentencepiece"
 
 
@@ -40,19 +41,24 @@ def sentinel_id(index):
     Args:
         index: an int in [0, NUM_EXTRA_IDS).
     """
-    if not 0 <= int(index) < NUM_EXTRA_IDS:
+    try:
+        position = operator.index(index)
+    except TypeError:
+        position = -1
+    if not 0 <= position < NUM_EXTRA_IDS:
         raise ValueError(
-            f"Sentinel index must be in [0, {NUM_EXTRA_IDS}); received {index}"
+            f"Sentinel index must be an int in [0, {NUM_EXTRA_IDS}); "
+            f"received {index!r}"
         )
-    return VOCAB_SIZE - 1 - int(index)
+    return VOCAB_SIZE - 1 - position
 
 
 def training_sentences(data_dir=None):
     """Returns the texts the SentencePiece model is trained on, in order.
 
     Args:
-        data_dir: TFDS data directory; `default_data_dir()` if None. The
-            datasets of `TRAINING_DATASETS` are prepared there if needed.
+        data_dir: TFDS data directory; `default_data_dir()` if None.
+            `pydoc_corpus` and `number_words` are prepared there if needed.
 
     Returns:
         A list of str: pydoc_corpus train paragraphs, then number_words
@@ -144,15 +150,9 @@ def sentencepiece_model_path(data_dir=None):
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_tokenizer(path):
-    import tensorflow as tf
-    import tensorflow_text
-
+def _model_proto(path):
     with open(path, "rb") as f:
-        proto = f.read()
-    return tensorflow_text.SentencepieceTokenizer(
-        model=proto, out_type=tf.int32, add_bos=False, add_eos=False
-    )
+        return f.read()
 
 
 def tokenizer(data_dir=None):
@@ -160,7 +160,11 @@ def tokenizer(data_dir=None):
 
     It tokenizes without adding end-of-sequence ids (pipelines add
     `EOS_ID`), works in `tf.data` and inside exported graphs (load those
-    with `import tensorflow_text`). One instance is shared per model file.
+    with `import tensorflow_text`). Each call makes a new tokenizer (the
+    model file is read once): `tf.random.set_seed` (and
+    `keras.utils.set_random_seed`) clears TensorFlow's resources, which
+    breaks tokenizers, and datasets using them, made before it. Seed first,
+    then build tokenizers and datasets.
 
     Args:
         data_dir: TFDS data directory; `default_data_dir()` if None.
@@ -173,4 +177,10 @@ def tokenizer(data_dir=None):
     >>> sp.detokenize(ids).numpy()[0].decode()
     'vingt et un'
     """
-    return _cached_tokenizer(sentencepiece_model_path(data_dir))
+    import tensorflow as tf
+    import tensorflow_text
+
+    proto = _model_proto(sentencepiece_model_path(data_dir))
+    return tensorflow_text.SentencepieceTokenizer(
+        model=proto, out_type=tf.int32, add_bos=False, add_eos=False
+    )

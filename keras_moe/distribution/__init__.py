@@ -2,6 +2,7 @@
 
 # tf.distribute data parallelism and crash-safe training.
 from keras_moe.distribution.fault_tolerance import fit_resumable
+from keras_moe.distribution.fault_tolerance import is_chief
 from keras_moe.distribution.fault_tolerance import list_checkpoints
 from keras_moe.distribution.fault_tolerance import reproducible_shuffle
 from keras_moe.distribution.fault_tolerance import restore_checkpoint

@@ -49,6 +49,7 @@ from `backup_dir`, which must then be on a file system all workers share.
 """
 
 import os
+import warnings
 
 import h5py
 import keras
@@ -79,13 +80,14 @@ _RESERVED_FIT_ARGS = (
 def reproducible_shuffle(dataset, buffer_size, seed, passes=None):
     """`dataset` repeated, each pass shuffled its own way, reproducibly.
 
-    Pass p is `dataset.shuffle(buffer_size, seed=s_p)` with s_p drawn
-    statelessly from (seed, p): each pass has a new order, and every
+    Pass p is shuffled as `dataset.shuffle(buffer_size)` does, with seeds
+    drawn statelessly from (seed, p): each pass has a new order, and every
     iteration of the result yields the same elements in the same order, so
     `fit_resumable` can resume it at any step (see the module docstring).
 
     Args:
-        dataset: a finite `tf.data.Dataset` (of examples, before batching).
+        dataset: a finite `tf.data.Dataset` of dense tensors (examples,
+            before batching).
         buffer_size: the shuffle buffer size (the dataset's size for a full
             shuffle).
         seed: int seed of the whole stream.
@@ -113,15 +115,34 @@ def reproducible_shuffle(dataset, buffer_size, seed, passes=None):
     _check_int("seed", seed, minimum=0)
     if passes is not None:
         _check_int("passes", passes)
+    spec = dataset.element_spec
+    components = tf.nest.flatten(spec)
+    if not all(isinstance(c, tf.TensorSpec) for c in components):
+        raise ValueError(
+            "reproducible_shuffle takes datasets of dense tensors; received "
+            f"element_spec={spec!r}"
+        )
     seed = tf.constant(seed, tf.int64)
 
     def one_pass(index):
-        pass_seed = tf.random.stateless_uniform(
-            [], seed=tf.stack([seed, index]), minval=None, dtype=tf.int64
+        # (seed, pass) -> the two int64 seeds of this pass's shuffle, drawn
+        # statelessly. The op is called directly: `Dataset.shuffle` fails on
+        # seed tensors when the global seed is 0 (its seed checks compare
+        # the tensor in Python).
+        seeds = tf.random.stateless_uniform(
+            [2], seed=tf.stack([seed, index]), minval=None, dtype=tf.int64
         )
-        return dataset.shuffle(
-            buffer_size, seed=pass_seed, reshuffle_each_iteration=False
+        shuffled = tf.raw_ops.ShuffleDatasetV3(
+            input_dataset=tf.data.experimental.to_variant(dataset),
+            buffer_size=tf.constant(buffer_size, tf.int64),
+            seed=seeds[0],
+            seed2=seeds[1],
+            seed_generator=tf.raw_ops.DummySeedGenerator(),
+            output_types=[c.dtype for c in components],
+            output_shapes=[c.shape for c in components],
+            reshuffle_each_iteration=False,
         )
+        return tf.data.experimental.from_variant(shuffled, spec)
 
     if passes is None:
         indices = tf.data.Dataset.counter()
@@ -165,6 +186,13 @@ def _seed_states(model):
     return [v for v in model.variables if id(v) not in weights]
 
 
+def _build_optimizer(model):
+    """Creates the optimizer's slots (distributed under a strategy)."""
+    if not model.optimizer.built:
+        with model.distribute_strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+
+
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -187,6 +215,7 @@ def save_checkpoint(model, backup_dir, step, max_to_keep=2):
     """
     _check_int("step", step, minimum=0)
     _check_int("max_to_keep", max_to_keep)
+    _build_optimizer(model)  # so that a checkpoint always holds its slots
     os.makedirs(backup_dir, exist_ok=True)
     final = checkpoint_path(backup_dir, step)
     temp = os.path.join(
@@ -199,7 +228,7 @@ def save_checkpoint(model, backup_dir, step, max_to_keep=2):
             group = f.create_group(_RNG_GROUP)
             for i, variable in enumerate(_seed_states(model)):
                 group.create_dataset(
-                    str(i), data=keras.ops.convert_to_numpy(variable)
+                    str(i), data=keras.ops.convert_to_numpy(variable.value)
                 )
             f.attrs["keras_moe_step"] = step
         _fsync(temp)
@@ -235,25 +264,36 @@ def restore_checkpoint(model, backup_dir, clean=True):
     if not checkpoints:
         return 0
     step, path = checkpoints[-1]
-    if not model.optimizer.built:
-        # The optimizer's slots must exist (as distributed variables under a
-        # strategy) before its saved state can be loaded into them.
-        with model.distribute_strategy.scope():
-            model.optimizer.build(model.trainable_variables)
-    model.load_weights(path)
     states = _seed_states(model)
     with h5py.File(path, "r") as f:
+        saved_step = int(f.attrs.get("keras_moe_step", -1))
         group = f.get(_RNG_GROUP)
-        saved = (
-            [] if group is None else [group[str(i)] for i in range(len(group))]
+        count = 0 if group is None else len(group)
+        seeds = [np.asarray(group[str(i)]) for i in range(count)]
+    if saved_step != step:
+        raise ValueError(
+            f"{path} was saved after step {saved_step}, not {step}: the "
+            "checkpoint files of backup_dir were renamed or mixed up"
         )
-        if len(saved) != len(states):
-            raise ValueError(
-                f"{path} holds {len(saved)} seed generator states; the model "
-                f"has {len(states)}: is it the model that was saved?"
-            )
-        for variable, value in zip(states, saved):
-            variable.assign(np.asarray(value))
+    if count != len(states):
+        raise ValueError(
+            f"{path} holds {count} seed generator states; the model has "
+            f"{len(states)}: is it the model that was saved?"
+        )
+    _build_optimizer(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(path)
+    # Keras only warns when it skips the variables of an object whose count
+    # differs (e.g. an optimizer of another kind): resuming from a partial
+    # state would silently train something else.
+    skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
+    if skipped:
+        raise ValueError(
+            f"{path} does not fit the model and optimizer: {skipped[0]}"
+        )
+    for variable, value in zip(states, seeds):
+        variable.assign(value)
     return step
 
 
@@ -404,7 +444,7 @@ def fit_resumable(
         raise ValueError(
             f"model must be a keras.Model; received {type(model).__name__}"
         )
-    if model.optimizer is None:
+    if getattr(model, "optimizer", None) is None:
         raise ValueError(
             f"model {model.name!r} has no optimizer: compile it before "
             "fit_resumable"
@@ -493,7 +533,6 @@ def fit_resumable(
             epochs=end_epoch,
             initial_epoch=initial_epoch,
             steps_per_epoch=steps,
-            shuffle=False,  # a dataset's order is its own; no warning
             callbacks=[saver, *(callbacks or [])],
             verbose=verbose,
             **fit_kwargs,

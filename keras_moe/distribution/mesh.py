@@ -188,17 +188,3 @@ def expert_weight_layout(mesh, rank):
     return dtensor.Layout(
         [EXPERT_AXIS] + [dtensor.UNSHARDED] * (rank - 1), mesh
     )
-
-
-def expert_rows_layout(mesh):
-    """Dispatched rows <[E, N, D]> inside the experts: E over `expert`,
-    N (tokens of this batch shard) over `batch`."""
-    return dtensor.Layout([EXPERT_AXIS, BATCH_AXIS, dtensor.UNSHARDED], mesh)
-
-
-def token_rows_layout(mesh):
-    """Dispatched rows <[E, N, D]> outside the experts: N over `batch`,
-    E whole on every device."""
-    return dtensor.Layout(
-        [dtensor.UNSHARDED, BATCH_AXIS, dtensor.UNSHARDED], mesh
-    )

@@ -226,8 +226,8 @@ def auto_strategy_name(tpu=None, environ=None, physical_devices=None):
 def get_strategy(name="auto", tpu=None, devices=None, communication="auto"):
     """Returns the `tf.distribute.Strategy` called `name`.
 
-    Every argument is validated before TensorFlow connects to anything or
-    initialises a device. Call it at program start, before any other
+    Every argument is validated before TensorFlow connects to a cluster or
+    a TPU. Call it at program start, before any other
     TensorFlow op: `MultiWorkerMirroredStrategy` and the TPU system must be
     set up first. Build and compile the model inside `strategy.scope()`.
 
@@ -584,7 +584,9 @@ def fit_distributed(model, dataset, **fit_kwargs):
         setattr(model, name, _with_rank_1_logs(getattr(model, name)))
     try:
         with strategy.scope():
-            return model.fit(dataset, **fit_kwargs)
+            # A dataset's order is its own: no warning that shuffle=True
+            # (fit's default) is ignored.
+            return model.fit(dataset, **{"shuffle": False, **fit_kwargs})
     finally:
         model._distribute_strategy = saved_strategy
         for name, step in saved_steps.items():
@@ -614,5 +616,7 @@ def _with_rank_1_logs(step):
 
 def _other_workers(strategy):
     """Whether some of the strategy's replicas run in other processes."""
-    local = len(getattr(strategy.extended, "worker_devices", ()) or ())
-    return 0 < local < strategy.num_replicas_in_sync
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    local = len(strategy.extended.worker_devices)
+    return local < strategy.num_replicas_in_sync

@@ -14,7 +14,9 @@ user asked for (see `OPTION_NAMES`); an experiment that receives an option
 it does not support raises a ValueError naming it, before any work. A
 module may list the options it accepts in `SUPPORTED_OPTIONS` (a tuple of
 names): the launcher then rejects the others before importing anything
-heavy or starting a run (`check_module_options`).
+heavy or starting a run (`check_module_options`), and calls the module's
+`validate_options(options)` when it has one, so that bad option values too
+fail before any work.
 
 `EXPERIMENTS` maps each name to its module; modules are imported only when
 an experiment runs (`get`), so listing the names costs no TensorFlow import.
@@ -101,7 +103,8 @@ def check_options(name, options, supported):
 
 
 def check_module_options(module, options):
-    """Checks `options` against `module.SUPPORTED_OPTIONS` when it has one.
+    """Checks `options` against `module.SUPPORTED_OPTIONS` and with
+    `module.validate_options(options)`, for each that the module has.
 
     Args:
         module: an experiment module.
@@ -110,11 +113,15 @@ def check_module_options(module, options):
     Returns:
         A new dict of the options.
     """
+    options = dict(options or {})
     supported = getattr(module, "SUPPORTED_OPTIONS", None)
-    if supported is None:
-        return dict(options or {})
-    name = module.__name__.rsplit(".", 1)[-1]
-    return check_options(name, options, supported)
+    if supported is not None:
+        name = module.__name__.rsplit(".", 1)[-1]
+        options = check_options(name, options, supported)
+    validate = getattr(module, "validate_options", None)
+    if validate is not None:
+        validate(dict(options))
+    return options
 
 
 def parse_moe_blocks(value):

@@ -335,6 +335,15 @@ def _config(small, options):
     return dataclasses.replace(config, **changes)
 
 
+def validate_options(options):
+    """Raises a ValueError for options `run` would refuse (no work done).
+
+    Args:
+        options: None or a dict of options (see `run`).
+    """
+    _config(False, check_options(NAME, options, SUPPORTED_OPTIONS))
+
+
 def _summary_rows(summary):
     rows = []
     for row in summary:

@@ -33,7 +33,6 @@ Example (a smoke run of about a minute):
     upcycle_t5.run("/tmp/upcycle_t5", seeds=(0,), small=True)
 """
 
-import json
 import time
 
 import keras
@@ -42,6 +41,7 @@ import tensorflow as tf
 
 from keras_moe import data as data_lib
 from keras_moe import flops
+from keras_moe.data.pipelines import t5_features
 from keras_moe.experiments import common
 from keras_moe.experiments import upcycling_common
 from keras_moe.models.t5 import T5
@@ -59,6 +59,9 @@ _STREAMS = {"pretrain": 0, "continue": 1, "scratch": 2}
 # Noise-mask seed of the held-out span-corruption examples.
 _HELDOUT_SEED = 12345
 _SHUFFLE_BUFFER = 2048
+# T5's span-corruption settings (`keras_moe.data` defaults).
+_NOISE_DENSITY = 0.15
+_MEAN_NOISE_SPAN_LENGTH = 3.0
 
 _MODEL = dict(
     vocab_size=data_lib.VOCAB_SIZE,
@@ -86,7 +89,6 @@ CONFIGS = {
         heldout_examples=None,
         finetune_steps=300,
         finetune_batch_size=64,
-        finetune_learning_rate=2e-3,
         test_examples=1000,
     ),
     "small": dict(
@@ -107,7 +109,6 @@ CONFIGS = {
         heldout_examples=32,
         finetune_steps=4,
         finetune_batch_size=8,
-        finetune_learning_rate=2e-3,
         test_examples=16,
     ),
 }
@@ -125,21 +126,87 @@ def _loss(model, inputs, targets):
     return _masked_mean(losses, targets)
 
 
-def _pretraining_batches(config, stream, seed):
-    """Endless span-corruption batches of the train topics; masks and order
-    fixed by (seed, stream)."""
-    stream_seed = 1000 * seed + _STREAMS[stream]
-    dataset = data_lib.span_corruption_dataset(
-        "train",
-        config["batch_size"],
-        config["input_length"],
-        seed=stream_seed,
-        repeat=True,
-        drop_remainder=True,
+def _lengths(input_length):
+    """(raw run length n, target length U) for encoder length T."""
+    return data_lib.span_corruption_lengths(
+        input_length, _NOISE_DENSITY, _MEAN_NOISE_SPAN_LENGTH
     )
-    # The runs come in corpus order: shuffle them across paragraphs.
+
+
+def _sentencepiece():
+    """The vocabulary's SentencePiece model, in Python.
+
+    The text is tokenized once, in NumPy, by the `sentencepiece` package
+    rather than by the shared TensorFlow tokenizer of `keras_moe.data`:
+    its kernel resource does not survive `keras.utils.set_random_seed`
+    (`tf.random.set_seed` clears TensorFlow's kernel cache), which every
+    seed of the experiment calls.
+    """
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(
+        model_file=data_lib.sentencepiece_model_path()
+    )
+
+
+def _texts(name, split, key, language=None):
+    """The strings of feature `key` of a dataset split (one language)."""
+    dataset = data_lib.load(name, split)
+    if language is not None:
+        dataset = dataset.filter(lambda ex: ex["language"] == language)
+    texts = []
+    for batch in dataset.batch(4096):
+        texts.extend(text.decode() for text in batch[key].numpy())
+    return texts
+
+
+def _token_runs(sp, split, raw_length):
+    """<int32>[N, n] runs of n tokens of a `pydoc_corpus` split.
+
+    The paragraphs are tokenized and concatenated in order, and the stream
+    is cut into runs of n tokens (a last shorter run dropped), as
+    `keras_moe.data.span_corruption_dataset` does.
+    """
+    stream = []
+    for text in _texts("pydoc_corpus", split, "text"):
+        stream.extend(sp.encode(text))
+    count = len(stream) // raw_length
+    return np.asarray(stream[: count * raw_length], np.int32).reshape(
+        count, raw_length
+    )
+
+
+def _span_corruption(runs, input_length, seed, repeat):
+    """Unbatched `(inputs, targets)` T5 examples of span-corrupted runs.
+
+    Each run gets a noise mask (`keras_moe.data.noise_span_mask`, T5's
+    noise density 0.15 and mean span length 3) drawn from `seed` and the
+    run's position in the (repeated) stream.
+    """
+    raw_length, target_length = _lengths(input_length)
+    dataset = tf.data.Dataset.from_tensor_slices(runs)
+    if repeat:
+        dataset = dataset.repeat()
+
+    def corrupt(index, tokens):
+        mask = data_lib.noise_span_mask(
+            raw_length,
+            _NOISE_DENSITY,
+            _MEAN_NOISE_SPAN_LENGTH,
+            tf.stack([tf.constant(seed, tf.int64), index]),
+        )
+        inputs, targets = data_lib.corrupt_spans(tokens, mask)
+        return t5_features(inputs, targets, input_length, target_length)
+
+    return dataset.enumerate().map(corrupt)
+
+
+def _pretraining_batches(runs, config, stream, seed):
+    """Endless shuffled span-corruption batches; masks and order fixed by
+    (seed, stream)."""
+    stream_seed = 1000 * seed + _STREAMS[stream]
     dataset = (
-        dataset.unbatch()
+        _span_corruption(runs, config["input_length"], stream_seed, True)
         .shuffle(_SHUFFLE_BUFFER, seed=stream_seed)
         .batch(config["batch_size"], drop_remainder=True)
         .prefetch(2)
@@ -147,52 +214,68 @@ def _pretraining_batches(config, stream, seed):
     return iter(dataset)
 
 
-def _first_batch(dataset):
-    """The first (and only) batch of a dataset, as tensors."""
-    return next(iter(dataset))
-
-
-def _heldout(config):
-    """The held-out span-corruption examples, one batch."""
-    dataset = data_lib.span_corruption_dataset(
-        "validation",
-        1 << 16,
-        config["input_length"],
-        seed=_HELDOUT_SEED,
+def _heldout(sp, config):
+    """The held-out span-corruption examples (validation topics), as one
+    batch with fixed noise masks."""
+    raw_length, _ = _lengths(config["input_length"])
+    runs = _token_runs(sp, "validation", raw_length)
+    if config["heldout_examples"] is not None:
+        runs = runs[: config["heldout_examples"]]
+    dataset = _span_corruption(
+        runs, config["input_length"], _HELDOUT_SEED, False
     )
-    inputs, targets = _first_batch(dataset)
-    limit = config["heldout_examples"]
-    if limit is not None:
-        inputs = {k: v[:limit] for k, v in inputs.items()}
-        targets = targets[:limit]
-    return inputs, targets
+    return next(iter(dataset.batch(len(runs))))
 
 
-def _translation(split, limit=None):
-    """`number_words` in `LANGUAGE` as one batch of NumPy arrays."""
-    lengths = data_lib.seq2seq_lengths(DOWNSTREAM, "train", (LANGUAGE,))
-    held_out = data_lib.seq2seq_lengths(DOWNSTREAM, "test", (LANGUAGE,))
-    input_length = max(lengths[0], held_out[0])
-    target_length = max(lengths[1], held_out[1])
-    dataset = data_lib.seq2seq_dataset(
-        DOWNSTREAM,
-        split,
-        1 << 16,
-        input_length,
-        target_length,
-        languages=(LANGUAGE,),
-    )
-    inputs, targets = _first_batch(dataset)
-    inputs = {k: v.numpy()[:limit] for k, v in inputs.items()}
-    return inputs, targets.numpy()[:limit]
+def _pad(rows, length):
+    """<int32>[N, length]: each row of ids followed by zeros."""
+    out = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _translation(sp, test_examples):
+    """`number_words` in `LANGUAGE`: (train, test) (inputs, targets) NumPy
+    arrays in the format of `keras_moe.data.seq2seq_dataset` (EOS-ended,
+    0-padded to the longest sequence of both splits)."""
+    splits = {}
+    for split in ("train", "test"):
+        splits[split] = [
+            [sp.encode(text) + [data_lib.EOS_ID] for text in texts]
+            for texts in (
+                _texts(DOWNSTREAM, split, key, LANGUAGE)
+                for key in ("inputs", "targets")
+            )
+        ]
+    input_length = max(len(r) for s in splits.values() for r in s[0])
+    target_length = max(len(r) for s in splits.values() for r in s[1])
+    out = []
+    for split, (sources, labels) in splits.items():
+        limit = test_examples if split == "test" else None
+        encoder = _pad(sources[:limit], input_length)
+        targets = _pad(labels[:limit], target_length)
+        # (N, U) -> (N, U): start id 0 in front, the last target dropped.
+        decoder = np.concatenate(
+            [np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1
+        )
+        inputs = {
+            "encoder_token_ids": encoder,
+            "decoder_token_ids": decoder,
+            "encoder_padding_mask": encoder != data_lib.PAD_ID,
+            "decoder_padding_mask": targets != data_lib.PAD_ID,
+        }
+        out.append((inputs, targets))
+    return tuple(out)
 
 
 class FineTuner:
-    """Fine-tunes a copy of a model on the translation task; exact match.
+    """Fine-tunes an arm's model on the translation task; exact match.
 
-    One copy (model, optimizer and compiled step) is kept per architecture
-    and reused: the weights are overwritten and the optimizer zeroed for
-    every fine-tune, so nothing is traced twice.
+    The arm's trainer is fine-tuned in place from a zeroed optimizer state
+    (the same learning-rate recipe, warm-up included) on the same batches
+    for every arm of a seed, scored, then restored to where the arm was:
+    its traced step serves both, so nothing is traced again.
 
     Args:
         config: the experiment config.
@@ -201,44 +284,29 @@ class FineTuner:
     """
 
     def __init__(self, config, train, test):
-        self.config = config
+        self.steps = config["finetune_steps"]
+        self.batch_size = config["finetune_batch_size"]
         self.train_inputs, self.train_targets = train
         self.test_inputs, self.test_targets = test
-        self._copies = {}
-
-    def _copy_of(self, model):
-        config = model.get_config()
-        key = json.dumps(config, sort_keys=True, default=str)
-        if key not in self._copies:
-            copy = type(model).from_config(config)
-            optimizer = upcycling_common.make_optimizer(
-                self.config["finetune_learning_rate"],
-                max(1, self.config["finetune_steps"] // 10),
-            )
-            optimizer.build(copy.trainable_variables)
-            self._copies[key] = upcycling_common.Trainer(
-                copy, optimizer, _loss, 0, jit_compile=False
-            )
-        return self._copies[key]
 
     def _batches(self, seed):
         """The fine-tuning batches of `seed`: the same for every arm."""
         rng = np.random.default_rng([seed, 7])
-        size = self.config["finetune_batch_size"]
         while True:
-            index = rng.choice(len(self.train_targets), size, replace=False)
+            index = rng.choice(
+                len(self.train_targets), self.batch_size, replace=False
+            )
             inputs = {k: v[index] for k, v in self.train_inputs.items()}
             yield inputs, self.train_targets[index]
 
-    def __call__(self, model, seed):
-        """Fine-tunes a copy of `model`; returns its test exact match."""
-        trainer = self._copy_of(model)
-        trainer.model.set_weights(model.get_weights())
+    def __call__(self, trainer, seed):
+        """Exact match of `trainer.model` after the fine-tune."""
+        snapshot = trainer.snapshot()
         upcycling_common.reset_optimizer(trainer.optimizer)
-        trainer.train(self._batches(seed), self.config["finetune_steps"])
-        return exact_match(
-            trainer.model, self.test_inputs, self.test_targets
-        )
+        trainer.train(self._batches(seed), self.steps)
+        score = exact_match(trainer.model, self.test_inputs, self.test_targets)
+        trainer.restore(snapshot)
+        return score
 
 
 def exact_match(model, inputs, targets):
@@ -270,9 +338,7 @@ def _evaluator(heldout, finetuner):
 
     def evaluate(trainer, seed):
         logits = trainer.forward(inputs)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            targets, logits
-        )
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
         correct = tf.cast(
             tf.argmax(logits, axis=-1, output_type=targets.dtype) == targets,
             tf.float32,
@@ -280,10 +346,25 @@ def _evaluator(heldout, finetuner):
         return {
             "heldout_loss": float(_masked_mean(losses, targets)),
             "heldout_accuracy": float(_masked_mean(correct, targets)),
-            "exact_match": finetuner(trainer.model, seed),
+            "exact_match": finetuner(trainer, seed),
         }
 
     return evaluate
+
+
+def _stack_layers(config):
+    return {
+        "encoder": config["model"]["num_encoder_layers"],
+        "decoder": config["model"]["num_decoder_layers"],
+    }
+
+
+def validate_options(options):
+    """Raises a ValueError naming a bad option (value or name); the
+    launcher calls it before any work."""
+    upcycling_common.parse_options(
+        NAME, options, _stack_layers(CONFIGS["default"])
+    )
 
 
 def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
@@ -305,22 +386,16 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
     seeds = common.check_seeds(seeds)
     model = config["model"]
     settings = upcycling_common.parse_options(
-        NAME,
-        options,
-        {
-            "encoder": model["num_encoder_layers"],
-            "decoder": model["num_decoder_layers"],
-        },
+        NAME, options, _stack_layers(config)
     )
     output_dir = common.prepare_output_dir(output_dir)
     start = time.perf_counter()
     print(f"[{NAME}] {settings.describe()}", flush=True)
-    heldout = _heldout(config)
-    finetuner = FineTuner(
-        config,
-        _translation("train"),
-        _translation("test", config["test_examples"]),
-    )
+    sp = _sentencepiece()
+    raw_length, _ = _lengths(config["input_length"])
+    runs = _token_runs(sp, "train", raw_length)
+    heldout = _heldout(sp, config)
+    finetuner = FineTuner(config, *_translation(sp, config["test_examples"]))
     input_length = config["input_length"]
     target_length = int(heldout[1].shape[1])
     batch_size = config["batch_size"]
@@ -335,7 +410,7 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         build_dense=lambda: T5(**config["model"]),
         loss_fn=_loss,
         batches=lambda stream, seed: _pretraining_batches(
-            config, stream, seed
+            runs, config, stream, seed
         ),
         step_flops=step_flops,
         evaluate=_evaluator(heldout, finetuner),

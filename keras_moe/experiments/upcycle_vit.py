@@ -129,14 +129,16 @@ def _evaluator(images, labels):
     return evaluate
 
 
-def _check_run_arguments(seeds, small, options, config):
-    if not isinstance(small, bool):
-        raise ValueError(f"small must be a bool; received {small!r}")
-    seeds = common.check_seeds(seeds)
-    settings = upcycling_common.parse_options(
-        NAME, options, {"encoder": config["model"]["num_layers"]}
+def _stack_layers(config):
+    return {"encoder": config["model"]["num_layers"]}
+
+
+def validate_options(options):
+    """Raises a ValueError naming a bad option (value or name); the
+    launcher calls it before any work."""
+    upcycling_common.parse_options(
+        NAME, options, _stack_layers(CONFIGS["default"])
     )
-    return seeds, settings
 
 
 def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
@@ -152,8 +154,13 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
     Returns:
         {"rows": result rows, "summary": mean/std rows, "files": paths}.
     """
-    config = CONFIGS["small" if small is True else "default"]
-    seeds, settings = _check_run_arguments(seeds, small, options, config)
+    if not isinstance(small, bool):
+        raise ValueError(f"small must be a bool; received {small!r}")
+    config = CONFIGS["small" if small else "default"]
+    seeds = common.check_seeds(seeds)
+    settings = upcycling_common.parse_options(
+        NAME, options, _stack_layers(config)
+    )
     output_dir = common.prepare_output_dir(output_dir)
     start = time.perf_counter()
     print(f"[{NAME}] {settings.describe()}", flush=True)

@@ -43,8 +43,10 @@ extra budgets.
 """
 
 import dataclasses
-import os
+import json
 import math
+import os
+import random
 import re
 import time
 
@@ -178,7 +180,9 @@ def _check_option(name, value):
     """One option's value, validated and normalised."""
     if name == "num_experts":
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"option num_experts must be an int; got {value!r}")
+            raise ValueError(
+                f"option num_experts must be an int; got {value!r}"
+            )
         if value < 1:
             raise ValueError(f"option num_experts must be >= 1; got {value}")
         return int(value)
@@ -292,9 +296,14 @@ def make_optimizer(learning_rate, warmup_steps):
 class Trainer:
     """Trains `model` with `optimizer` in a compiled step; counts FLOPs.
 
+    The step and the inference call (`forward`) are traced once per model;
+    `load` puts another model's weights and optimizer state into this one
+    (same architecture), so that a new arm or seed reuses the traced
+    functions: tracing a T5 step costs seconds to tens of seconds here.
+
     Args:
         model: a Keras model.
-        optimizer: a Keras optimizer (built on the first step if needed).
+        optimizer: a Keras optimizer; built here if it is not.
         loss_fn: `loss_fn(model, inputs, targets) -> scalar` of the task;
             the MoE auxiliary losses (`model.losses`) are added to it.
         step_flops: FLOPs of one training step (batch included).
@@ -302,6 +311,8 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, loss_fn, step_flops, jit_compile):
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
         self.model = model
         self.optimizer = optimizer
         self.step_flops = int(step_flops)
@@ -323,13 +334,37 @@ class Trainer:
             return loss
 
         self._train_step = train_step
-        # Inference, compiled once per model (the evaluations reuse it).
         self.forward = tf.function(lambda inputs: model(inputs, training=False))
 
     @property
     def flops(self):
         """FLOPs of the steps this trainer ran."""
         return self.steps * self.step_flops
+
+    def load(self, model, optimizer):
+        """Copies `model`'s weights and `optimizer`'s state (built here if
+        it is not) into this trainer's, and zeroes the step count."""
+        self.model.set_weights(model.get_weights())
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        _assign_all(self.optimizer.variables, optimizer.variables)
+        self.steps = 0
+        self.seconds = 0.0
+
+    def snapshot(self):
+        """The weights, optimizer state and counters, for `restore`."""
+        return (
+            self.model.get_weights(),
+            [v.numpy() for v in self.optimizer.variables],
+            self.steps,
+            self.seconds,
+        )
+
+    def restore(self, snapshot):
+        """Returns to a `snapshot`."""
+        weights, state, self.steps, self.seconds = snapshot
+        self.model.set_weights(weights)
+        _assign_all(self.optimizer.variables, state)
 
     def train(self, batches, num_steps):
         """Runs `num_steps` steps on `(inputs, targets)` from `batches`.
@@ -347,6 +382,92 @@ class Trainer:
         if not losses:
             return float("nan")
         return float(np.mean([float(x) for x in losses]))
+
+
+def _assign_all(variables, values):
+    """Assigns `values` (arrays or variables) to `variables`, in order."""
+    if len(variables) != len(values):
+        raise ValueError(
+            f"cannot copy {len(values)} values into {len(variables)} "
+            "variables: the architectures differ"
+        )
+    for variable, value in zip(variables, values):
+        if tuple(variable.shape) != tuple(value.shape):
+            raise ValueError(
+                f"cannot copy a value of shape {tuple(value.shape)} into "
+                f"{variable.path} of shape {tuple(variable.shape)}"
+            )
+        variable.assign(value)
+
+
+# Config entries that do not change what a model computes once its
+# weights are loaded: its name and the seeds of its initialisers (MoE
+# routers draw no noise in these experiments).
+_NOT_ARCHITECTURE = ("seed", "router_kernel_initializer")
+
+
+def architecture_key(config):
+    """A string equal for configs that differ only in name and seeds.
+
+    Example:
+
+    >>> a = {"name": "vit", "moe": {"seed": 0, "num_experts": 8}}
+    >>> b = {"name": "vit_1", "moe": {"seed": 1, "num_experts": 8}}
+    >>> architecture_key(a) == architecture_key(b)
+    True
+    """
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {
+                k: strip(v)
+                for k, v in value.items()
+                if k not in _NOT_ARCHITECTURE
+            }
+        if isinstance(value, (list, tuple)):
+            return [strip(v) for v in value]
+        return value
+
+    config = {k: v for k, v in config.items() if k != "name"}
+    return json.dumps(strip(config), sort_keys=True, default=str)
+
+
+class TrainerPool:
+    """One `Trainer` per architecture (model config), reused across arms
+    and seeds.
+
+    Args:
+        loss_fn: the task loss (see `Trainer`).
+        step_flops_fn: `fn(model) -> FLOPs of one training step`.
+        jit_compile: XLA for the training steps.
+    """
+
+    def __init__(self, loss_fn, step_flops_fn, jit_compile):
+        self.loss_fn = loss_fn
+        self.step_flops_fn = step_flops_fn
+        self.jit_compile = jit_compile
+        self._trainers = {}
+
+    def trainer(self, model, optimizer):
+        """A trainer holding `model`'s weights and `optimizer`'s state.
+
+        The first model of an architecture becomes the trainer's own; later
+        ones are copied into it (`Trainer.load`).
+        """
+        key = architecture_key(model.get_config())
+        trainer = self._trainers.get(key)
+        if trainer is None:
+            trainer = Trainer(
+                model,
+                optimizer,
+                self.loss_fn,
+                self.step_flops_fn(model),
+                self.jit_compile,
+            )
+            self._trainers[key] = trainer
+        else:
+            trainer.load(model, optimizer)
+        return trainer
 
 
 def steps_for_flops(flops, step_flops):
@@ -558,23 +679,21 @@ def run_seed(task, settings, seed, cache):
         task: the `Task`.
         settings: the `Settings`.
         seed: the seed of initialisation, routers and data order.
-        cache: a dict kept across seeds (the tiled depth is found once).
+        cache: a dict kept across the seeds of a run (the `TrainerPool` and
+            the tiled depth).
 
     Returns:
         A list of result rows, one per arm and budget (0 included).
     """
-    keras.utils.set_random_seed(seed)
-    dense = task.build_dense()
-    trainer = Trainer(
-        dense,
+    pool = cache.setdefault(
+        "pool", TrainerPool(task.loss_fn, task.step_flops, task.jit_compile)
+    )
+    seed_everything(seed)
+    trainer = pool.trainer(
+        task.build_dense(),
         make_optimizer(task.learning_rate, task.warmup_steps),
-        task.loss_fn,
-        task.step_flops(dense),
-        task.jit_compile,
     )
-    loss = trainer.train(
-        task.batches("pretrain", seed), task.pretrain_steps
-    )
+    loss = trainer.train(task.batches("pretrain", seed), task.pretrain_steps)
     sunk = trainer.flops
     print(
         f"[{task.name} seed {seed}] dense pre-training: "
@@ -582,67 +701,60 @@ def run_seed(task, settings, seed, cache):
         f"train loss {loss:.4f}, {trainer.seconds:.1f} s",
         flush=True,
     )
+    dense, dense_optimizer = trainer.model, trainer.optimizer
     rows = []
     context = dict(task=task, settings=settings, seed=seed, sunk=sunk)
 
-    # Upcycled (and tiled) arms start from the dense model and optimizer
+    # The upcycled and tiled arms start from the dense model and optimizer
     # before the dense arm trains them further.
     moe = upcycling.upcycle(
         dense, **settings.upcycle_kwargs(seed, task.moe_kwargs)
     )
     if settings.reuse_optimizer_state:
-        moe_optimizer = upcycling.upcycle_optimizer(
-            trainer.optimizer, dense, moe
-        )
+        moe_optimizer = upcycling.upcycle_optimizer(dense_optimizer, dense, moe)
     else:
         moe_optimizer = make_optimizer(task.learning_rate, task.warmup_steps)
     moe_config = moe.get_config()
-    moe_step_flops = task.step_flops(moe)
-    rows += _run_arm(
-        "upcycled",
-        Trainer(
-            moe, moe_optimizer, task.loss_fn, moe_step_flops, task.jit_compile
-        ),
-        **context,
-    )
+    moe_trainer = pool.trainer(moe, moe_optimizer)
+    rows += _run_arm("upcycled", moe_trainer, **context)
     del moe, moe_optimizer
 
     if "extra_layers" not in cache:
         cache["extra_layers"] = matched_extra_layers(
-            dense, moe_step_flops, task.step_flops
+            dense, moe_trainer.step_flops, task.step_flops
         )
     tiled, name_map = depth_tile(dense, cache["extra_layers"])
+    tiled_optimizer = tile_optimizer(dense_optimizer, dense, tiled, name_map)
     rows += _run_arm(
-        "dense_tiled",
-        Trainer(
-            tiled,
-            tile_optimizer(trainer.optimizer, dense, tiled, name_map),
-            task.loss_fn,
-            task.step_flops(tiled),
-            task.jit_compile,
-        ),
-        **context,
+        "dense_tiled", pool.trainer(tiled, tiled_optimizer), **context
     )
-    del tiled
+    del tiled, tiled_optimizer
 
     rows += _run_arm("dense", trainer, **context)
-    del dense, trainer
 
-    keras.utils.set_random_seed(seed + 10_000)
-    scratch = type_of_config(moe_config).from_config(moe_config)
+    seed_everything(seed + 10_000)
+    scratch = pool.trainer(
+        type_of_config(moe_config).from_config(moe_config),
+        make_optimizer(task.learning_rate, task.warmup_steps),
+    )
     rows += _run_arm(
-        "moe_scratch",
-        Trainer(
-            scratch,
-            make_optimizer(task.learning_rate, task.warmup_steps),
-            task.loss_fn,
-            task.step_flops(scratch),
-            task.jit_compile,
-        ),
-        **dict(context, sunk=0),
-        pretrain_flops=sunk,
+        "moe_scratch", scratch, **dict(context, sunk=0), pretrain_flops=sunk
     )
     return rows
+
+
+def seed_everything(seed):
+    """Seeds Python's and NumPy's generators, which fix every unseeded
+    Keras initializer (each draws its seed from Python's `random`).
+
+    `keras.utils.set_random_seed` would also call `tf.random.set_seed`,
+    which clears TensorFlow's kernel cache: every traced step would then
+    be instantiated again (seconds each), and TensorFlow Text tokenizer
+    resources created before would be gone. Data order and noise use
+    explicit seeds.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def type_of_config(config):
@@ -778,7 +890,9 @@ def plot_against_compute(summary, metrics, path, title):
                 color=f"C{i}",
                 label=ARM_LABELS[arm],
             )
-        axis.set_xlabel("extra training compute (% of dense pre-training FLOPs)")
+        axis.set_xlabel(
+            "extra training compute (% of dense pre-training FLOPs)"
+        )
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -813,7 +927,9 @@ def arm_table(rows):
             "arm": ARM_LABELS[arm],
             "params": f"{seen[arm]['params']:,}",
             "step": common.format_flops(seen[arm]["step_flops"]),
-            "ratio": f"{seen[arm]['step_flops'] / seen['dense']['step_flops']:.2f}",
+            "ratio": "{:.2f}".format(
+                seen[arm]["step_flops"] / seen["dense"]["step_flops"]
+            ),
         }
         for arm in ARMS
         if arm in seen

@@ -77,9 +77,9 @@ _SMALL = dict(
     steps=20,
     upcycle_steps=10,
     batch_size=16,
-    eval_images=32,
+    eval_images=24,  # 8 VQA images x 3 questions: one generation trace
     vqa_eval_images=8,
-    vision=dict(VISION, model_dim=32, hidden_dim=64, num_layers=1),
+    vision=dict(VISION, model_dim=32, hidden_dim=64),
     text=dict(
         TEXT,
         model_dim=32,
@@ -199,9 +199,24 @@ class VlmResult:
     seconds: dict
 
 
+def seed_everything(seed):
+    """`keras.utils.set_random_seed`, keeping `keras_moe.data` usable.
+
+    `tf.random.set_seed` clears TensorFlow's resource manager, and with it
+    the SentencePiece model of the tokenizer `keras_moe.data.tokenizer`
+    caches: that cache is emptied so that the next call builds a live one.
+    Call this before building datasets.
+    """
+    keras.utils.set_random_seed(seed)
+    from keras_moe.data import vocabulary
+
+    cached = getattr(vocabulary, "_cached_tokenizer", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
 def build_model(config):
     """A new model of `config` (random or from the dense checkpoints)."""
-    keras.utils.set_random_seed(config.seed)
     kwargs = dict(max_prompt_length=config.prompt_length)
     if config.vit_checkpoint is not None:
         model = VisionLanguageModel.from_checkpoints(
@@ -395,6 +410,7 @@ def train_and_evaluate(config):
     """One run of the experiment (see the module docstring)."""
     seconds = {}
     tic = time.perf_counter()
+    seed_everything(config.seed)
     dataset = vlm_tasks.mixture_dataset(
         config.batch_size,
         config.rates,

@@ -86,6 +86,11 @@ class ExpertLoad(keras.metrics.Metric):
         return {"num_experts": self.num_experts, **super().get_config()}
 
 
+# Values of `to` for `MoeLayer.relayout_hook(rows, to)`.
+RELAYOUT_TO_EXPERTS = "experts"
+RELAYOUT_TO_TOKENS = "tokens"
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class MoeLayer(keras.layers.Layer):
     """Sparse Mixture-of-Experts MLP block.
@@ -154,6 +159,11 @@ class MoeLayer(keras.layers.Layer):
         seed: seed of the router noise.
         **kwargs: passed to `keras.layers.Layer`.
 
+    `relayout_hook` (not a constructor argument, not serialised): None, or
+    a callable `hook(rows, to)` applied to the expert rows <[E, G*C, D]>
+    just before the experts (`to="experts"`) and just after them
+    (`to="tokens"`); see `_relayout`.
+
     Example:
 
     >>> layer = MoeLayer(num_experts=4, hidden_dim=32, num_selected_experts=2)
@@ -161,6 +171,8 @@ class MoeLayer(keras.layers.Layer):
     >>> tuple(outputs.shape)
     (2, 16, 8)
     """
+
+    relayout_hook = None
 
     def __init__(
         self,
@@ -481,9 +493,24 @@ class MoeLayer(keras.layers.Layer):
         )
         # The experts are plain batched matmuls: TensorFlow's own kernels
         # (oneDNN on CPU) run them faster than XLA's CPU backend does.
+        expert_inputs = self._relayout(expert_inputs, RELAYOUT_TO_EXPERTS)
         expert_outputs = self.experts(expert_inputs, training=training)
+        expert_outputs = self._relayout(expert_outputs, RELAYOUT_TO_TOKENS)
         outputs = combine_fn(expert_outputs, routing_tensors, groups.shape[1])
         return outputs, aux, stats
+
+    def _relayout(self, rows, to):
+        """Expert rows <[E, G*C, D]> through `relayout_hook`, if one is set.
+
+        `to` is `RELAYOUT_TO_EXPERTS` before the experts and
+        `RELAYOUT_TO_TOKENS` after them. The expert-parallel trainer
+        (`keras_moe.distribution.expert_parallel`) sets the hook while it
+        traces a step, to move the rows between the batch-sharded layout
+        of the tokens and the expert-sharded layout of the expert weights
+        (GShard's all-to-all); it is None otherwise and never serialised.
+        """
+        hook = self.relayout_hook
+        return rows if hook is None else hook(rows, to)
 
     def _stats(self, routed, mask):
         valid = ops.cast(mask, "float32")

@@ -512,7 +512,9 @@ class VisionLanguageModel(keras.Model):
     # ------------------------------------------------------------ encoder
 
     def visual_tokens(self, images, training=False):
-        """Images <[B, M, Hi, Wi, C]> -> projected tokens <[B, M, N, D]>."""
+        """Images <[B, M, Hi, Wi, C]> (or <[B, Hi, Wi, C]>, M = 1) ->
+        projected visual tokens <[B, M, N, D]>."""
+        images = self._check_images(images)
         batch, count = ops.shape(images)[0], ops.shape(images)[1]
         # (B, M, Hi, Wi, C) -> (B*M, Hi, Wi, C)
         flat = ops.reshape(images, (-1, *self.image_shape))
@@ -598,10 +600,12 @@ class VisionLanguageModel(keras.Model):
             inputs.get("image_mask"),
         )
         decoder_ids = ops.convert_to_tensor(inputs["decoder_token_ids"])
-        if len(decoder_ids.shape) != 2:
+        dtype = keras.backend.standardize_dtype(decoder_ids.dtype)
+        if len(decoder_ids.shape) != 2 or "int" not in dtype:
             raise ValueError(
-                "decoder_token_ids must have rank 2 <[batch, length]>; "
-                f"received shape {tuple(decoder_ids.shape)}"
+                "decoder_token_ids must be integer token ids of rank 2 "
+                f"<[batch, length]>; received {dtype} of shape "
+                f"{tuple(decoder_ids.shape)}"
             )
         decoder_mask = inputs.get("decoder_padding_mask")
         if decoder_mask is None:

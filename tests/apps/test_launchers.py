@@ -68,10 +68,10 @@ def digits_test(data_dir):
     return images.astype("float32"), labels
 
 
-def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
-    images, labels = digits_test
-    # 1. Dense pretraining -> Hugging Face checkpoint.
-    dense_dir = tmp_path / "dense"
+@pytest.fixture(scope="module")
+def pretrained_vit(data_dir, tmp_path_factory):
+    """(checkpoint dir, printed results) of `train_dense` on digits."""
+    dense_dir = tmp_path_factory.mktemp("vit") / "dense"
     pretrained = _json_line(
         check_ok(
             run_app(
@@ -87,6 +87,14 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
             )
         )
     )
+    return dense_dir, pretrained
+
+
+def test_train_dense_writes_a_hugging_face_checkpoint(
+    pretrained_vit, digits_test
+):
+    images, labels = digits_test
+    dense_dir, pretrained = pretrained_vit
     assert sorted(os.listdir(dense_dir)) == ["config.json", "model.safetensors"]
     dense = read_checkpoint(str(dense_dir))
     assert isinstance(dense, ViT) and dense.num_classes == 10
@@ -105,8 +113,12 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
         rtol=1e-4,
     )
 
-    # 2. Upcycling -> .keras.
-    moe_file = tmp_path / "moe.keras"
+
+@pytest.fixture(scope="module")
+def upcycled_vit(pretrained_vit, data_dir):
+    """(moe .keras file, dense model) of `upcycle` on the checkpoint."""
+    dense_dir, _ = pretrained_vit
+    moe_file = dense_dir.parent / "moe.keras"
     process = check_ok(
         run_app(
             "upcycle",
@@ -121,6 +133,12 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
         )
     )
     assert "upcycled" in process.stdout
+    return moe_file, read_checkpoint(str(dense_dir))
+
+
+def test_upcycle_copies_the_mlp_into_every_expert(upcycled_vit, digits_test):
+    images, _ = digits_test
+    moe_file, dense = upcycled_vit
     moe = keras.saving.load_model(moe_file, compile=False)
     layer = moe.blocks[1].mlp
     assert isinstance(layer, MoeLayer) and layer.num_experts == 4
@@ -137,7 +155,14 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
     # Top-1, renormalised, no drops: the MoE computes the dense function.
     np.testing.assert_allclose(moe(images), dense(images), atol=1e-5)
 
-    # 3. Continued training under MirroredStrategy on 2 CPU devices, on a
+
+def test_train_mirrored_resumes_then_evaluate(
+    upcycled_vit, data_dir, digits_test, tmp_path
+):
+    images, labels = digits_test
+    moe_file, _ = upcycled_vit
+    moe = keras.saving.load_model(moe_file, compile=False)
+    # Continued training under MirroredStrategy on 2 CPU devices, on a
     # dataset prepared locally under another name; then the same command
     # again, which resumes from the last checkpoint and trains nothing.
     train_dir = tmp_path / "train"
@@ -168,7 +193,7 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
     name = "encoder/block_1/mlp/experts/wi"
     assert not np.allclose(
         trained.canonical_variables()[name].numpy(),
-        moe_weights[name].numpy(),
+        moe.canonical_variables()[name].numpy(),
     )
     _check_tensorboard_logs(train_dir / "logs")
 
@@ -180,7 +205,7 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
     for a, b in zip(trained.weights, again.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
-    # 4. Evaluation with no-drop capacity, checked against NumPy.
+    # Evaluation with no-drop capacity, checked against NumPy.
     results = _json_line(
         check_ok(
             run_app(
@@ -208,6 +233,43 @@ def test_vit_launchers_end_to_end(data_dir, digits_test, tmp_path):
         rtol=1e-4,
     )
     assert 0 <= results["ece"] <= 1 and 0 <= results["brier"] <= 2
+
+
+def test_train_expert_parallel_on_a_mesh(upcycled_vit, data_dir, tmp_path):
+    moe_file, _ = upcycled_vit
+    moe = keras.saving.load_model(moe_file, compile=False)
+    train_dir = tmp_path / "train_mesh"
+    args = [
+        f"--model={moe_file}",
+        "--dataset=digits",
+        f"--output_dir={train_dir}",
+        "--mesh=batch:1,expert:2",
+        "--cpu_devices=2",
+        "--batch_size=8",
+        "--epochs=1",
+        "--steps_per_epoch=3",
+        "--save_every_steps=2",
+        "--learning_rate=1e-3",
+    ]
+    result = _json_line(check_ok(run_app("train", *args, data_dir=data_dir)))
+    assert result["mesh"] == {"batch": 1, "expert": 2}
+    assert result["resumed_from_step"] == 0 and result["steps"] == 3
+    losses = json.loads((train_dir / "history.json").read_text())["loss"]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert os.listdir(train_dir / "backup") == ["expert_parallel.npz"]
+    trained = keras.saving.load_model(train_dir / "model.keras", compile=False)
+    name = "encoder/block_1/mlp/experts/wi"
+    assert not np.allclose(
+        trained.canonical_variables()[name].numpy(),
+        moe.canonical_variables()[name].numpy(),
+    )
+    # A mesh whose size is not the number of devices fails before work.
+    process = run_app(
+        "train", *args[:-6], "--mesh=batch:2,expert:2", "--cpu_devices=2"
+    )
+    assert process.returncode != 0
+    assert "--mesh='batch:2,expert:2'" in process.stderr
+    assert "4 devices but 2 are available" in process.stderr
 
 
 def _check_tensorboard_logs(log_dir):

@@ -49,8 +49,8 @@ def test_sentinels_at_the_top():
     assert kd.VOCAB_SIZE == 2100 and kd.NUM_EXTRA_IDS == 100
     assert kd.sentinel_id(0) == 2099
     assert kd.sentinel_id(99) == 2000 == kd.SENTENCEPIECE_VOCAB_SIZE
-    for bad in (-1, 100):
-        with pytest.raises(ValueError, match=r"\[0, 100\)"):
+    for bad in (-1, 100, 1.0, "3", None):
+        with pytest.raises(ValueError, match=r"an int in \[0, 100\)"):
             kd.sentinel_id(bad)
 
 
@@ -85,7 +85,6 @@ def test_digits_are_single_pieces(data_dir, processor):
 
 def test_tokenizer_in_a_graph(data_dir, processor):
     tokenizer = kd.tokenizer(data_dir)
-    assert kd.tokenizer(data_dir) is tokenizer  # One per model file.
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def encode(text):
@@ -93,3 +92,11 @@ def test_tokenizer_in_a_graph(data_dir, processor):
 
     got = encode(tf.constant(["translate to Spanish: 21"])).numpy()[0]
     assert got.tolist() == processor.EncodeAsIds("translate to Spanish: 21")
+
+
+def test_tokenizer_after_seeding(data_dir, processor):
+    # Seeding clears TensorFlow's resources: a tokenizer made afterwards
+    # still works.
+    tf.random.set_seed(3)
+    ids = kd.tokenizer(data_dir).tokenize(["quatre mille"]).to_list()[0]
+    assert ids == processor.EncodeAsIds("quatre mille")

@@ -147,6 +147,7 @@ def small_run(tmp_path_factory):
     return output_dir, result
 
 
+@pytest.mark.slow
 def test_small_run_writes_consistent_results(small_run):
     output_dir, result = small_run
     assert sorted(os.listdir(output_dir)) == [

@@ -540,6 +540,13 @@ def test_bad_calls_and_configs(prefix_model, dense_models):
         )
     with pytest.raises(ValueError, match="expects a dict"):
         prefix_model(_images(1, 1))
+    with pytest.raises(ValueError, match="decoder_token_ids must be integer"):
+        prefix_model(
+            dict(
+                _inputs(_images(1, 1), [[5, 1]], [[0, 3]]),
+                decoder_token_ids=np.array([[0.0, 3.0]], "float32"),
+            )
+        )
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         prefix_model.generate(_images(1, 1), np.array([[5, 1]]), 0)
     text = t5_config("t5_tiny")
@@ -565,3 +572,27 @@ def test_bad_calls_and_configs(prefix_model, dense_models):
     )
     with pytest.raises(ValueError, match="ensemble_size=2"):
         VisionLanguageModel.from_models(e3, t5)
+
+
+def test_mixed_precision_call():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = VisionLanguageModel(VISION, t5_config("t5_tiny"))
+    finally:
+        keras.config.set_dtype_policy(policy)
+    assert all(w.dtype == "float32" for w in model.weights)
+    logits = model(_inputs(_images(2, 1), [[5, 6, 1], [7, 1, 0]], [[0, 3]] * 2))
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    assert np.isfinite(_np(logits)).all()
+    packed, _ = model.embed_inputs(_images(2, 1), np.array([[5, 1], [6, 1]]))
+    assert keras.backend.standardize_dtype(packed.dtype) == "bfloat16"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from keras_moe.models import vlm
+
+    result = doctest.testmod(vlm, extraglobs={"keras": keras})
+    assert result.attempted >= 3 and result.failed == 0

@@ -1,0 +1,679 @@
+"""Expert-parallel training of a Keras MoE model on a DTensor mesh.
+
+Shape letters: B examples, G groups, C expert capacity, E experts, D model
+dimension, n the size of the mesh's `expert` axis, b of its `batch` axis.
+
+Keras 3 variables cannot be DTensors, but `Model.stateless_call` accepts
+DTensor values for them. `ExpertParallelTrainer` keeps the training state
+outside the Keras model, in DTensor variables (`dtensor.DVariable`):
+
+    expert weights <[E, ...]>       sharded on `expert` (E/n per device)
+    other weights, optimizer state  replicated (slots follow their weight)
+    inputs, labels <[B, ...]>       sharded on `batch` (B/b per device)
+
+and runs one `tf.function` per step: `stateless_call` forward (with the
+MoE auxiliary losses, `return_losses=True`), `tf.GradientTape` gradients
+(those of expert weights come back sharded on `expert`), and the update of
+a DTensor-aware optimizer: the `tf_keras` optimizer of the same name as the
+Keras optimizer given (`mesh=` argument; the update rules of Adam, AdamW
+and SGD are those of Keras 3, checked by test). Inside every `MoeLayer`
+the dispatched rows <[E, G*C, D]> are relaid out from batch-sharded to
+expert-sharded before the experts and back after them
+(`MoeLayer.relayout_hook`), so that each device runs only its E/n experts
+on the tokens of its batch shard.
+
+The Keras model stays the source of truth for saving and export:
+`sync_to_model()` copies the trained values into its variables. `save`
+writes a mesh-independent checkpoint (whole arrays: weights, optimizer
+state, step) that `restore` / `load` read onto any mesh, one device
+included.
+
+Example (runs on one device; with 8 devices use `"batch:2,expert:4"`):
+
+>>> from keras_moe.distribution.mesh import make_mesh
+>>> from keras_moe.layers.moe import MoeLayer
+>>> inputs = keras.Input((4, 8))
+>>> hidden = MoeLayer(num_experts=2, hidden_dim=16)(inputs)
+>>> outputs = keras.layers.Dense(3)(keras.layers.Flatten()(hidden))
+>>> model = keras.Model(inputs, outputs)
+>>> trainer = ExpertParallelTrainer(
+...     model,
+...     make_mesh(batch=1, expert=1, devices=["CPU:0"]),
+...     optimizer=keras.optimizers.Adam(1e-3),
+...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+... )
+>>> x = np.random.default_rng(0).normal(size=(8, 4, 8)).astype("float32")
+>>> y = np.arange(8) % 3
+>>> dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+>>> losses = trainer.fit(dataset, steps=2)
+>>> len(losses)
+2
+>>> trainer.sync_to_model()  # the Keras model now holds the new weights
+
+Relayouts: with tokens sharded on `batch` and replicated over `expert`,
+entering the experts is a local slice and leaving them an all-gather over
+`expert`; layers other than the experts run replicated over `expert`. A
+mesh `batch:1,expert:n` therefore splits only the expert computation and
+memory, `batch:b,expert:1` is plain data parallelism.
+
+Limits: router noise and dropout draw from the same seeds as on one
+device but DTensor may split the draws differently, so such runs are not
+bit-comparable with single-device training; the MoE layers' routing
+statistic trackers are not updated by this trainer (`stateless_call` does
+not carry metric variables); `jit_compile` is not used (DTensor ignores it
+on CPU).
+
+A multi-host run (one Python process per host, e.g. a TPU pod slice or
+several GPU hosts) needs, beyond this single-process code:
+
+* the multi-client DTensor environment in every process before TensorFlow
+  starts: `DTENSOR_CLIENT_ID` (this host's index), `DTENSOR_NUM_CLIENTS`,
+  `DTENSOR_JOB_NAME` and `DTENSOR_JOBS` (the `host:port` of every client),
+  then `tf.experimental.dtensor.initialize_accelerator_system()`;
+* one mesh over all hosts' devices, built identically on every host
+  (`dtensor.create_distributed_mesh` with the `batch` and `expert` axes)
+  and passed to this trainer;
+* data sharded per host: each host reads its own part of the global batch
+  and packs only its local devices' shards (`dtensor.pack` over
+  `mesh.local_devices()`, as `_shard_batch` does for one host), so the
+  global batch is never assembled on one machine;
+* checkpoints gathered across hosts: `save` reads whole arrays with
+  `dtensor.unpack` of a replicated relayout, which is local to one
+  process; on several hosts use `tf.train.Checkpoint` with DTensor
+  support (or gather on client 0 only) and write from one client.
+"""
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from tensorflow.experimental import dtensor
+from tensorflow.python.framework import ops as tf_ops
+
+from keras_moe.distribution import mesh as mesh_lib
+from keras_moe.layers.ensemble import match_member_rows
+from keras_moe.layers.experts import Experts
+from keras_moe.layers.moe import RELAYOUT_TO_EXPERTS
+from keras_moe.layers.moe import RELAYOUT_TO_TOKENS
+from keras_moe.layers.moe import MoeLayer
+
+CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v1"
+# Keras 3 optimizers whose update the DTensor-aware tf_keras optimizer of
+# the same name reproduces (tests/distribution/test_expert_parallel.py).
+SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "SGD")
+_UNSUPPORTED_OPTIMIZER_OPTIONS = {
+    "use_ema": False,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+_META_KEY = "meta.json"
+
+
+def _topk_gradient_by_one_hot(op, grad, _):
+    """Gradient of `TopKV2` without a flat `scatter_nd`.
+
+    TensorFlow's own gradient scatters into the flattened input with
+    global indices, which DTensor's SPMD expansion splits wrongly when the
+    input is batch-sharded (the indices then fall outside the local
+    shard). A one-hot contraction over the last axis stays local to each
+    row and gives the same values.
+    """
+    num_classes = op.inputs[0].shape[-1]
+    one_hot = tf.one_hot(op.outputs[1], num_classes, dtype=grad.dtype)
+    # (..., K, 1) * (..., K, N) summed over K -> (..., N)
+    return [tf.reduce_sum(grad[..., None] * one_hot, axis=-2), None]
+
+
+@contextlib.contextmanager
+def _dtensor_safe_top_k_gradient():
+    """Uses `_topk_gradient_by_one_hot` for `TopKV2` inside the block."""
+    # TensorFlow offers no public way to replace a registered gradient, and
+    # the routers call `top_k` on batch-sharded router probabilities.
+    entry = tf_ops._gradient_registry._registry["TopKV2"]
+    previous = entry["type"]
+    entry["type"] = _topk_gradient_by_one_hot
+    try:
+        yield
+    finally:
+        entry["type"] = previous
+
+
+def dtensor_optimizer(optimizer, mesh):
+    """The DTensor-aware `tf_keras` optimizer equivalent to a Keras one.
+
+    Args:
+        optimizer: a Keras 3 optimizer (or its name, e.g. "adam") of a
+            class in `SUPPORTED_OPTIMIZERS`, without EMA, loss scaling or
+            gradient accumulation.
+        mesh: the `tf.experimental.dtensor.Mesh` of its variables.
+
+    Returns:
+        A `tf_keras.dtensor.experimental.optimizers` instance with the same
+        hyperparameters (learning-rate schedules included).
+    """
+    optimizer = keras.optimizers.get(optimizer)
+    name = type(optimizer).__name__
+    if name not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be a Keras optimizer of class "
+            f"{SUPPORTED_OPTIMIZERS}; received {name}"
+        )
+    config = optimizer.get_config()
+    for option, default in _UNSUPPORTED_OPTIMIZER_OPTIONS.items():
+        if config.get(option, default) != default:
+            raise ValueError(
+                f"the expert-parallel trainer does not support {option}="
+                f"{config[option]!r} ({name})"
+            )
+    kwargs = {
+        key: value
+        for key, value in config.items()
+        if key not in _UNSUPPORTED_OPTIMIZER_OPTIONS
+        and key not in ("name", "ema_momentum", "ema_overwrite_frequency")
+    }
+    learning_rate = kwargs["learning_rate"]
+    if isinstance(learning_rate, dict):
+        schedule_name = learning_rate["class_name"]
+        schedule_cls = getattr(
+            tf_keras.optimizers.schedules, schedule_name, None
+        )
+        if schedule_cls is None:
+            raise ValueError(
+                f"learning-rate schedule {schedule_name!r} has no tf_keras "
+                "equivalent for the expert-parallel trainer"
+            )
+        kwargs["learning_rate"] = schedule_cls(**learning_rate["config"])
+    optimizer_cls = getattr(tf_keras.dtensor.experimental.optimizers, name)
+    return optimizer_cls(**kwargs, mesh=mesh, jit_compile=False)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; received {value!r}")
+
+
+def _to_mesh(value, layout):
+    """A whole (host) value -> a DTensor of `layout`."""
+    value = tf.convert_to_tensor(value)
+    replicated = mesh_lib.replicated_layout(layout.mesh, value.shape.rank)
+    return dtensor.relayout(dtensor.copy_to_mesh(value, replicated), layout)
+
+
+def _to_numpy(value):
+    """A DTensor -> the whole value as a NumPy array."""
+    replicated = mesh_lib.replicated_layout(
+        dtensor.fetch_layout(value).mesh, value.shape.rank
+    )
+    return dtensor.unpack(dtensor.relayout(value, replicated))[0].numpy()
+
+
+class ExpertParallelTrainer:
+    """Trains a built Keras MoE model with its experts sharded on a mesh.
+
+    Args:
+        model: a built `keras.Model` (e.g. an upcycled keras_moe ViT). Its
+            variables give the initial values; it is not modified until
+            `sync_to_model()` (or `restore`).
+        mesh: a `tf.experimental.dtensor.Mesh` with the axes
+            (`batch`, `expert`) (see `keras_moe.distribution.mesh`), a spec
+            such as `"batch:2,expert:4"`, or a dict of the two sizes. The
+            `expert` axis must divide the number of experts of every MoE
+            layer.
+        optimizer: a Keras optimizer or its name (`dtensor_optimizer`
+            lists the supported ones).
+        loss: a Keras loss (object, name or function) of
+            `(y_true, y_pred)`; the MoE auxiliary losses are added to it.
+            For an E^3 model the targets are repeated for each member, as
+            its `compute_loss` does.
+        devices: devices of a mesh given as a spec or dict.
+
+    Attributes:
+        model, mesh, optimizer (the Keras optimizer, kept for its config),
+        loss, step (the number of steps applied).
+    """
+
+    def __init__(self, model, mesh, optimizer="adam", loss=None, devices=None):
+        if not isinstance(model, keras.Model) or not model.built:
+            raise ValueError(
+                "model must be a built keras.Model; received "
+                f"{type(model).__name__}"
+                + ("" if not isinstance(model, keras.Model) else " (unbuilt)")
+            )
+        if loss is None:
+            raise ValueError("loss is required (a Keras loss or its name)")
+        mesh = mesh_lib.as_mesh(mesh, devices=devices)
+        expert_size = mesh.dim_size(mesh_lib.EXPERT_AXIS)
+        self._moe_layers = []
+        expert_weights = set()
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, MoeLayer):
+                self._moe_layers.append(layer)
+            if isinstance(layer, Experts):
+                if layer.num_experts % expert_size:
+                    raise ValueError(
+                        f"MoE layer {layer.path.rsplit('/', 1)[0]!r} has "
+                        f"num_experts={layer.num_experts}, which the mesh's "
+                        f"expert axis of size {expert_size} does not "
+                        "divide: each device must hold the same number of "
+                        "experts"
+                    )
+                expert_weights.update(id(w) for w in layer.weights)
+        keras_optimizer = keras.optimizers.get(optimizer)
+        self._tf_optimizer = dtensor_optimizer(keras_optimizer, mesh)
+        self.loss = keras.losses.get(loss)
+        if not callable(self.loss):
+            raise ValueError(f"unknown loss {loss!r}")
+        if not isinstance(self.loss, keras.losses.Loss):
+            self.loss = _FunctionLoss(self.loss)
+        self._loss_config = (
+            loss if isinstance(loss, str) else _serialize_loss(loss)
+        )
+        self.model = model
+        self.mesh = mesh
+        self.optimizer = keras_optimizer
+        self.step = 0
+        self._expert_weights = expert_weights
+        self._ensemble = getattr(model, "ensemble_size", 1) > 1
+        self._trainable = [
+            self._dvariable(v, trainable=True)
+            for v in model.trainable_variables
+        ]
+        self._non_trainable = [
+            self._dvariable(v, trainable=False)
+            for v in model.non_trainable_variables
+        ]
+        self._tf_optimizer.build(self._trainable)
+        self._train_step = tf.function(self._step)
+
+    # Layouts ---------------------------------------------------------------
+
+    def layout(self, variable):
+        """The layout of one of the model's variables on this mesh."""
+        rank = len(variable.shape)
+        if id(variable) in self._expert_weights:
+            return mesh_lib.expert_weight_layout(self.mesh, rank)
+        return mesh_lib.replicated_layout(self.mesh, rank)
+
+    def _dvariable(self, variable, trainable):
+        value = _to_mesh(variable.value, self.layout(variable))
+        return dtensor.DVariable(value, trainable=trainable)
+
+    @property
+    def trainable_values(self):
+        """DTensor values of `model.trainable_variables`, in that order."""
+        return [v.read_value() for v in self._trainable]
+
+    @property
+    def non_trainable_values(self):
+        """DTensor values of `model.non_trainable_variables`."""
+        return [v.read_value() for v in self._non_trainable]
+
+    def _relayout_rows(self, rows, to):
+        """`MoeLayer.relayout_hook`: expert rows <[E, G*C, D]> between the
+        token layout (N on `batch`) and the expert layout (E on `expert`,
+        N on `batch`)."""
+        if to not in (RELAYOUT_TO_EXPERTS, RELAYOUT_TO_TOKENS):
+            raise ValueError(f"unknown relayout target {to!r}")
+        expert = dtensor.UNSHARDED
+        if to == RELAYOUT_TO_EXPERTS:
+            expert = mesh_lib.EXPERT_AXIS
+        # N = G*C splits over `batch` like the groups it comes from; when
+        # padding made G indivisible the rows stay whole along N.
+        batch = dtensor.UNSHARDED
+        rows_per_expert = rows.shape[1]
+        if rows_per_expert is not None and not (
+            rows_per_expert % self.mesh.dim_size(mesh_lib.BATCH_AXIS)
+        ):
+            batch = mesh_lib.BATCH_AXIS
+        layout = dtensor.Layout([expert, batch, dtensor.UNSHARDED], self.mesh)
+        return dtensor.relayout(rows, layout)
+
+    @contextlib.contextmanager
+    def _relayout_hooks(self):
+        for layer in self._moe_layers:
+            layer.relayout_hook = self._relayout_rows
+        try:
+            yield
+        finally:
+            for layer in self._moe_layers:
+                layer.relayout_hook = None
+
+    # The step -------------------------------------------------------------
+
+    def _forward(self, trainable, non_trainable, x, training):
+        """`stateless_call` with the MoE relayouts: returns (y_pred, new
+        non-trainable values, auxiliary losses)."""
+        with self._relayout_hooks():
+            return self.model.stateless_call(
+                trainable,
+                non_trainable,
+                x,
+                training=training,
+                return_losses=True,
+            )
+
+    def _total_loss(self, y, y_pred, sample_weight, aux_losses):
+        if self._ensemble:
+            y, sample_weight = match_member_rows((y, sample_weight), y_pred)
+        loss = self.loss(y, y_pred, sample_weight=sample_weight)
+        for aux in aux_losses:
+            loss = loss + tf.reduce_sum(tf.cast(aux, loss.dtype))
+        return loss
+
+    def _step(self, x, y, sample_weight=None):
+        with tf.GradientTape() as tape:
+            y_pred, non_trainable, aux_losses = self._forward(
+                self.trainable_values, self.non_trainable_values, x, True
+            )
+            loss = self._total_loss(y, y_pred, sample_weight, aux_losses)
+        with _dtensor_safe_top_k_gradient():
+            grads = tape.gradient(loss, self._trainable)
+        self._tf_optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, self._trainable) if g is not None]
+        )
+        for variable, value in zip(self._non_trainable, non_trainable):
+            variable.assign(value)
+        return loss
+
+    def _shard_batch(self, value):
+        """A host array <[B, ...]> -> a DTensor sharded on `batch`: each
+        local device gets only its own rows."""
+        value = tf.convert_to_tensor(value)
+        batch_size = self.mesh.dim_size(mesh_lib.BATCH_AXIS)
+        if value.shape.rank == 0:
+            raise ValueError("inputs and labels need a batch axis")
+        rows = value.shape[0]
+        if rows % batch_size:
+            raise ValueError(
+                f"a batch of {rows} examples cannot be split over the mesh's "
+                f"batch axis of size {batch_size}: use a batch size that is a "
+                "multiple of it (drop_remainder=True for tf.data)"
+            )
+        per_shard = rows // batch_size
+        shards = [
+            value[i * per_shard : (i + 1) * per_shard]
+            for i in (
+                location[mesh_lib.BATCH_AXIS]
+                for location in self.mesh.local_device_locations()
+            )
+        ]
+        layout = mesh_lib.batch_layout(self.mesh, value.shape.rank)
+        return dtensor.pack(shards, layout)
+
+    def train_step(self, x, y, sample_weight=None):
+        """One optimizer step on a global batch; returns the loss (float).
+
+        Args:
+            x: inputs <[B, ...]> (a host array or tensor); B must be a
+                multiple of the `batch` axis.
+            y: targets <[B, ...]>.
+            sample_weight: optional <[B]> weights of the loss.
+        """
+        args = [self._shard_batch(x), self._shard_batch(y)]
+        if sample_weight is not None:
+            args.append(self._shard_batch(sample_weight))
+        loss = self._train_step(*args)
+        self.step += 1
+        return float(dtensor.unpack(loss)[0])
+
+    def fit(self, dataset, steps=None, callbacks=None):
+        """Trains on batches of `dataset`; returns the per-step losses.
+
+        Args:
+            dataset: an iterable of `(x, y)` or `(x, y, sample_weight)`
+                global batches (a batched `tf.data.Dataset`, with
+                `drop_remainder=True` when the last batch would not split
+                over the `batch` axis).
+            steps: number of steps; None runs until `dataset` ends.
+            callbacks: Keras callbacks; they get `on_train_begin`,
+                `on_train_batch_begin/end` with `{"loss": ...}` and
+                `on_train_end`, and stop training by setting
+                `model.stop_training`. The Keras model's variables are
+                updated (`sync_to_model`) before `on_train_end`.
+
+        Returns:
+            A list of floats, the loss of each step.
+        """
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int):
+                raise ValueError(f"steps must be an int; received {steps!r}")
+            if steps < 0:
+                raise ValueError(f"steps must be >= 0; received {steps}")
+        callbacks = keras.callbacks.CallbackList(
+            callbacks, add_history=False, add_progbar=False, model=self.model
+        )
+        self.model.stop_training = False
+        losses = []
+        callbacks.on_train_begin()
+        iterator = iter(dataset)
+        while steps is None or len(losses) < steps:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) not in (
+                2,
+                3,
+            ):
+                raise ValueError(
+                    "dataset must yield (x, y) or (x, y, sample_weight) "
+                    f"tuples; received {type(batch).__name__}"
+                )
+            callbacks.on_train_batch_begin(len(losses))
+            losses.append(self.train_step(*batch))
+            callbacks.on_train_batch_end(len(losses) - 1, {"loss": losses[-1]})
+            if self.model.stop_training:
+                break
+        self.sync_to_model()
+        callbacks.on_train_end({"loss": losses[-1]} if losses else {})
+        return losses
+
+    # State ----------------------------------------------------------------
+
+    def sync_to_model(self):
+        """Copies the trained (whole) values into the Keras model."""
+        for variables, dvariables in (
+            (self.model.trainable_variables, self._trainable),
+            (self.model.non_trainable_variables, self._non_trainable),
+        ):
+            for variable, dvariable in zip(variables, dvariables):
+                variable.assign(_to_numpy(dvariable.read_value()))
+
+    def _state(self):
+        """(arrays, meta) of a checkpoint of the current state."""
+        arrays = {}
+        for prefix, dvariables in (
+            ("trainable", self._trainable),
+            ("non_trainable", self._non_trainable),
+            ("optimizer", self._tf_optimizer.variables),
+        ):
+            for i, dvariable in enumerate(dvariables):
+                arrays[f"{prefix}/{i:05d}"] = _to_numpy(dvariable.read_value())
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "trainable": [v.path for v in self.model.trainable_variables],
+            "non_trainable": [
+                v.path for v in self.model.non_trainable_variables
+            ],
+            "optimizer": keras.optimizers.serialize(self.optimizer),
+            "optimizer_variables": [
+                v.name for v in self._tf_optimizer.variables
+            ],
+            "loss": self._loss_config,
+            "mesh": {
+                name: self.mesh.dim_size(name) for name in mesh_lib.MESH_AXES
+            },
+        }
+        return arrays, meta
+
+    def save(self, path):
+        """Writes a mesh-independent checkpoint to `path` (one file).
+
+        Whole arrays of the model's variables, the optimizer's state and
+        the step, written to a temporary file beside `path` and renamed
+        into place, so `path` is either the old or the new checkpoint.
+
+        Returns:
+            `path`.
+        """
+        arrays, meta = self._state()
+        arrays[_META_KEY] = np.frombuffer(
+            json.dumps(meta).encode("utf-8"), dtype=np.uint8
+        )
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        handle, temp_path = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **arrays)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp_path, path)
+        except BaseException:
+            if os.path.exists(temp_path):
+                os.remove(temp_path)
+            raise
+        return path
+
+    def load(self, path):
+        """Sets this trainer's weights, optimizer state and step from a
+        checkpoint written by `save` on any mesh."""
+        arrays, meta = _read_checkpoint(path)
+        self._check_checkpoint(arrays, meta, path)
+        for prefix, dvariables in (
+            ("trainable", self._trainable),
+            ("non_trainable", self._non_trainable),
+            ("optimizer", self._tf_optimizer.variables),
+        ):
+            for i, dvariable in enumerate(dvariables):
+                layout = dtensor.fetch_layout(dvariable.read_value())
+                dvariable.assign(_to_mesh(arrays[f"{prefix}/{i:05d}"], layout))
+        self.step = int(meta["step"])
+
+    def _check_checkpoint(self, arrays, meta, path):
+        expected = {
+            "trainable": (self.model.trainable_variables, meta["trainable"]),
+            "non_trainable": (
+                self.model.non_trainable_variables,
+                meta["non_trainable"],
+            ),
+        }
+        # Variables are matched by position (the order of the model's
+        # variable lists), not by path: Keras numbers some names per
+        # process (`seed_generator_1`), so equal models can differ there.
+        for prefix, (variables, saved_paths) in expected.items():
+            if len(saved_paths) != len(variables):
+                raise ValueError(
+                    f"checkpoint {path!r} does not fit this model: it holds "
+                    f"{len(saved_paths)} {prefix} variables, the model has "
+                    f"{len(variables)}"
+                )
+            for i, variable in enumerate(variables):
+                shape = tuple(arrays[f"{prefix}/{i:05d}"].shape)
+                if shape != tuple(variable.shape):
+                    raise ValueError(
+                        f"checkpoint {path!r} does not fit this model: "
+                        f"{saved_paths[i]} has shape {shape}; the model's "
+                        f"{variable.path} has {tuple(variable.shape)}"
+                    )
+        opt_variables = self._tf_optimizer.variables
+        if len(meta["optimizer_variables"]) != len(opt_variables):
+            raise ValueError(
+                f"checkpoint {path!r} holds "
+                f"{len(meta['optimizer_variables'])} optimizer variables; "
+                f"this trainer's optimizer has {len(opt_variables)} (a "
+                "different optimizer class or options?)"
+            )
+        for i, variable in enumerate(opt_variables):
+            shape = tuple(arrays[f"optimizer/{i:05d}"].shape)
+            if shape != tuple(variable.shape):
+                raise ValueError(
+                    f"checkpoint {path!r}: optimizer variable "
+                    f"{meta['optimizer_variables'][i]!r} has shape {shape}; "
+                    f"this trainer's is {tuple(variable.shape)}"
+                )
+
+    @classmethod
+    def restore(cls, path, model, mesh, optimizer=None, loss=None, **kwargs):
+        """A trainer on `mesh` resuming from a checkpoint of `save`.
+
+        Args:
+            path: the checkpoint file.
+            model: a built model of the same architecture (its variables
+                are overwritten with the checkpoint's weights).
+            mesh: the mesh to resume on (any shape that divides the
+                experts); see `ExpertParallelTrainer`.
+            optimizer: None for the checkpoint's optimizer configuration.
+            loss: None for the checkpoint's loss.
+            **kwargs: other `ExpertParallelTrainer` arguments.
+
+        Returns:
+            An `ExpertParallelTrainer` at the checkpoint's step.
+        """
+        arrays, meta = _read_checkpoint(path)
+        if optimizer is None:
+            optimizer = keras.optimizers.deserialize(meta["optimizer"])
+        if loss is None:
+            if meta["loss"] is None:
+                raise ValueError(
+                    f"checkpoint {path!r} does not record its loss; pass loss"
+                )
+            loss = keras.losses.deserialize(meta["loss"])
+        trainer = cls(model, mesh, optimizer=optimizer, loss=loss, **kwargs)
+        trainer._check_checkpoint(arrays, meta, path)
+        trainer.load(path)
+        trainer.sync_to_model()
+        return trainer
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function with Keras' default reduction, as `compile` gives it
+    (mean over the batch of the weighted per-example losses)."""
+
+    def __init__(self, function):
+        super().__init__(name=getattr(function, "__name__", "loss"))
+        self.function = function
+
+    def call(self, y_true, y_pred):
+        return self.function(y_true, y_pred)
+
+
+def _serialize_loss(loss):
+    """A Keras loss's serialization, or None for a plain function."""
+    try:
+        config = keras.losses.serialize(loss)
+        json.dumps(config)
+    except (TypeError, ValueError):
+        return None
+    return config
+
+
+def _read_checkpoint(path):
+    """(arrays, meta) of a checkpoint file, checked for its format."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file at {path!r}")
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        meta = json.loads(arrays.pop(_META_KEY).tobytes().decode("utf-8"))
+    except (ValueError, KeyError, OSError) as error:
+        raise ValueError(
+            f"{path!r} is not an expert-parallel checkpoint: {error}"
+        ) from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path!r} has format {meta.get('format')!r}; expected "
+            f"{CHECKPOINT_FORMAT!r}"
+        )
+    return arrays, meta

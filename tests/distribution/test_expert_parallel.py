@@ -1,0 +1,467 @@
+"""Expert parallelism on a DTensor mesh: mesh specs, layouts, training.
+
+Multi-device checks run `_ep_train.py` / `_ep_bad_inputs.py` in a
+subprocess with 8 virtual CPU devices (TensorFlow's devices can only be
+split before it starts, and pytest shares one process). One-device checks
+(a 1 x 1 mesh on CPU:0) run here.
+"""
+
+import doctest
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+from keras_moe.distribution import expert_parallel
+from keras_moe.distribution import mesh as mesh_lib
+from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
+from keras_moe.layers.moe import MoeLayer
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.dirname(_HERE))
+TOLERANCE = 1e-5
+
+
+def _run_script(name, *args, timeout=1500):
+    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, os.path.join(_HERE, name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result.stdout
+
+
+# Mesh specs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec,num_devices,expected",
+    [
+        ("batch:2,expert:4", 8, {"batch": 2, "expert": 4}),
+        (" expert : 8 , batch : 1 ", 8, {"batch": 1, "expert": 8}),
+        ("expert:8", 8, {"batch": 1, "expert": 8}),
+        ("batch:3", 3, {"batch": 3, "expert": 1}),
+    ],
+)
+def test_parse_mesh_spec(spec, num_devices, expected):
+    assert mesh_lib.parse_mesh_spec(spec, num_devices=num_devices) == expected
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("batch=2,expert=4", "cannot parse mesh spec"),
+        ("batch:2;expert:4", "cannot parse mesh spec"),
+        ("batch:two,expert:4", "cannot parse mesh spec"),
+        ("", "cannot parse mesh spec"),
+        (None, "cannot parse mesh spec"),
+        ("batch:2,model:4", "unknown axis 'model'"),
+        ("batch:2,batch:4", "names axis 'batch' twice"),
+        ("batch:0,expert:8", "axis 'batch' has size 0"),
+        ("batch:2,expert:-4", "axis 'expert' has size -4"),
+        ("batch:2,expert:2", r"2 \* 2 = 4 devices but 8 are available"),
+    ],
+)
+def test_parse_mesh_spec_rejects(spec, match):
+    with pytest.raises(ValueError, match=match):
+        mesh_lib.parse_mesh_spec(spec, num_devices=8)
+
+
+def test_parse_mesh_spec_counts_the_devices_tensorflow_sees():
+    count = len(mesh_lib.default_devices())
+    assert mesh_lib.parse_mesh_spec(f"expert:{count}") == {
+        "batch": 1,
+        "expert": count,
+    }
+    with pytest.raises(ValueError, match=f"but {count} are available"):
+        mesh_lib.parse_mesh_spec(f"expert:{count + 1}")
+
+
+def test_make_mesh_and_layouts():
+    mesh = mesh_lib.make_mesh(1, 1, devices=["CPU:0"])
+    assert tuple(mesh.dim_names) == ("batch", "expert")
+    assert mesh_lib.expert_weight_layout(mesh, 3).sharding_specs == [
+        "expert",
+        "unsharded",
+        "unsharded",
+    ]
+    assert mesh_lib.batch_layout(mesh, 2).sharding_specs == [
+        "batch",
+        "unsharded",
+    ]
+    with pytest.raises(ValueError, match="1 \\* 2 = 2 devices but 1"):
+        mesh_lib.make_mesh(1, 2, devices=["CPU:0"])
+    with pytest.raises(ValueError, match="'expert' must be an int >= 1"):
+        mesh_lib.make_mesh(1, 0, devices=["CPU:0"])
+    with pytest.raises(ValueError, match="must have the axes"):
+        mesh_lib.as_mesh(
+            dtensor.create_mesh([("x", 1), ("y", 1)], devices=["CPU:0"])
+        )
+
+
+def test_docstring_examples():
+    for module in (mesh_lib, expert_parallel):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# One device: the optimizers against Keras ----------------------------------
+
+
+def _small_model(num_experts=4, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 8))
+    hidden = MoeLayer(
+        num_experts,
+        16,
+        num_selected_experts=2,
+        dispatcher="einsum",
+        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
+        name="moe",
+    )(inputs)
+    outputs = keras.layers.Dense(3, name="head")(
+        keras.layers.Flatten()(hidden)
+    )
+    return keras.Model(inputs, outputs)
+
+
+def _data(steps=3, batch=4, seed=1):
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.normal(size=(batch, 6, 8)).astype("float32"),
+            rng.integers(0, 3, size=(batch,)).astype("int32"),
+        )
+        for _ in range(steps)
+    ]
+
+
+_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _one_device_mesh():
+    return mesh_lib.make_mesh(1, 1, devices=["CPU:0"])
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: keras.optimizers.Adam(0.05),
+        lambda: keras.optimizers.AdamW(0.05, weight_decay=0.1, amsgrad=True),
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+        lambda: keras.optimizers.Adam(
+            keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.5),
+            clipnorm=0.5,
+        ),
+    ],
+    ids=["adam", "adamw_amsgrad", "sgd_nesterov", "adam_schedule_clip"],
+)
+def test_one_device_trainer_matches_keras_fit(optimizer):
+    """The trainer's step (tf_keras DTensor optimizer, aux losses included)
+    reproduces Keras' own train step with the same Keras optimizer."""
+    data = _data()
+    reference = _small_model()
+    reference.compile(optimizer=optimizer(), loss=_LOSS, jit_compile=False)
+    expected = [
+        reference.train_on_batch(x, y, return_dict=True)["loss"]
+        for x, y in data
+    ]
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer=optimizer(), loss=_LOSS
+    )
+    losses = trainer.fit(iter(data), steps=3)
+    np.testing.assert_allclose(losses, expected, rtol=TOLERANCE)
+    # The first loss is the cross-entropy plus the MoE auxiliary losses.
+    model = _small_model()
+    logits = keras.ops.convert_to_numpy(model(data[0][0], training=True))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    cross_entropy = -np.mean(log_probs[np.arange(4), data[0][1]])
+    aux = sum(float(loss) for loss in model.losses)
+    assert aux > 1e-3
+    np.testing.assert_allclose(losses[0], cross_entropy + aux, rtol=1e-5)
+    for got, want in zip(
+        trainer.model.trainable_variables, reference.trainable_variables
+    ):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(got),
+            keras.ops.convert_to_numpy(want),
+            atol=TOLERANCE,
+            err_msg=got.path,
+        )
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append((batch, logs["loss"]))
+        if len(self.seen) == self.steps:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        # The Keras model already holds the trained weights.
+        self.final = keras.ops.convert_to_numpy(self.model.get_layer("head").kernel)
+
+
+def test_fit_runs_callbacks_and_syncs_before_train_end():
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="sgd", loss=_LOSS
+    )
+    before = keras.ops.convert_to_numpy(trainer.model.get_layer("head").kernel)
+    callback = _StopAfter(2)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        tuple(np.concatenate(a) for a in zip(*_data(steps=4)))
+    ).batch(4)
+    losses = trainer.fit(dataset, callbacks=[callback])
+    assert len(losses) == 2 and trainer.step == 2
+    assert [b for b, _ in callback.seen] == [0, 1]
+    assert [loss for _, loss in callback.seen] == losses
+    assert not np.allclose(callback.final, before)
+    # steps=None runs until the dataset ends.
+    assert len(trainer.fit(dataset)) == 4
+
+
+def test_sample_weights_match_keras():
+    data = [(x, y, np.linspace(0.0, 2.0, len(y))) for x, y in _data()]
+    reference = _small_model()
+    # A loss given by name: Keras' default reduction applies.
+    loss = "sparse_categorical_crossentropy"
+    reference.compile(optimizer="sgd", loss=loss, jit_compile=False)
+    expected = [
+        reference.train_on_batch(x, y, sample_weight=w, return_dict=True)[
+            "loss"
+        ]
+        for x, y, w in data
+    ]
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="sgd", loss=loss
+    )
+    np.testing.assert_allclose(trainer.fit(data), expected, rtol=TOLERANCE)
+
+
+def test_checkpoint_round_trip_and_atomic_write(tmp_path):
+    data = _data(steps=3)
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="adam", loss=_LOSS
+    )
+    trainer.fit(data[:2])
+    path = str(tmp_path / "ckpt")
+    assert trainer.save(path) == path
+    assert os.listdir(tmp_path) == ["ckpt"]  # no temporary file left
+    expected = trainer.train_step(*data[2])
+    # A fresh model with other initial weights takes the checkpoint's.
+    resumed = ExpertParallelTrainer.restore(
+        path, _small_model(seed=5), _one_device_mesh()
+    )
+    assert resumed.step == 2
+    assert isinstance(resumed.optimizer, keras.optimizers.Adam)
+    np.testing.assert_allclose(
+        resumed.train_step(*data[2]), expected, rtol=TOLERANCE
+    )
+    trainer.sync_to_model()
+    resumed.sync_to_model()
+    for a, b in zip(trainer.model.weights, resumed.model.weights):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+        )
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="adam", loss=_LOSS
+    )
+    path = str(tmp_path / "ckpt")
+    trainer.save(path)
+    with open(path, "rb") as file:
+        saved = file.read()
+
+    def broken_savez(file, **arrays):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(expert_parallel.np, "savez", broken_savez)
+    trainer.fit(_data(steps=1))
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    assert os.listdir(tmp_path) == ["ckpt"]
+    with open(path, "rb") as file:
+        assert file.read() == saved
+
+
+# Bad input --------------------------------------------------------------
+
+
+def test_bad_checkpoints(tmp_path):
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="adam", loss=_LOSS
+    )
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        trainer.load(str(tmp_path / "missing"))
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not an expert-parallel"):
+        trainer.load(str(junk))
+    path = str(tmp_path / "ckpt")
+    trainer.save(path)
+    other = ExpertParallelTrainer(
+        _small_model(num_experts=2), _one_device_mesh(), "adam", loss=_LOSS
+    )
+    with pytest.raises(ValueError, match="has shape"):
+        other.load(path)
+    sgd = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="sgd", loss=_LOSS
+    )
+    with pytest.raises(ValueError, match="optimizer variables"):
+        sgd.load(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"optimizer": "rmsprop"}, "must be a Keras optimizer of class"),
+        (
+            {"optimizer": keras.optimizers.Adam(use_ema=True)},
+            "does not support use_ema=True",
+        ),
+        (
+            {
+                "optimizer": keras.optimizers.SGD(
+                    gradient_accumulation_steps=2
+                )
+            },
+            "does not support gradient_accumulation_steps=2",
+        ),
+        ({"loss": None}, "loss is required"),
+        ({"mesh": "batch:1,expert:2"}, "2 devices but 1 are available"),
+        ({"mesh": {"batch": 1}}, "a dict with the keys"),
+    ],
+)
+def test_bad_trainer_arguments(kwargs, match):
+    arguments = dict(mesh=_one_device_mesh(), optimizer="adam", loss=_LOSS)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ExpertParallelTrainer(_small_model(), **arguments)
+
+
+def test_unbuilt_model_and_bad_batches():
+    with pytest.raises(ValueError, match="built keras.Model"):
+        ExpertParallelTrainer(
+            keras.Sequential([keras.layers.Dense(2)]),
+            _one_device_mesh(),
+            loss=_LOSS,
+        )
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="sgd", loss=_LOSS
+    )
+    with pytest.raises(ValueError, match="yield \\(x, y\\)"):
+        trainer.fit([np.zeros((4, 6, 8), "float32")])
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        trainer.fit(_data(), steps=-1)
+
+
+def test_mesh_checks_on_eight_devices():
+    """Expert axis not dividing E, a batch not splitting over the batch
+    axis: raised before any work, with the numbers."""
+    report = json.loads(_run_script("_ep_bad_inputs.py", timeout=600))
+    assert report["expert_axis"] == (
+        "MoE layer 'moe' has num_experts=6, which the mesh's expert "
+        "axis of size 4 does not divide: each device must hold the same "
+        "number of experts"
+    )
+    assert report["batch_axis"].startswith(
+        "a batch of 6 examples cannot be split over the mesh's batch axis "
+        "of size 4"
+    )
+    assert report["steps_after_bad_batch"] == 0
+    assert "3 * 2 = 6 devices but 8 are available" in report["spec"]
+    assert report["default_devices"] == [f"CPU:{i}" for i in range(8)]
+
+
+# Eight devices: training matches one device ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep")
+    _run_script("_ep_train.py", f"--out={out}")
+    results = dict(np.load(out / "results.npz"))
+    with open(out / "summary.json") as file:
+        summary = json.load(file)
+    return results, summary
+
+
+def _weights(results, run):
+    count = sum(1 for k in results if k.startswith("reference/w"))
+    return [results[f"{run}/w{i}"] for i in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
+def test_expert_parallel_training_matches_one_device(eight_device_run, mesh):
+    results, summary = eight_device_run
+    np.testing.assert_allclose(
+        results[f"{mesh}/losses"], results["reference/losses"], atol=TOLERANCE
+    )
+    paths = summary["weight_paths"]
+    for path, got, want in zip(
+        paths, _weights(results, mesh), _weights(results, "reference")
+    ):
+        np.testing.assert_allclose(got, want, atol=TOLERANCE, err_msg=path)
+    # The comparison is not vacuous: the expert kernels, the router and the
+    # head moved by far more than the tolerance.
+    initial = dict(zip(paths, _weights(results, "initial")))
+    final = dict(zip(paths, _weights(results, "reference")))
+    for path in paths:
+        if path.endswith(("experts/wi", "experts/wo", "router/kernel", "head/kernel")):
+            assert np.abs(final[path] - initial[path]).max() > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh,experts_per_device", [("2x4", 2), ("1x8", 1)])
+def test_expert_weights_and_rows_are_expert_sharded(
+    eight_device_run, mesh, experts_per_device
+):
+    _, summary = eight_device_run
+    kernel = summary[f"{mesh}/expert_kernel"]
+    assert kernel["specs"] == ["expert", "unsharded", "unsharded"]
+    assert kernel["global"] == [8, 32, 64]
+    assert kernel["shards"] == [[experts_per_device, 32, 64]] * 8
+    to_experts, to_tokens = summary[f"{mesh}/expert_rows"]
+    batch_shards = 2 if mesh == "2x4" else 1
+    # [E, G*C, D]: G = 8 images, C = ceil(17 * 2 / 8) = 5 slots per group.
+    assert to_experts["global"] == [8, 40, 32]
+    assert to_experts["specs"] == ["expert", "batch", "unsharded"]
+    assert to_experts["shards"] == [[experts_per_device, 40 // batch_shards, 32]] * 8
+    assert to_tokens["specs"] == ["unsharded", "batch", "unsharded"]
+    assert to_tokens["shards"] == [[8, 40 // batch_shards, 32]] * 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["resumed_1x8", "resumed_1x1"])
+def test_checkpoint_resumes_on_another_mesh(eight_device_run, run):
+    """Saved on (2, 4) after 2 steps, resumed on (1, 8) and on one device:
+    the third step gives the uninterrupted run's loss and weights."""
+    results, summary = eight_device_run
+    assert summary[f"{run}/step_before"] == 2
+    np.testing.assert_allclose(
+        results[f"{run}/loss"], results["reference/losses"][2:], atol=TOLERANCE
+    )
+    for path, got, want in zip(
+        summary["weight_paths"],
+        _weights(results, run),
+        _weights(results, "reference"),
+    ):
+        np.testing.assert_allclose(got, want, atol=TOLERANCE, err_msg=path)
