@@ -13,7 +13,8 @@ Usage:
 
   # A T5 on number-to-words translation:
   python -m apps.train_dense --architecture=t5 --dataset=number_words \
-      --epochs=2 --batch_size=64 --output_dir=/tmp/dense_t5
+      --epochs=2 --batch_size=64 --eval_examples=500 \
+      --output_dir=/tmp/dense_t5
 
 Prints the checkpoint path and the held-out metrics as one JSON line.
 """

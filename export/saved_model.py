@@ -52,13 +52,18 @@ from export import client
 from export import signature_names as names
 from export import t5_serving
 from export import vit_serving
+from export import vlm_serving
 from export.adapters import ServingOptions
 from export.adapters import adapter_class
 from export.adapters import make_adapter
 from keras_moe.layers.moe import MoeLayer
 
 # Adapters of the models keras_moe defines; importing them registers them.
-BUILTIN_ADAPTERS = (vit_serving.VitAdapter, t5_serving.T5Adapter)
+BUILTIN_ADAPTERS = (
+    vit_serving.VitAdapter,
+    t5_serving.T5Adapter,
+    vlm_serving.VlmAdapter,
+)
 
 NO_DROP = None
 KEEP = "keep"

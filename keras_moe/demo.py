@@ -218,10 +218,11 @@ class _Curve(keras.callbacks.Callback):
 
 
 def _fit_chunks(
-    model, train, test, steps, chunks, start_flops, step_flops, log
+    model, train, test, first_step, steps, chunks, start_flops, step_flops, log
 ):
     """Trains about `steps` steps as `chunks` equal epochs, scoring the
-    test set after each.
+    test set after each; the batches are those of the `train` stream from
+    batch `first_step` on.
 
     Returns:
         (curve points, steps actually trained: `chunks` x round(steps /
@@ -230,7 +231,7 @@ def _fit_chunks(
     per_chunk = max(round(steps / chunks), 1)
     curve = _Curve(start_flops, step_flops, per_chunk, log)
     model.fit(
-        train.repeat(),
+        train.skip(first_step),
         epochs=chunks,
         steps_per_epoch=per_chunk,
         validation_data=test,
@@ -384,13 +385,15 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
             f"the demo trains an image classifier; {config.dataset!r} is a "
             f"{spec.kind} dataset"
         )
+    # One stream of shuffled batches: pretraining reads its start, both
+    # continued runs read on from there, the same batches in the same order.
     train = tasks.batches(
-        spec, "train", config.batch_size, seed=seed, drop_remainder=True
+        spec, "train", config.batch_size, seed=seed, training=True
     )
     test = tasks.batches(spec, "test", 256)
     test_images = np.concatenate([x.numpy() for x, _ in test])
     test_labels = np.concatenate([y.numpy() for _, y in test])
-    steps_per_epoch = int(train.cardinality())
+    steps_per_epoch = tasks.steps_per_pass(spec, "train", config.batch_size)
     step(
         f"data: {config.dataset}, {steps_per_epoch * config.batch_size} "
         f"train images (batches of {config.batch_size}), {len(test_labels)} "
@@ -413,17 +416,19 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
         f"{config.pretrain_epochs} epochs of {steps_per_epoch} steps "
         f"({dense_step / 1e9:.3f} GFLOPs per step)"
     )
+    pretrain_steps = config.pretrain_epochs * steps_per_epoch
     pretrain_curve, _ = _fit_chunks(
         dense,
         train,
         test,
-        config.pretrain_epochs * steps_per_epoch,
+        0,
+        pretrain_steps,
         config.pretrain_epochs,
         0,
         dense_step,
         step,
     )
-    pretrain_flops = config.pretrain_epochs * steps_per_epoch * dense_step
+    pretrain_flops = pretrain_steps * dense_step
     pretrained = _scores(dense, test_images, test_labels)
     files["dense checkpoint (Hugging Face format)"] = write_dense_checkpoint(
         dense, os.path.join(output_dir, "dense_checkpoint"), overwrite=True
@@ -458,6 +463,7 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
         dense,
         train,
         test,
+        pretrain_steps,
         dense_steps,
         chunks,
         pretrain_flops,
@@ -466,7 +472,15 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
     )
     step(f"training the upcycled model: {moe_steps} steps (same FLOPs)")
     moe_curve, moe_steps = _fit_chunks(
-        moe, train, test, moe_steps, chunks, pretrain_flops, moe_step, step
+        moe,
+        train,
+        test,
+        pretrain_steps,
+        moe_steps,
+        chunks,
+        pretrain_flops,
+        moe_step,
+        step,
     )
 
     # -- Scores, table, plots, files.

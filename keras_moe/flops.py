@@ -173,6 +173,14 @@ def _check_length(name, value):
         raise ValueError(f"{name} must be an int >= 1; received {value!r}")
 
 
+def supports(model):
+    """Whether the counter covers `model` (a keras_moe ViT or T5)."""
+    from keras_moe.models.t5 import T5
+    from keras_moe.models.vit import ViT
+
+    return isinstance(model, (ViT, T5))
+
+
 def flops_breakdown(
     model, input_length=None, target_length=None, training=False
 ):

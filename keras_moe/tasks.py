@@ -131,7 +131,7 @@ def describe_dataset(name, data_dir=None, input_length=16, target_length=16):
     )
 
 
-def batches(spec, split, batch_size, seed=None, drop_remainder=False):
+def batches(spec, split, batch_size, seed=None, training=False):
     """Batches of `spec`'s dataset for `fit` and evaluation.
 
     Classification: (images <float32>[B, H, W, C] in [0, 1], labels
@@ -144,15 +144,18 @@ def batches(spec, split, batch_size, seed=None, drop_remainder=False):
         spec: a `DataSpec`.
         split: a split of the dataset.
         batch_size: B (the global batch under a strategy).
-        seed: None to keep the files' order, else the seed of a shuffle
-            that is the same on every pass (so a resumed run sees the data
-            an uninterrupted one would).
-        drop_remainder: drop a last, smaller batch.
+        seed: None to keep the files' order, else the shuffle seed.
+        training: an endless stream of full batches, each pass over the
+            split in a new order (`keras_moe.data`'s seeded shuffle: pass
+            p is shuffled by (seed, p), so the stream is the same on every
+            iteration and a resumed run sees the data an uninterrupted one
+            would); otherwise one pass, the last batch possibly smaller.
     """
     options = dict(
         shuffle=seed is not None,
         seed=seed,
-        drop_remainder=drop_remainder,
+        repeat=training,
+        drop_remainder=training,
         data_dir=spec.data_dir,
     )
     if spec.kind == CLASSIFICATION:
@@ -168,6 +171,19 @@ def batches(spec, split, batch_size, seed=None, drop_remainder=False):
         **options,
     )
     return dataset.map(_with_weights)
+
+
+def steps_per_pass(spec, split, batch_size):
+    """Full batches in one pass over `split` (the steps of an epoch)."""
+    info = data_registry.builder(spec.name, spec.data_dir).info
+    steps = info.splits[split].num_examples // batch_size
+    if steps < 1:
+        raise ValueError(
+            f"{spec.name!r} {split!r} has "
+            f"{info.splits[split].num_examples} examples, fewer than one "
+            f"batch of {batch_size}"
+        )
+    return steps
 
 
 def _with_weights(inputs, targets):
@@ -203,13 +219,6 @@ def check_model_fits_data(model, spec):
                 f"vocabulary of {data_lib.VOCAB_SIZE} ids; the model has "
                 f"vocab_size={model.vocab_size}"
             )
-
-
-def _count_batches(dataset):
-    count = int(dataset.cardinality())
-    if count < 0:
-        count = int(dataset.reduce(0, lambda n, _: n + 1))
-    return count
 
 
 # --------------------------------------------------------------------------
@@ -449,11 +458,12 @@ def pretrain_dense(
     spec = describe_dataset(dataset, data_dir)
     model = dense_model(architecture, spec, size, seed)
     _compile(model, spec, learning_rate)
-    train = batches(spec, "train", batch_size, seed=seed)
     history = model.fit(
-        train.repeat() if steps_per_epoch else train,
+        batches(spec, "train", batch_size, seed=seed, training=True),
         epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=(
+            steps_per_epoch or steps_per_pass(spec, "train", batch_size)
+        ),
         verbose=verbose,
         shuffle=False,  # the dataset is shuffled, with a seed
     )
@@ -561,8 +571,8 @@ def train(
         model = load_model(model_path)
         check_model_fits_data(model, spec)
         _compile(model, spec, learning_rate, distribution)
-    dataset = batches(spec, "train", batch_size, seed, drop_remainder=True)
-    steps = steps_per_epoch or _count_batches(dataset)
+    dataset = batches(spec, "train", batch_size, seed, training=True)
+    steps = steps_per_epoch or steps_per_pass(spec, "train", batch_size)
     backup_dir = os.path.join(output_dir, "backup")
     saved = list_checkpoints(backup_dir)
     history = fit_resumable(
@@ -687,11 +697,12 @@ def _train_expert_parallel(
             model, mesh, optimizer=optimizer, loss=loss
         )
     start = trainer.step
-    dataset = batches(spec, "train", batch_size, seed, drop_remainder=True)
-    total = (steps_per_epoch or _count_batches(dataset)) * epochs
-    # Step t trains on batch t of the repeated stream, resumed or not.
+    dataset = batches(spec, "train", batch_size, seed, training=True)
+    steps = steps_per_epoch or steps_per_pass(spec, "train", batch_size)
+    total = steps * epochs
+    # Step t trains on batch t of the stream, resumed or not.
     losses = trainer.fit(
-        dataset.repeat().skip(start),
+        dataset.skip(start),
         steps=max(total - start, 0),
         callbacks=[_SaveTrainerEvery(trainer, checkpoint, save_every_steps)],
     )

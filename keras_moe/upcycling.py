@@ -552,7 +552,11 @@ class UpcycleSummary:
     capacity factor for expert choice (E * C / S slots per token). FLOPs per
     token are 2 x the active weight-matrix parameters (the matmuls); lookups
     into embedding tables and the attention-score terms that grow with the
-    sequence length are left out.
+    sequence length are left out. FLOPs per prediction are the whole forward
+    pass of one example at the eval capacity, attention included
+    (`keras_moe.flops.flops_per_prediction`: one image for a ViT, an example
+    of 512 input and 114 target tokens for a T5); None for models that
+    counter does not cover (the vision-language model).
     """
 
     blocks: dict
@@ -562,6 +566,8 @@ class UpcycleSummary:
     active_params_after: int
     flops_per_token_before: int
     flops_per_token_after: int
+    flops_per_prediction_before: int | None = None
+    flops_per_prediction_after: int | None = None
 
     def __str__(self):
         rows = [
@@ -578,6 +584,14 @@ class UpcycleSummary:
                 f"{self.flops_per_token_after:,}",
             ),
         ]
+        if self.flops_per_prediction_after is not None:
+            rows.append(
+                (
+                    "FLOPs / prediction",
+                    f"{self.flops_per_prediction_before:,}",
+                    f"{self.flops_per_prediction_after:,}",
+                )
+            )
         lines = [f"{'':28}{'dense':>16}{'upcycled':>16}"]
         for label, before, after in rows:
             if not after:
@@ -589,6 +603,8 @@ class UpcycleSummary:
 
 def summarize(dense_model, moe_model):
     """An `UpcycleSummary` comparing a dense model and its upcycled version."""
+    from keras_moe import flops
+
     before = _count(dense_model)
     after = _count(moe_model)
     blocks = getattr(moe_model, "upcycled_blocks", None) or {}
@@ -600,7 +616,17 @@ def summarize(dense_model, moe_model):
         active_params_after=after[1],
         flops_per_token_before=2 * before[2],
         flops_per_token_after=2 * after[2],
+        flops_per_prediction_before=_flops_per_prediction(flops, dense_model),
+        flops_per_prediction_after=_flops_per_prediction(flops, moe_model),
     )
+
+
+def _flops_per_prediction(flops, model):
+    """`flops.flops_per_prediction(model)`, or None where the counter does
+    not cover the model's class."""
+    if not flops.supports(model):
+        return None
+    return flops.flops_per_prediction(model)
 
 
 _TABLES = ("shared/embedding", "position_embedding", "class_token")

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_moe import flops
 from keras_moe import upcycling
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.vit import ViT
@@ -228,7 +229,14 @@ def test_summary_counts(vit):
         2
         * (2 * 2 * d * h - 2 * d * h + d * 8)
     )
+    # Whole forward passes, counted (and tested) by keras_moe.flops.
+    assert summary.flops_per_prediction_before == flops.forward_flops(vit)
+    assert summary.flops_per_prediction_after == flops.flops_per_prediction(moe)
+    assert summary.flops_per_prediction_after > (
+        summary.flops_per_prediction_before
+    )
     assert "MoE blocks" in str(summary)
+    assert "FLOPs / prediction" in str(summary)
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ outside the Keras model, in DTensor variables (`dtensor.DVariable`):
 
 and runs one `tf.function` per step: `stateless_call` forward (with the
 MoE auxiliary losses, `return_losses=True`), `tf.GradientTape` gradients
-(those of expert weights come back sharded on `expert`), and the update of
-a DTensor-aware optimizer: the `tf_keras` optimizer of the same name as the
-Keras optimizer given (`mesh=` argument; the update rules of Adam, AdamW
-and SGD are those of Keras 3, checked by test). Inside every `MoeLayer`
+(those of expert weights come back sharded on `expert`), and the update
+of the Keras optimizer given, applied to the DTensor variables by
+`DTensorOptimizer` (Keras 3's rules for SGD, Adam and AdamW, checked
+against Keras by test; see its docstring for why not tf_keras' DTensor
+optimizers). Inside every `MoeLayer`
 the dispatched rows <[E, G*C, D]> are relaid out from batch-sharded to
 expert-sharded before the experts and back after them
 (`MoeLayer.relayout_hook`), so that each device runs only its E/n experts
@@ -92,7 +93,6 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
-import tf_keras
 from tensorflow.experimental import dtensor
 from tensorflow.python.framework import ops as tf_ops
 
@@ -104,9 +104,9 @@ from keras_moe.layers.moe import RELAYOUT_TO_TOKENS
 from keras_moe.layers.moe import MoeLayer
 
 CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v1"
-# Keras 3 optimizers whose update the DTensor-aware tf_keras optimizer of
-# the same name reproduces (tests/distribution/test_expert_parallel.py).
+# Keras 3 optimizers whose update rule `DTensorOptimizer` implements.
 SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "SGD")
+# Options the trainer does not implement, with the values that disable them.
 _UNSUPPORTED_OPTIMIZER_OPTIONS = {
     "use_ema": False,
     "loss_scale_factor": None,
@@ -144,53 +144,204 @@ def _dtensor_safe_top_k_gradient():
         entry["type"] = previous
 
 
-def dtensor_optimizer(optimizer, mesh):
-    """The DTensor-aware `tf_keras` optimizer equivalent to a Keras one.
+class DTensorOptimizer:
+    """A Keras 3 optimizer's update applied to DTensor variables.
+
+    Keras 3 optimizers cannot update DTensors (`stateless_apply` is not
+    supported on the TensorFlow backend), and tf_keras' DTensor-aware
+    optimizers (`tf_keras.dtensor.experimental.optimizers`, `mesh=`) gave
+    wrong updates on meshes with a `batch` axis larger than 1: their update
+    writes a slot and reads it back in the same step (`m.assign(...)`, then
+    `variable.assign_add(m)`), and inside the DTensor step function that
+    read returned the slot's value from before the write (the first SGD
+    step changed no weight; Adam drifted from step one). This class
+    computes each step functionally instead: every weight and slot is read
+    once, the new values are computed as tensors, and each variable is
+    written once, so no read depends on the order of writes.
+
+    The rules are those of Keras 3 (`keras/src/optimizers/{sgd,adam}.py`
+    and the base optimizer: gradient clipping by `clipnorm`,
+    `global_clipnorm` or `clipvalue`, then weight decay
+    `w -= w * weight_decay * lr` for the variables the Keras optimizer does
+    not exclude, then the update), checked against the Keras optimizers by
+    test. Slots take the layout of their weight.
 
     Args:
-        optimizer: a Keras 3 optimizer (or its name, e.g. "adam") of a
-            class in `SUPPORTED_OPTIMIZERS`, without EMA, loss scaling or
-            gradient accumulation.
-        mesh: the `tf.experimental.dtensor.Mesh` of its variables.
-
-    Returns:
-        A `tf_keras.dtensor.experimental.optimizers` instance with the same
-        hyperparameters (learning-rate schedules included).
+        optimizer: a Keras 3 optimizer (or its name) of a class in
+            `SUPPORTED_OPTIMIZERS`, without EMA, loss scaling or gradient
+            accumulation. It is used for its configuration (learning rate
+            or schedule included) and its weight-decay exclusions; its own
+            state is not touched.
     """
-    optimizer = keras.optimizers.get(optimizer)
-    name = type(optimizer).__name__
-    if name not in SUPPORTED_OPTIMIZERS:
-        raise ValueError(
-            f"optimizer must be a Keras optimizer of class "
-            f"{SUPPORTED_OPTIMIZERS}; received {name}"
-        )
-    config = optimizer.get_config()
-    for option, default in _UNSUPPORTED_OPTIMIZER_OPTIONS.items():
-        if config.get(option, default) != default:
+
+    def __init__(self, optimizer):
+        optimizer = keras.optimizers.get(optimizer)
+        kind = type(optimizer).__name__
+        if kind not in SUPPORTED_OPTIMIZERS:
             raise ValueError(
-                f"the expert-parallel trainer does not support {option}="
-                f"{config[option]!r} ({name})"
+                "optimizer must be a Keras optimizer of class "
+                f"{SUPPORTED_OPTIMIZERS}; received {kind}"
             )
-    kwargs = {
-        key: value
-        for key, value in config.items()
-        if key not in _UNSUPPORTED_OPTIMIZER_OPTIONS
-        and key not in ("name", "ema_momentum", "ema_overwrite_frequency")
-    }
-    learning_rate = kwargs["learning_rate"]
-    if isinstance(learning_rate, dict):
-        schedule_name = learning_rate["class_name"]
-        schedule_cls = getattr(
-            tf_keras.optimizers.schedules, schedule_name, None
+        config = optimizer.get_config()
+        for option, default in _UNSUPPORTED_OPTIMIZER_OPTIONS.items():
+            if config.get(option, default) != default:
+                raise ValueError(
+                    f"the expert-parallel trainer does not support {option}="
+                    f"{config[option]!r} ({kind})"
+                )
+        self.keras_optimizer = optimizer
+        self.kind = kind
+        self.config = config
+        learning_rate = config["learning_rate"]
+        self._schedule = None
+        if isinstance(learning_rate, dict):
+            self._schedule = keras.optimizers.schedules.deserialize(
+                learning_rate
+            )
+        self.slot_names = ["m", "v"] if kind in ("Adam", "AdamW") else []
+        if kind in ("Adam", "AdamW") and config["amsgrad"]:
+            self.slot_names.append("v_hat")
+        if kind == "SGD" and config["momentum"] != 0:
+            self.slot_names = ["momentum"]
+        self.iterations = None
+        self.slots = []
+        self._decay = []
+
+    def build(self, keras_variables, layouts, mesh):
+        """Creates the step counter and the slots (zeros) of the weights.
+
+        Args:
+            keras_variables: the model's trainable variables (for the
+                weight-decay exclusions of the Keras optimizer).
+            layouts: the DTensor layout of each of them.
+            mesh: the mesh of the step counter.
+        """
+        self.iterations = dtensor.DVariable(
+            dtensor.copy_to_mesh(
+                tf.constant(0, "int64"), mesh_lib.replicated_layout(mesh, 0)
+            ),
+            trainable=False,
         )
-        if schedule_cls is None:
-            raise ValueError(
-                f"learning-rate schedule {schedule_name!r} has no tf_keras "
-                "equivalent for the expert-parallel trainer"
+        self.slots = [
+            {
+                name: dtensor.DVariable(
+                    _to_mesh(tf.zeros(v.shape, v.dtype), layout),
+                    trainable=False,
+                )
+                for name in self.slot_names
+            }
+            for v, layout in zip(keras_variables, layouts)
+        ]
+        decay = self.config["weight_decay"]
+        # The Keras optimizer's own rule for its exclusion lists (set with
+        # `exclude_from_weight_decay`); it has no public accessor.
+        self._decay = [
+            bool(decay) and self.keras_optimizer._use_weight_decay(v)
+            for v in keras_variables
+        ]
+
+    @property
+    def variables(self):
+        """The step counter, then each weight's slots, in weight order."""
+        return [self.iterations] + [
+            slots[name] for slots in self.slots for name in self.slot_names
+        ]
+
+    @property
+    def variable_names(self):
+        """Names of `variables`: "iterations", "<slot>/<weight index>"."""
+        return ["iterations"] + [
+            f"{name}/{i}"
+            for i in range(len(self.slots))
+            for name in self.slot_names
+        ]
+
+    def learning_rate(self, step):
+        """The learning rate at `step` (before the step's increment)."""
+        if self._schedule is not None:
+            return self._schedule(step)
+        return self.config["learning_rate"]
+
+    def _clip(self, grads):
+        config = self.config
+        if config["clipnorm"] and config["clipnorm"] > 0:
+            clip = config["clipnorm"]
+            clipped = []
+            for g in grads:
+                # Keras' `_clip_by_norm`, NaN-safe at a zero gradient.
+                l2sum = tf.reduce_sum(tf.square(g), keepdims=True)
+                positive = l2sum > 0
+                safe = tf.where(positive, l2sum, tf.ones_like(l2sum))
+                l2norm = tf.where(positive, tf.sqrt(safe), l2sum)
+                clipped.append(g * clip / tf.maximum(l2norm, clip))
+            return clipped
+        if config["global_clipnorm"] and config["global_clipnorm"] > 0:
+            clip = config["global_clipnorm"]
+            norm = tf.sqrt(
+                tf.reduce_sum(tf.stack([tf.reduce_sum(g * g) for g in grads]))
             )
-        kwargs["learning_rate"] = schedule_cls(**learning_rate["config"])
-    optimizer_cls = getattr(tf_keras.dtensor.experimental.optimizers, name)
-    return optimizer_cls(**kwargs, mesh=mesh, jit_compile=False)
+            scale = clip * tf.minimum(1.0 / norm, 1.0 / clip)
+            return [g * (scale + (norm - norm)) for g in grads]
+        if config["clipvalue"] and config["clipvalue"] > 0:
+            value = config["clipvalue"]
+            return [tf.clip_by_value(g, -value, value) for g in grads]
+        return grads
+
+    def apply(self, grads, variables):
+        """One update of `variables` (DVariables) by `grads` (None: skip)."""
+        step = self.iterations.read_value()
+        learning_rate = self.learning_rate(step)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        clipped = self._clip([grads[i] for i in present])
+        for i, grad in zip(present, clipped):
+            variable = variables[i]
+            value = variable.read_value()
+            slots = {
+                name: slot.read_value() for name, slot in self.slots[i].items()
+            }
+            lr = tf.cast(learning_rate, value.dtype)
+            grad = tf.cast(grad, value.dtype)
+            if self._decay[i]:
+                decay = tf.cast(self.config["weight_decay"], value.dtype)
+                value = value - value * decay * lr
+            if self.kind == "SGD":
+                value, slots = self._sgd(value, slots, grad, lr)
+            else:
+                value, slots = self._adam(value, slots, grad, lr, step)
+            variable.assign(value)
+            for name, slot_value in slots.items():
+                self.slots[i][name].assign(slot_value)
+        self.iterations.assign(step + 1)
+
+    def _sgd(self, value, slots, grad, lr):
+        if not slots:
+            return value - grad * lr, slots
+        momentum = tf.cast(self.config["momentum"], value.dtype)
+        velocity = slots["momentum"] * momentum - grad * lr
+        if self.config["nesterov"]:
+            value = value + (velocity * momentum - grad * lr)
+        else:
+            value = value + velocity
+        return value, {"momentum": velocity}
+
+    def _adam(self, value, slots, grad, lr, step):
+        config = self.config
+        local_step = tf.cast(step + 1, value.dtype)
+        beta_1_power = tf.pow(
+            tf.cast(config["beta_1"], value.dtype), local_step
+        )
+        beta_2_power = tf.pow(
+            tf.cast(config["beta_2"], value.dtype), local_step
+        )
+        alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        m = slots["m"] + (grad - slots["m"]) * (1 - config["beta_1"])
+        v = slots["v"] + (tf.square(grad) - slots["v"]) * (1 - config["beta_2"])
+        new_slots = {"m": m, "v": v}
+        if config["amsgrad"]:
+            v = tf.maximum(slots["v_hat"], v)
+            new_slots["v_hat"] = v
+        value = value - (m * alpha) / (tf.sqrt(v) + config["epsilon"])
+        return value, new_slots
 
 
 def _check_positive_int(name, value):
@@ -225,8 +376,8 @@ class ExpertParallelTrainer:
             such as `"batch:2,expert:4"`, or a dict of the two sizes. The
             `expert` axis must divide the number of experts of every MoE
             layer.
-        optimizer: a Keras optimizer or its name (`dtensor_optimizer`
-            lists the supported ones).
+        optimizer: a Keras optimizer or its name (see `DTensorOptimizer`
+            for the supported ones).
         loss: a Keras loss (object, name or function) of
             `(y_true, y_pred)`; the MoE auxiliary losses are added to it.
             For an E^3 model the targets are repeated for each member, as
@@ -264,8 +415,7 @@ class ExpertParallelTrainer:
                         "experts"
                     )
                 expert_weights.update(id(w) for w in layer.weights)
-        keras_optimizer = keras.optimizers.get(optimizer)
-        self._tf_optimizer = dtensor_optimizer(keras_optimizer, mesh)
+        self._optimizer = DTensorOptimizer(optimizer)
         self.loss = keras.losses.get(loss)
         if not callable(self.loss):
             raise ValueError(f"unknown loss {loss!r}")
@@ -276,10 +426,11 @@ class ExpertParallelTrainer:
         )
         self.model = model
         self.mesh = mesh
-        self.optimizer = keras_optimizer
+        self.optimizer = self._optimizer.keras_optimizer
         self.step = 0
         self._expert_weights = expert_weights
         self._ensemble = getattr(model, "ensemble_size", 1) > 1
+        self._layouts = [self.layout(v) for v in model.trainable_variables]
         self._trainable = [
             self._dvariable(v, trainable=True)
             for v in model.trainable_variables
@@ -288,7 +439,7 @@ class ExpertParallelTrainer:
             self._dvariable(v, trainable=False)
             for v in model.non_trainable_variables
         ]
-        self._tf_optimizer.build(self._trainable)
+        self._optimizer.build(model.trainable_variables, self._layouts, mesh)
         self._train_step = tf.function(self._step)
 
     # Layouts ---------------------------------------------------------------
@@ -374,9 +525,13 @@ class ExpertParallelTrainer:
             loss = self._total_loss(y, y_pred, sample_weight, aux_losses)
         with _dtensor_safe_top_k_gradient():
             grads = tape.gradient(loss, self._trainable)
-        self._tf_optimizer.apply_gradients(
-            [(g, v) for g, v in zip(grads, self._trainable) if g is not None]
-        )
+        # Reduce the gradients of weights that the batch shards share (they
+        # come back as pending sums over `batch`) into the weights' layouts.
+        grads = [
+            None if g is None else dtensor.relayout(g, layout)
+            for g, layout in zip(grads, self._layouts)
+        ]
+        self._optimizer.apply(grads, self._trainable)
         for variable, value in zip(self._non_trainable, non_trainable):
             variable.assign(value)
         return loss
@@ -491,7 +646,7 @@ class ExpertParallelTrainer:
         for prefix, dvariables in (
             ("trainable", self._trainable),
             ("non_trainable", self._non_trainable),
-            ("optimizer", self._tf_optimizer.variables),
+            ("optimizer", self._optimizer.variables),
         ):
             for i, dvariable in enumerate(dvariables):
                 arrays[f"{prefix}/{i:05d}"] = _to_numpy(dvariable.read_value())
@@ -503,9 +658,7 @@ class ExpertParallelTrainer:
                 v.path for v in self.model.non_trainable_variables
             ],
             "optimizer": keras.optimizers.serialize(self.optimizer),
-            "optimizer_variables": [
-                v.name for v in self._tf_optimizer.variables
-            ],
+            "optimizer_variables": self._optimizer.variable_names,
             "loss": self._loss_config,
             "mesh": {
                 name: self.mesh.dim_size(name) for name in mesh_lib.MESH_AXES
@@ -552,7 +705,7 @@ class ExpertParallelTrainer:
         for prefix, dvariables in (
             ("trainable", self._trainable),
             ("non_trainable", self._non_trainable),
-            ("optimizer", self._tf_optimizer.variables),
+            ("optimizer", self._optimizer.variables),
         ):
             for i, dvariable in enumerate(dvariables):
                 layout = dtensor.fetch_layout(dvariable.read_value())
@@ -585,7 +738,7 @@ class ExpertParallelTrainer:
                         f"{saved_paths[i]} has shape {shape}; the model's "
                         f"{variable.path} has {tuple(variable.shape)}"
                     )
-        opt_variables = self._tf_optimizer.variables
+        opt_variables = self._optimizer.variables
         if len(meta["optimizer_variables"]) != len(opt_variables):
             raise ValueError(
                 f"checkpoint {path!r} holds "

@@ -29,6 +29,7 @@ EXPERIMENTS = {
     "e3": "keras_moe.experiments.e3",
     "upcycle_vit": "keras_moe.experiments.upcycle_vit",
     "upcycle_t5": "keras_moe.experiments.upcycle_t5",
+    "vlm": "keras_moe.experiments.vlm",
 }
 
 # Ablation options an experiment may accept in `options`.

@@ -344,6 +344,13 @@ class Trainer:
     def load(self, model, optimizer):
         """Copies `model`'s weights and `optimizer`'s state (built here if
         it is not) into this trainer's, and zeroes the step count."""
+        if architecture_key(model.get_config()) != architecture_key(
+            self.model.get_config()
+        ):
+            raise ValueError(
+                f"cannot load a {type(model).__name__} into this trainer's "
+                f"{type(self.model).__name__}: the architectures differ"
+            )
         self.model.set_weights(model.get_weights())
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
@@ -475,7 +482,7 @@ def steps_for_flops(flops, step_flops):
 
     Example:
 
-    >>> steps_for_flops(1000, 300), steps_for_flops(1000, 400)
+    >>> steps_for_flops(1000, 300), steps_for_flops(1000, 450)
     (3, 2)
     """
     if not step_flops > 0:

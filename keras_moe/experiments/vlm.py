@@ -8,7 +8,10 @@ exact match on held-out images, with the images and with the images
 blanked out (zeros), which tells whether the model reads the image.
 Optionally the trained dense model is upcycled (`keras_moe.upcycle`, the
 paper's recipe: every other block of the ViT, the T5 encoder and the T5
-decoder) and trained further, and scored the same way.
+decoder) and trained further, continuing the dense run's optimizer
+(`keras_moe.upcycle_optimizer`: Adam's moments tiled to the experts, the
+step count, and the learning-rate schedule, which has decayed to 10% of its
+peak), and scored the same way.
 
 Exact match: the greedy generation, cut at its first end-of-sequence id,
 equals the target ids. Captioning is scored on every `digits` test image
@@ -105,7 +108,8 @@ class VlmConfig:
             the steps, cosine decay to 10%).
         upcycle: upcycle the trained model and train it further.
         num_experts: E of the upcycled blocks.
-        upcycle_steps: training steps of the upcycled model.
+        upcycle_steps: training steps of the upcycled model (at the dense
+            run's final learning rate, its optimizer state continued).
         blank_images: also score with the images replaced by zeros.
         prompt_length, target_length: P and U of the task examples.
         eval_images: captioning test images scored (None: all 360).
@@ -199,22 +203,6 @@ class VlmResult:
     seconds: dict
 
 
-def seed_everything(seed):
-    """`keras.utils.set_random_seed`, keeping `keras_moe.data` usable.
-
-    `tf.random.set_seed` clears TensorFlow's resource manager, and with it
-    the SentencePiece model of the tokenizer `keras_moe.data.tokenizer`
-    caches: that cache is emptied so that the next call builds a live one.
-    Call this before building datasets.
-    """
-    keras.utils.set_random_seed(seed)
-    from keras_moe.data import vocabulary
-
-    cached = getattr(vocabulary, "_cached_tokenizer", None)
-    if hasattr(cached, "cache_clear"):
-        cached.cache_clear()
-
-
 def build_model(config):
     """A new model of `config` (random or from the dense checkpoints)."""
     kwargs = dict(max_prompt_length=config.prompt_length)
@@ -238,17 +226,19 @@ def build_model(config):
     return VisionLanguageModel(config.vision, config.text, **kwargs)
 
 
-def _compile(model, config, steps):
-    warmup = max(1, steps // 20)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0,
-        decay_steps=steps - warmup,
-        alpha=0.1,
-        warmup_target=config.learning_rate,
-        warmup_steps=warmup,
-    )
+def _compile(model, config, steps, optimizer=None):
+    if optimizer is None:
+        warmup = max(1, steps // 20)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0,
+            decay_steps=steps - warmup,
+            alpha=0.1,
+            warmup_target=config.learning_rate,
+            warmup_steps=warmup,
+        )
+        optimizer = keras.optimizers.Adam(schedule)
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=config.jit_compile,
     )
@@ -279,14 +269,23 @@ class _Progress(keras.callbacks.Callback):
         )
 
 
-def train(model, dataset, steps, config, label=""):
+def train(model, dataset, steps, config, label="", optimizer=None):
     """Trains `model` for `steps` batches of the repeated `dataset`.
+
+    Args:
+        model: the model.
+        dataset: `(inputs, targets, weights)` batches, repeated.
+        steps: training steps.
+        config: a `VlmConfig`.
+        label: printed before the progress lines.
+        optimizer: None for a new Adam (warm-up, cosine decay over
+            `steps`), or an optimizer to continue with.
 
     Returns:
         [(step, mean loss of the steps since the previous entry)], about
         20 entries.
     """
-    _compile(model, config, steps)
+    _compile(model, config, steps, optimizer)
     log_every = _log_every(steps)
     progress = _Progress(steps, log_every, label)
     # One fit: Keras keeps the dataset iterator across its epochs.
@@ -410,7 +409,9 @@ def train_and_evaluate(config):
     """One run of the experiment (see the module docstring)."""
     seconds = {}
     tic = time.perf_counter()
-    seed_everything(config.seed)
+    # Seed first: tf.random.set_seed clears TensorFlow's resources, which
+    # breaks the SentencePiece tokenizers of datasets made before it.
+    keras.utils.set_random_seed(config.seed)
     dataset = vlm_tasks.mixture_dataset(
         config.batch_size,
         config.rates,
@@ -439,8 +440,18 @@ def train_and_evaluate(config):
             model, config.num_experts, seed=config.seed
         )
         print(keras_moe.summarize(model, upcycled), flush=True)
+        # The paper continues the dense run's optimizer: Adam's moments
+        # (tiled to the experts), step count and learning-rate schedule.
+        optimizer = keras_moe.upcycle_optimizer(
+            model.optimizer, model, upcycled
+        )
         losses["upcycled"] = train(
-            upcycled, dataset, config.upcycle_steps, config, "upcycled "
+            upcycled,
+            dataset,
+            config.upcycle_steps,
+            config,
+            "upcycled ",
+            optimizer,
         )
         seconds["train_upcycled"] = time.perf_counter() - tic
         tic = time.perf_counter()

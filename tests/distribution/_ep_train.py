@@ -135,9 +135,7 @@ def expert_rows(trainer, x):
     def forward(trainable, non_trainable, x):
         captured.clear()
         # `_forward` installs the trainer's hooks: call the model directly.
-        trainer.model.stateless_call(
-            trainable, non_trainable, x, training=True
-        )
+        trainer.model.stateless_call(trainable, non_trainable, x, training=True)
         return list(captured)
 
     try:
@@ -209,7 +207,9 @@ def main():
         progress(timings, name)
         expert_variable = next(
             dv
-            for v, dv in zip(trainer.model.trainable_variables, trainer._trainable)
+            for v, dv in zip(
+                trainer.model.trainable_variables, trainer._trainable
+            )
             if v.path.endswith("experts/wi")
         )
         value = expert_variable.read_value()
@@ -234,7 +234,8 @@ def main():
         if args.benchmark and name in ("2x4", "1x8"):
             x, y = data[0]
             timings[f"step_{name}"] = time_steps(
-                lambda t=trainer: t.train_step(x, y), args.benchmark
+                lambda t=trainer, x=x, y=y: t.train_step(x, y),
+                args.benchmark,
             )
 
     start = time.perf_counter()

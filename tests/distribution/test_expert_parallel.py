@@ -129,9 +129,7 @@ def _small_model(num_experts=4, seed=0):
         router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
         name="moe",
     )(inputs)
-    outputs = keras.layers.Dense(3, name="head")(
-        keras.layers.Flatten()(hidden)
-    )
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(hidden))
     return keras.Model(inputs, outputs)
 
 
@@ -213,7 +211,9 @@ class _StopAfter(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         # The Keras model already holds the trained weights.
-        self.final = keras.ops.convert_to_numpy(self.model.get_layer("head").kernel)
+        self.final = keras.ops.convert_to_numpy(
+            self.model.get_layer("head").kernel
+        )
 
 
 def test_fit_runs_callbacks_and_syncs_before_train_end():
@@ -337,11 +337,7 @@ def test_bad_checkpoints(tmp_path):
             "does not support use_ema=True",
         ),
         (
-            {
-                "optimizer": keras.optimizers.SGD(
-                    gradient_accumulation_steps=2
-                )
-            },
+            {"optimizer": keras.optimizers.SGD(gradient_accumulation_steps=2)},
             "does not support gradient_accumulation_steps=2",
         ),
         ({"loss": None}, "loss is required"),
@@ -372,10 +368,16 @@ def test_unbuilt_model_and_bad_batches():
         trainer.fit(_data(), steps=-1)
 
 
-def test_mesh_checks_on_eight_devices():
+@pytest.fixture(scope="module")
+def small_eight_device_run():
+    stdout = _run_script("_ep_small.py", timeout=900)
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_mesh_checks_on_eight_devices(small_eight_device_run):
     """Expert axis not dividing E, a batch not splitting over the batch
     axis: raised before any work, with the numbers."""
-    report = json.loads(_run_script("_ep_bad_inputs.py", timeout=600))
+    report = small_eight_device_run
     assert report["expert_axis"] == (
         "MoE layer 'moe' has num_experts=6, which the mesh's expert "
         "axis of size 4 does not divide: each device must hold the same "
@@ -388,6 +390,21 @@ def test_mesh_checks_on_eight_devices():
     assert report["steps_after_bad_batch"] == 0
     assert "3 * 2 = 6 devices but 8 are available" in report["spec"]
     assert report["default_devices"] == [f"CPU:{i}" for i in range(8)]
+
+
+def test_small_model_on_eight_devices_matches_one_device(
+    small_eight_device_run,
+):
+    """Two MoE layers (token choice with einsum dispatch, expert choice
+    with index dispatch), Adam, mesh batch:2,expert:4 vs plain Keras."""
+    report = small_eight_device_run
+    np.testing.assert_allclose(
+        report["losses"], report["reference_losses"], atol=TOLERANCE
+    )
+    for path, got, want in zip(
+        report["paths"], report["weights"], report["reference_weights"]
+    ):
+        np.testing.assert_allclose(got, want, atol=TOLERANCE, err_msg=path)
 
 
 # Eight devices: training matches one device ----------------------------------
@@ -425,7 +442,9 @@ def test_expert_parallel_training_matches_one_device(eight_device_run, mesh):
     initial = dict(zip(paths, _weights(results, "initial")))
     final = dict(zip(paths, _weights(results, "reference")))
     for path in paths:
-        if path.endswith(("experts/wi", "experts/wo", "router/kernel", "head/kernel")):
+        if path.endswith(
+            ("experts/wi", "experts/wo", "router/kernel", "head/kernel")
+        ):
             assert np.abs(final[path] - initial[path]).max() > 100 * TOLERANCE
 
 
@@ -444,7 +463,10 @@ def test_expert_weights_and_rows_are_expert_sharded(
     # [E, G*C, D]: G = 8 images, C = ceil(17 * 2 / 8) = 5 slots per group.
     assert to_experts["global"] == [8, 40, 32]
     assert to_experts["specs"] == ["expert", "batch", "unsharded"]
-    assert to_experts["shards"] == [[experts_per_device, 40 // batch_shards, 32]] * 8
+    assert (
+        to_experts["shards"]
+        == [[experts_per_device, 40 // batch_shards, 32]] * 8
+    )
     assert to_tokens["specs"] == ["unsharded", "batch", "unsharded"]
     assert to_tokens["shards"] == [[8, 40 // batch_shards, 32]] * 8
 

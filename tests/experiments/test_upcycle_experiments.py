@@ -1,0 +1,446 @@
+"""The sparse-upcycling reproductions: option checks, compute accounting,
+depth tiling, and both experiments end to end at smoke-test size."""
+
+import math
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from keras_moe import flops
+from keras_moe.experiments import common
+from keras_moe.experiments import upcycle_t5
+from keras_moe.experiments import upcycle_vit
+from keras_moe.experiments import upcycling_common as uc
+from keras_moe.models.vit import ViT
+
+BUDGETS = (0.0, *uc.DEFAULT_BUDGETS)
+_TINY_VIT = dict(
+    image_size=(8, 16),
+    patch_size=4,
+    num_channels=1,
+    model_dim=8,
+    num_heads=2,
+    hidden_dim=16,
+    num_layers=2,
+    num_classes=5,
+    pooling="gap",
+)
+
+
+# --------------------------------------------------------------------------
+# Options: every bad value fails before anything is written.
+
+
+@pytest.mark.parametrize("module", [upcycle_vit, upcycle_t5])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_expert": 8}, "does not support option.*num_expert"),
+        ({"num_experts": 0}, "num_experts must be >= 1"),
+        ({"num_experts": 2.5}, "num_experts must be an int"),
+        ({"capacity_factor": 0}, "capacity_factor must be a number > 0"),
+        ({"capacity_factor": "2"}, "capacity_factor must be a number > 0"),
+        ({"router": "top1"}, "router must be one of"),
+        ({"moe_blocks": "odd"}, "moe_blocks must be"),
+        ({"moe_blocks": "last_n:9"}, "moe_blocks='last_n:9' does not fit"),
+        ({"expert_noise": -0.1}, "expert_noise must be a number >= 0"),
+        ({"reinit_fraction": 1.5}, r"reinit_fraction must be .* \[0, 1\]"),
+        ({"reuse_optimizer_state": "no"}, "reuse_optimizer_state must be"),
+        ({"budgets": []}, "budgets must be a non-empty list"),
+        ({"budgets": [0.5, -1]}, "budgets must be a non-empty list"),
+        ({"budgets": 0.5}, "budgets must be a list"),
+        ({"budgets": [0.5, 0.5]}, "budgets repeats a value"),
+    ],
+)
+def test_bad_options_fail_before_any_work(tmp_path, module, options, message):
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        module.run(output_dir, seeds=(0,), small=True, options=options)
+    assert not output_dir.exists()
+    with pytest.raises(ValueError, match=message):
+        module.validate_options(options)
+
+
+@pytest.mark.parametrize("module", [upcycle_vit, upcycle_t5])
+def test_bad_arguments_fail_before_any_work(tmp_path, module):
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match="small must be a bool"):
+        module.run(output_dir, small="yes")
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        module.run(output_dir, seeds=(1, 1), small=True)
+    assert not output_dir.exists()
+
+
+def test_options_become_settings():
+    settings = uc.parse_options(
+        "x",
+        {
+            "num_experts": 4,
+            "router": "tokens_choose",
+            "moe_blocks": "last_n:1",
+            "budgets": (1.0, 0.2),
+            "reuse_optimizer_state": False,
+        },
+        {"encoder": 4},
+    )
+    assert settings.budgets == (0.2, 1.0)
+    assert not settings.reuse_optimizer_state
+    kwargs = settings.upcycle_kwargs(seed=3, moe_kwargs={"a": 1})
+    assert kwargs["blocks"] == "last_n" and kwargs["last_n"] == 1
+    assert kwargs["encoder_router"] == "tokens_choose"
+    assert kwargs["num_selected_experts"] == 2
+    assert kwargs["train_capacity_factor"] == 2.0
+    assert kwargs["seed"] == 3 and kwargs["moe_kwargs"] == {"a": 1}
+    # Token choice picks at most E experts.
+    one = uc.parse_options("x", {"num_experts": 1}, {"encoder": 4})
+    assert one.upcycle_kwargs(0)["num_selected_experts"] == 1
+    assert uc.parse_options("x", None, {"encoder": 4}) == uc.Settings()
+
+
+# --------------------------------------------------------------------------
+# Training machinery.
+
+
+def test_steps_for_flops_rounds_to_the_nearest_step():
+    assert uc.steps_for_flops(0, 7) == 0
+    assert uc.steps_for_flops(1000, 300) == 3  # 3.33 steps
+    assert uc.steps_for_flops(1000, 450) == 2  # 2.22 steps
+    assert uc.steps_for_flops(1050, 300) == 4  # 3.5 steps: half rounds up
+    with pytest.raises(ValueError, match="step_flops must be > 0"):
+        uc.steps_for_flops(10, 0)
+
+
+def test_linear_warmup_and_its_round_trip():
+    schedule = uc.LinearWarmup(0.01, 4)
+    values = [float(schedule(step)) for step in range(6)]
+    np.testing.assert_allclose(
+        values, [0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01], rtol=1e-6
+    )
+    optimizer = uc.make_optimizer(0.01, 4)
+    copy = optimizer.__class__.from_config(optimizer.get_config())
+    assert float(copy.learning_rate) == pytest.approx(0.0025)  # step 0
+    with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
+        uc.LinearWarmup(0.01, 0)
+
+
+def _sgd_trainer(model, step_flops=10):
+    def loss_fn(model, x, y):
+        return keras.ops.mean((model(x, training=True)[:, 0] - y) ** 2)
+
+    return uc.Trainer(
+        model, keras.optimizers.Adam(0.01), loss_fn, step_flops, False
+    )
+
+
+def _batches(seed=0):
+    rng = np.random.default_rng(seed)
+    while True:
+        x = rng.uniform(size=(4, 8, 16, 1)).astype("float32")
+        yield x, rng.normal(size=(4,)).astype("float32")
+
+
+def test_trainer_counts_steps_and_restores_snapshots():
+    keras.utils.set_random_seed(0)
+    trainer = _sgd_trainer(ViT(**_TINY_VIT), step_flops=7)
+    trainer.train(_batches(), 3)
+    assert trainer.steps == 3 and trainer.flops == 21
+    assert int(trainer.optimizer.iterations) == 3
+    before = trainer.snapshot()
+    trainer.train(_batches(1), 2)
+    assert trainer.steps == 5
+    trainer.restore(before)
+    assert trainer.steps == 3 and int(trainer.optimizer.iterations) == 3
+    for a, b in zip(trainer.model.get_weights(), before[0]):
+        np.testing.assert_array_equal(a, b)
+    # `load` copies another model and optimizer of the architecture.
+    other = ViT(**_TINY_VIT)
+    other_trainer = _sgd_trainer(other)
+    other_trainer.train(_batches(2), 1)
+    trainer.load(other, other_trainer.optimizer)
+    assert trainer.steps == 0 and int(trainer.optimizer.iterations) == 1
+    for a, b in zip(trainer.model.get_weights(), other.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="architectures differ"):
+        trainer.load(
+            ViT(**dict(_TINY_VIT, num_layers=3)), keras.optimizers.Adam()
+        )
+
+
+def test_architecture_key_ignores_names_and_seeds():
+    a = ViT(**_TINY_VIT, name="a")
+    b = ViT(**_TINY_VIT, name="b")
+    assert uc.architecture_key(a.get_config()) == uc.architecture_key(
+        b.get_config()
+    )
+    moe = {1: {"num_experts": 4, "seed": 0, "router_kernel_initializer": 0}}
+    other = {1: {"num_experts": 4, "seed": 5, "router_kernel_initializer": 1}}
+    wider = {1: {"num_experts": 8, "seed": 0}}
+    key = uc.architecture_key
+    assert key({"m": moe}) == key({"m": other}) != key({"m": wider})
+
+
+# --------------------------------------------------------------------------
+# Dense upcycling by depth tiling.
+
+
+def test_tiled_sources():
+    assert uc.tiled_sources(4, 4) == [0, 1, 2, 3]
+    assert uc.tiled_sources(4, 5) == [0, 0, 1, 2, 3]
+    assert uc.tiled_sources(2, 4) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="cannot be shallower"):
+        uc.tiled_sources(4, 3)
+
+
+def test_depth_tile_copies_blocks_and_optimizer_state():
+    keras.utils.set_random_seed(1)
+    dense = ViT(**_TINY_VIT)
+    trainer = _sgd_trainer(dense)
+    trainer.train(_batches(), 2)
+    tiled, name_map = uc.depth_tile(dense, 2)  # 2 -> 4 blocks: 0 0 1 1
+    assert tiled.num_layers == 4
+    source = dense.canonical_variables()
+    sources = [0, 0, 1, 1]
+    for name, variable in tiled.canonical_variables().items():
+        match = re.match(r"^encoder/block_(\d+)/(.*)$", name)
+        expected = name
+        if match:
+            expected = f"encoder/block_{sources[int(match[1])]}/{match[2]}"
+        assert name_map[name] == expected
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(variable),
+            keras.ops.convert_to_numpy(source[expected]),
+        )
+    optimizer = uc.tile_optimizer(trainer.optimizer, dense, tiled, name_map)
+    assert int(optimizer.iterations) == 2
+    tiled_vars = tiled.canonical_variables()
+    dense_opt = trainer.optimizer
+    dense_slots = uc._slot_lists(dense_opt)
+    tiled_slots = uc._slot_lists(optimizer)
+    assert len(tiled_slots) == 2  # Adam's two moments
+    for name in (
+        "encoder/block_1/mlp/wi",
+        "encoder/block_3/attention/query/kernel",
+    ):
+        src = dense_opt._get_variable_index(source[name_map[name]])
+        dst = optimizer._get_variable_index(tiled_vars[name])
+        for attr, slots in tiled_slots.items():
+            want = keras.ops.convert_to_numpy(dense_slots[attr][src])
+            got = keras.ops.convert_to_numpy(slots[dst])
+            assert np.any(want != 0)
+            np.testing.assert_array_equal(got, want)
+    # No extra block: the same function.
+    same, _ = uc.depth_tile(dense, 0)
+    x = next(_batches())[0]
+    np.testing.assert_allclose(same(x), dense(x), atol=1e-6)
+
+
+def test_matched_depth_is_the_nearest_in_flops():
+    dense = ViT(**dict(_TINY_VIT, num_layers=4))
+
+    def step_flops(model):
+        return flops.training_step_flops(model)
+
+    per_block = step_flops(ViT(**dict(_TINY_VIT, num_layers=5))) - step_flops(
+        dense
+    )
+    base = step_flops(dense)
+    for blocks in (1.2, 1.6, 2.4, 3.0):
+        extra = uc.matched_extra_layers(
+            dense, base + blocks * per_block, step_flops
+        )
+        assert extra == max(1, math.floor(blocks + 0.5))
+
+
+# --------------------------------------------------------------------------
+# FLOPs of a training step, counted by hand for the smoke-test ViTs.
+
+
+def _vit_step_flops(config, batch, moe_blocks=(), experts=8, factor=2.0):
+    """3 x forward matmul FLOPs: patch embedding, attention projections and
+    scores, MLPs (E * C slots in MoE blocks) and routers, head."""
+    d, h = config["model_dim"], config["hidden_dim"]
+    tokens = (8 // config["patch_size"]) * (16 // config["patch_size"])
+    total = 2 * tokens * config["patch_size"] ** 2 * d  # 1 channel
+    for block in range(config["num_layers"]):
+        total += 8 * tokens * d * d + 4 * tokens * tokens * d
+        if block in moe_blocks:
+            capacity = max(1, math.ceil(tokens * factor / experts))
+            total += experts * capacity * 4 * d * h + 2 * tokens * d * experts
+        else:
+            total += 4 * tokens * d * h
+    total += 2 * d * config["num_classes"]
+    return 3 * batch * total
+
+
+# --------------------------------------------------------------------------
+# End to end at smoke-test size.
+
+
+def _run(module, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp(module.NAME)
+    result = module.run(output_dir, seeds=(0,), small=True)
+    return output_dir, result
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    return _run(upcycle_vit, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory):
+    return _run(upcycle_t5, tmp_path_factory)
+
+
+def _check_outputs(module, output_dir, result):
+    names = sorted(os.listdir(output_dir))
+    assert names == sorted(["results.csv", "results.md", f"{module.NAME}.png"])
+    with open(output_dir / f"{module.NAME}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = common.read_csv(output_dir / "results.csv")
+    assert len(rows) == len(result["rows"]) == len(uc.ARMS) * len(BUDGETS)
+    assert {(r["arm"], float(r["budget"])) for r in rows} == {
+        (arm, budget) for arm in uc.ARMS for budget in BUDGETS
+    }
+    for row in rows:
+        for metric in module.METRICS:
+            assert math.isfinite(float(row[metric])), (row, metric)
+    text = (output_dir / "results.md").read_text()
+    for label in uc.ARM_LABELS.values():
+        assert label in text
+    for budget in BUDGETS:
+        assert f"| +{budget:.0%} |" in text
+    for metric in module.METRICS:
+        assert f"**{metric}**" in text
+    assert f"]({module.NAME}.png)" in text
+
+
+def _check_compute(rows):
+    """Arms at one budget used (1 + budget) * P FLOPs, within a step."""
+    pretrain = rows[0]["pretrain_flops"]
+    assert all(r["pretrain_flops"] == pretrain for r in rows)
+    for budget in BUDGETS:
+        at = [r for r in rows if r["budget"] == budget]
+        assert len(at) == len(uc.ARMS)
+        totals = [r["total_flops"] for r in at]
+        largest_step = max(r["step_flops"] for r in at)
+        assert max(totals) - min(totals) <= largest_step
+        for r in at:
+            sunk = 0 if r["arm"] == "moe_scratch" else pretrain
+            assert r["arm_flops"] == r["steps"] * r["step_flops"]
+            assert r["total_flops"] == sunk + r["arm_flops"]
+            target = (1 + budget) * pretrain
+            assert abs(r["total_flops"] - target) <= r["step_flops"] / 2
+    steps = {r["arm"]: r["step_flops"] for r in rows}
+    # MoE steps and deeper steps cost more, so they take fewer steps.
+    assert steps["upcycled"] == steps["moe_scratch"] > steps["dense"]
+    assert steps["dense_tiled"] > steps["dense"]
+
+
+@pytest.mark.slow
+def test_vit_smoke_run_writes_every_arm_and_budget(vit_run):
+    output_dir, result = vit_run
+    _check_outputs(upcycle_vit, output_dir, result)
+    _check_compute(result["rows"])
+
+
+@pytest.mark.slow
+def test_vit_step_flops_match_a_hand_count(vit_run):
+    config = upcycle_vit.CONFIGS["small"]
+    model, batch = config["model"], config["batch_size"]
+    rows = {r["arm"]: r for r in vit_run[1]["rows"] if r["budget"] == 0}
+    assert rows["dense"]["step_flops"] == _vit_step_flops(model, batch)
+    moe = _vit_step_flops(model, batch, moe_blocks=(1,))
+    assert rows["upcycled"]["step_flops"] == moe
+    assert rows["moe_scratch"]["step_flops"] == moe
+    assert rows["dense"]["pretrain_flops"] == (
+        config["pretrain_steps"] * rows["dense"]["step_flops"]
+    )
+    deeper = dict(model, num_layers=model["num_layers"] + 1)
+    assert rows["dense_tiled"]["step_flops"] == _vit_step_flops(deeper, batch)
+
+
+@pytest.mark.slow
+def test_t5_smoke_run_writes_every_arm_and_budget(t5_run):
+    output_dir, result = t5_run
+    _check_outputs(upcycle_t5, output_dir, result)
+    _check_compute(result["rows"])
+    for row in result["rows"]:
+        assert 0.0 <= row["exact_match"] <= 1.0
+        assert row["heldout_loss"] > 0
+
+
+# --------------------------------------------------------------------------
+# T5 data and scoring.
+
+
+def test_exact_match_compares_whole_rows():
+    class Generator:
+        def generate(self, ids, max_length, encoder_padding_mask=None):
+            assert max_length == 4
+            return np.array([[0, 5, 1, 0], [0, 5, 6, 1], [0, 5, 1, 7]])
+
+    targets = np.array([[5, 1, 0], [5, 6, 1], [5, 1, 0]])
+    inputs = {
+        "encoder_token_ids": np.ones((3, 2), "int32"),
+        "encoder_padding_mask": np.ones((3, 2), bool),
+    }
+    # Row 3 goes on after its end of sequence: no match.
+    assert upcycle_t5.exact_match(Generator(), inputs, targets) == 2 / 3
+
+
+def test_translation_arrays_match_the_data_pipeline():
+    from keras_moe import data as data_lib
+
+    sp = upcycle_t5._sentencepiece()
+    _, (inputs, targets) = upcycle_t5._translation(sp, test_examples=64)
+    reference = data_lib.seq2seq_dataset(
+        upcycle_t5.DOWNSTREAM,
+        "test",
+        64,
+        inputs["encoder_token_ids"].shape[1],
+        targets.shape[1],
+        languages=(upcycle_t5.LANGUAGE,),
+    )
+    ref_inputs, ref_targets = next(iter(reference))
+    np.testing.assert_array_equal(targets, ref_targets.numpy())
+    for key, value in ref_inputs.items():
+        np.testing.assert_array_equal(inputs[key], value.numpy())
+
+
+def test_span_corruption_examples_are_consistent():
+    from keras_moe import data as data_lib
+
+    runs = np.arange(10, 10 + 3 * 34, dtype=np.int32).reshape(3, 34)
+    dataset = upcycle_t5._span_corruption(runs, 32, seed=4, repeat=False)
+    raw, target_length = upcycle_t5._lengths(32)
+    assert raw == 34
+    examples = list(dataset)
+    assert len(examples) == 3
+    for run, (inputs, targets) in zip(runs, examples):
+        encoder = inputs["encoder_token_ids"].numpy()
+        targets = targets.numpy()
+        assert encoder.shape == (32,) and targets.shape == (target_length,)
+        # Every run token is either kept in the input or spelled out in the
+        # target, in order, and sentinels count down from the top id.
+        kept = encoder[(encoder >= 10) & (encoder < 2000)]
+        noise = targets[(targets >= 10) & (targets < 2000)]
+        np.testing.assert_array_equal(np.sort(np.r_[kept, noise]), run)
+        sentinels = encoder[encoder >= 2000]
+        assert list(sentinels) == [
+            data_lib.sentinel_id(i) for i in range(len(sentinels))
+        ]
+        np.testing.assert_array_equal(
+            inputs["decoder_token_ids"].numpy(), np.r_[0, targets[:-1]]
+        )
+
+
+def test_t5_moe_blocks_are_in_both_stacks():
+    config = upcycle_t5.CONFIGS["small"]
+    layers = upcycle_t5._stack_layers(config)
+    assert layers == {"encoder": 2, "decoder": 2}
+    with pytest.raises(ValueError, match="does not fit the encoder"):
+        uc.parse_options("x", {"moe_blocks": "last_n:3"}, layers)
