@@ -62,7 +62,15 @@ device but DTensor may split the draws differently, so such runs are not
 bit-comparable with single-device training; the MoE layers' routing
 statistic trackers are not updated by this trainer (`stateless_call` does
 not carry metric variables); `jit_compile` is not used (DTensor ignores it
-on CPU).
+on CPU); E^3 models are refused (their `EnsembleTile` uses `tf.tile`,
+which DTensor cannot partition).
+
+DTensor defects worked around here (TensorFlow 2.20): the registered
+gradient of `top_k` scatters with global indices into a batch-sharded
+shard (`_dtensor_safe_top_k_gradient` swaps in a row-local one while the
+step is differentiated), and a variable read right after a write in the
+same step can return the old value (`DTensorOptimizer` writes each
+variable once).
 
 A multi-host run (one Python process per host, e.g. a TPU pod slice or
 several GPU hosts) needs, beyond this single-process code:
@@ -97,7 +105,6 @@ from tensorflow.experimental import dtensor
 from tensorflow.python.framework import ops as tf_ops
 
 from keras_moe.distribution import mesh as mesh_lib
-from keras_moe.layers.ensemble import match_member_rows
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.moe import RELAYOUT_TO_EXPERTS
 from keras_moe.layers.moe import RELAYOUT_TO_TOKENS
@@ -234,9 +241,11 @@ class DTensorOptimizer:
         ]
         decay = self.config["weight_decay"]
         # The Keras optimizer's own rule for its exclusion lists (set with
-        # `exclude_from_weight_decay`); it has no public accessor.
+        # `exclude_from_weight_decay`; no public accessor), asked about the
+        # tf.Variable as the TensorFlow backend asks it (its name is the
+        # variable's path, which `var_names` patterns are matched against).
         self._decay = [
-            bool(decay) and self.keras_optimizer._use_weight_decay(v)
+            bool(decay) and self.keras_optimizer._use_weight_decay(v.value)
             for v in keras_variables
         ]
 
@@ -368,9 +377,9 @@ class ExpertParallelTrainer:
     """Trains a built Keras MoE model with its experts sharded on a mesh.
 
     Args:
-        model: a built `keras.Model` (e.g. an upcycled keras_moe ViT). Its
-            variables give the initial values; it is not modified until
-            `sync_to_model()` (or `restore`).
+        model: a built `keras.Model` (e.g. an upcycled keras_moe ViT; not
+            an E^3 model). Its variables give the initial values; it is not
+            modified until `sync_to_model()` (or `restore`).
         mesh: a `tf.experimental.dtensor.Mesh` with the axes
             (`batch`, `expert`) (see `keras_moe.distribution.mesh`), a spec
             such as `"batch:2,expert:4"`, or a dict of the two sizes. The
@@ -380,8 +389,6 @@ class ExpertParallelTrainer:
             for the supported ones).
         loss: a Keras loss (object, name or function) of
             `(y_true, y_pred)`; the MoE auxiliary losses are added to it.
-            For an E^3 model the targets are repeated for each member, as
-            its `compute_loss` does.
         devices: devices of a mesh given as a spec or dict.
 
     Attributes:
@@ -390,14 +397,26 @@ class ExpertParallelTrainer:
     """
 
     def __init__(self, model, mesh, optimizer="adam", loss=None, devices=None):
-        if not isinstance(model, keras.Model) or not model.built:
+        if not isinstance(model, keras.Model):
             raise ValueError(
-                "model must be a built keras.Model; received "
-                f"{type(model).__name__}"
-                + ("" if not isinstance(model, keras.Model) else " (unbuilt)")
+                f"model must be a keras.Model; received {type(model).__name__}"
+            )
+        if not model.built:
+            raise ValueError(
+                f"model {model.name!r} must be built (call it once, or build "
+                "it) before its variables can be sharded"
             )
         if loss is None:
             raise ValueError("loss is required (a Keras loss or its name)")
+        if getattr(model, "ensemble_size", 1) > 1:
+            # EnsembleTile tiles the batch with `tf.tile`, which DTensor
+            # cannot expand on a batch-sharded tensor (even on one device).
+            raise ValueError(
+                "E^3 models (ensemble_size="
+                f"{model.ensemble_size}) are not supported by the "
+                "expert-parallel trainer: their EnsembleTile layer uses "
+                "tf.tile, which DTensor cannot partition"
+            )
         mesh = mesh_lib.as_mesh(mesh, devices=devices)
         expert_size = mesh.dim_size(mesh_lib.EXPERT_AXIS)
         self._moe_layers = []
@@ -429,7 +448,6 @@ class ExpertParallelTrainer:
         self.optimizer = self._optimizer.keras_optimizer
         self.step = 0
         self._expert_weights = expert_weights
-        self._ensemble = getattr(model, "ensemble_size", 1) > 1
         self._layouts = [self.layout(v) for v in model.trainable_variables]
         self._trainable = [
             self._dvariable(v, trainable=True)
@@ -510,8 +528,6 @@ class ExpertParallelTrainer:
             )
 
     def _total_loss(self, y, y_pred, sample_weight, aux_losses):
-        if self._ensemble:
-            y, sample_weight = match_member_rows((y, sample_weight), y_pred)
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
         for aux in aux_losses:
             loss = loss + tf.reduce_sum(tf.cast(aux, loss.dtype))

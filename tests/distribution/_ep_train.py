@@ -57,7 +57,7 @@ error_interpolation.parse_message = lambda m: _parse_message(m[:20000])
 
 NUM_EXPERTS = 8
 BATCH = 8
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 1e-3
 STEPS = 3
 
 
