@@ -1,4 +1,10 @@
-"""Distributed training: tf.distribute strategies and crash-safe `fit`."""
+"""Distributed training: tf.distribute strategies, crash-safe `fit`, and
+expert parallelism on a DTensor mesh."""
+
+# DTensor expert parallelism (expert_parallel.py, mesh.py).
+from keras_moe.distribution.expert_parallel import SUPPORTED_OPTIMIZERS
+from keras_moe.distribution.expert_parallel import DTensorOptimizer
+from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
 
 # tf.distribute data parallelism and crash-safe training.
 from keras_moe.distribution.fault_tolerance import fit_resumable
@@ -7,6 +13,10 @@ from keras_moe.distribution.fault_tolerance import list_checkpoints
 from keras_moe.distribution.fault_tolerance import reproducible_shuffle
 from keras_moe.distribution.fault_tolerance import restore_checkpoint
 from keras_moe.distribution.fault_tolerance import save_checkpoint
+from keras_moe.distribution.mesh import MESH_AXES
+from keras_moe.distribution.mesh import default_devices
+from keras_moe.distribution.mesh import make_mesh
+from keras_moe.distribution.mesh import parse_mesh_spec
 from keras_moe.distribution.strategies import STRATEGY_NAMES
 from keras_moe.distribution.strategies import TFConfig
 from keras_moe.distribution.strategies import auto_strategy_name
@@ -16,5 +26,3 @@ from keras_moe.distribution.strategies import fit_distributed
 from keras_moe.distribution.strategies import get_strategy
 from keras_moe.distribution.strategies import parse_tf_config
 from keras_moe.distribution.strategies import prepare_dataset
-
-# DTensor expert parallelism (expert_parallel.py, mesh.py).

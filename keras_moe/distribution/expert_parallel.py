@@ -96,7 +96,7 @@ import contextlib
 import io
 import json
 import os
-import tempfile
+import uuid
 
 import keras
 import numpy as np
@@ -160,8 +160,10 @@ class DTensorOptimizer:
     wrong updates on meshes with a `batch` axis larger than 1: their update
     writes a slot and reads it back in the same step (`m.assign(...)`, then
     `variable.assign_add(m)`), and inside the DTensor step function that
-    read returned the slot's value from before the write (the first SGD
-    step changed no weight; Adam drifted from step one). This class
+    read returned the slot's value from before the write: with the
+    gradients as `tape.gradient` returns them, their first SGD step changed
+    no weight; with the gradients reduced first, SGD was right but Adam on
+    an upcycled ViT drifted from the first step. This class
     computes each step functionally instead: every weight and slot is read
     once, the new values are computed as tensors, and each variable is
     written once, so no read depends on the order of writes.
@@ -351,11 +353,6 @@ class DTensorOptimizer:
             new_slots["v_hat"] = v
         value = value - (m * alpha) / (tf.sqrt(v) + config["epsilon"])
         return value, new_slots
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; received {value!r}")
 
 
 def _to_mesh(value, layout):
@@ -581,14 +578,14 @@ class ExpertParallelTrainer:
         """One optimizer step on a global batch; returns the loss (float).
 
         Args:
-            x: inputs <[B, ...]> (a host array or tensor); B must be a
-                multiple of the `batch` axis.
+            x: inputs <[B, ...]> (host arrays or tensors, or a nested
+                structure of them as the model takes); B must be a multiple
+                of the `batch` axis.
             y: targets <[B, ...]>.
             sample_weight: optional <[B]> weights of the loss.
         """
-        args = [self._shard_batch(x), self._shard_batch(y)]
-        if sample_weight is not None:
-            args.append(self._shard_batch(sample_weight))
+        args = [x, y] if sample_weight is None else [x, y, sample_weight]
+        args = tf.nest.map_structure(self._shard_batch, args)
         loss = self._train_step(*args)
         self.step += 1
         return float(dtensor.unpack(loss)[0])
@@ -698,11 +695,12 @@ class ExpertParallelTrainer:
         )
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        handle, temp_path = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+        temp_path = os.path.join(
+            directory,
+            f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp",
         )
         try:
-            with os.fdopen(handle, "wb") as file:
+            with open(temp_path, "xb") as file:
                 np.savez(file, **arrays)
                 file.flush()
                 os.fsync(file.fileno())

@@ -249,46 +249,63 @@ def _check_budgets(value):
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """`peak * min(1, (step + 1) / warmup_steps)`: warm-up, then constant.
+    """Linear warm-up to `peak`, then constant or a linear decay to 0.
+
+    `peak * min(1, (step + 1) / warmup_steps)`, times
+    `max(0, 1 - step / decay_steps)` when `decay_steps` is given.
 
     Args:
         peak: the learning rate after warm-up.
         warmup_steps: steps of the linear warm-up (>= 1).
+        decay_steps: None (constant after warm-up), or the step at which
+            a linear decay from the start reaches 0.
 
     Example:
 
     >>> float(LinearWarmup(1e-3, 10)(4))
     0.0005
+    >>> float(LinearWarmup(1e-3, 1, decay_steps=4)(3))
+    0.00025
     """
 
-    def __init__(self, peak, warmup_steps):
+    def __init__(self, peak, warmup_steps, decay_steps=None):
         if not peak > 0:
             raise ValueError(f"peak must be > 0; received {peak!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
-            raise ValueError(
-                f"warmup_steps must be an int; received {warmup_steps!r}"
-            )
-        if warmup_steps < 1:
-            raise ValueError(
-                f"warmup_steps must be >= 1; received {warmup_steps}"
-            )
+        for name, value in (
+            ("warmup_steps", warmup_steps),
+            ("decay_steps", 1 if decay_steps is None else decay_steps),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int; received {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1; received {value}")
         self.peak = float(peak)
         self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        return self.peak * keras.ops.minimum(
+        rate = self.peak * keras.ops.minimum(
             1.0, (step + 1.0) / float(self.warmup_steps)
         )
+        if self.decay_steps is not None:
+            rate = rate * keras.ops.maximum(
+                0.0, 1.0 - step / float(self.decay_steps)
+            )
+        return rate
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "decay_steps": self.decay_steps,
+        }
 
 
-def make_optimizer(learning_rate, warmup_steps):
+def make_optimizer(learning_rate, warmup_steps, decay_steps=None):
     """Adam with `LinearWarmup` and global gradient-norm clipping at 1."""
     return keras.optimizers.Adam(
-        learning_rate=LinearWarmup(learning_rate, warmup_steps),
+        learning_rate=LinearWarmup(learning_rate, warmup_steps, decay_steps),
         global_clipnorm=1.0,
     )
 
@@ -656,9 +673,9 @@ class Task:
             stream "pretrain", "continue" (shared by the three continuing
             arms, so they see the same batches) or "scratch".
         step_flops: `fn(model) -> FLOPs of one training step`.
-        evaluate: `fn(trainer, seed) -> {metric: float}` of
+        evaluate: `fn(trainer, seed, budget) -> {metric: float}` of
             `trainer.model` (`trainer.forward` is its compiled inference
-            call).
+            call) at extra budget `budget`.
         pretrain_steps: dense pre-training steps.
         learning_rate: peak learning rate of every arm.
         warmup_steps: linear warm-up of every fresh optimizer.
@@ -791,7 +808,7 @@ def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
         done = trainer.steps - start_steps
         loss = trainer.train(batches, target - done)
         tic = time.perf_counter()
-        metrics = task.evaluate(trainer, seed)
+        metrics = task.evaluate(trainer, seed, budget)
         arm_flops = (trainer.steps - start_steps) * trainer.step_flops
         row = {
             "seed": seed,
@@ -810,7 +827,7 @@ def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
         }
         rows.append(row)
         shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)
+            f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
         )
         print(
             f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
@@ -826,13 +843,31 @@ def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
 
 
 def summarize(rows, metrics):
-    """Mean and std over seeds of `metrics` per arm and budget, arms in
-    `ARMS` order."""
-    summary = common.aggregate(
-        rows, by=("arm", "budget"), metrics=(*metrics, "compute_ratio")
-    )
+    """Mean and sample std (ddof=1; 0 for one seed) of `metrics` over
+    seeds, per arm and budget, arms in `ARMS` order.
+
+    A metric missing from (or None in) every row of a group is None in the
+    summary (e.g. the T5 fine-tune, run at some budgets only).
+    """
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["budget"]), []).append(row)
     order = {arm: i for i, arm in enumerate(ARMS)}
-    return sorted(summary, key=lambda r: (order[r["arm"]], r["budget"]))
+    summary = []
+    for (arm, budget), members in sorted(
+        groups.items(), key=lambda item: (order[item[0][0]], item[0][1])
+    ):
+        out = {"arm": arm, "budget": budget, "n": len(members)}
+        for metric in (*metrics, "compute_ratio"):
+            values = [
+                float(r[metric]) for r in members if r.get(metric) is not None
+            ]
+            out[metric] = float(np.mean(values)) if values else None
+            out[f"{metric}_std"] = (
+                float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            )
+        summary.append(out)
+    return summary
 
 
 def results_table(summary, metrics, digits=4):
@@ -850,8 +885,8 @@ def results_table(summary, metrics, digits=4):
                     common.format_mean_std(
                         row[metric], row[f"{metric}_std"], digits
                     )
-                    if row
-                    else ""
+                    if row and row[metric] is not None
+                    else "—"
                 )
             table_rows.append(out)
         lines.append(f"**{metric}** (mean ± std over seeds)\n")
@@ -884,7 +919,9 @@ def plot_against_compute(summary, metrics, path, title):
     )
     for axis, (metric, label) in zip(axes[0], metrics.items()):
         for i, arm in enumerate(ARMS):
-            points = [r for r in summary if r["arm"] == arm]
+            points = [
+                r for r in summary if r["arm"] == arm and r[metric] is not None
+            ]
             if not points:
                 continue
             axis.errorbar(

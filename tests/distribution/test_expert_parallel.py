@@ -1,6 +1,6 @@
 """Expert parallelism on a DTensor mesh: mesh specs, layouts, training.
 
-Multi-device checks run `_ep_train.py` / `_ep_bad_inputs.py` in a
+Multi-device checks run `_ep_small.py` / `_ep_train.py` in a
 subprocess with 8 virtual CPU devices (TensorFlow's devices can only be
 split before it starts, and pytest shares one process). One-device checks
 (a 1 x 1 mesh on CPU:0) run here.
@@ -325,6 +325,32 @@ def test_sample_weights_match_keras():
     ]
     trainer = ExpertParallelTrainer(
         _small_model(), _one_device_mesh(), optimizer="sgd", loss=loss
+    )
+    np.testing.assert_allclose(trainer.fit(data), expected, rtol=TOLERANCE)
+
+
+def test_dict_inputs_match_keras():
+    def model():
+        keras.utils.set_random_seed(0)
+        a = keras.Input((6, 8), name="a")
+        b = keras.Input((3,), name="b")
+        hidden = MoeLayer(4, 16, name="moe")(a)
+        joined = keras.layers.Concatenate()([keras.layers.Flatten()(hidden), b])
+        return keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(joined))
+
+    rng = np.random.default_rng(3)
+    data = [
+        ({"a": x, "b": rng.normal(size=(4, 3)).astype("float32")}, y)
+        for x, y in _data()
+    ]
+    reference = model()
+    reference.compile(optimizer="adam", loss=_LOSS, jit_compile=False)
+    expected = [
+        reference.train_on_batch(x, y, return_dict=True)["loss"]
+        for x, y in data
+    ]
+    trainer = ExpertParallelTrainer(
+        model(), _one_device_mesh(), optimizer="adam", loss=_LOSS
     )
     np.testing.assert_allclose(trainer.fit(data), expected, rtol=TOLERANCE)
 
