@@ -2,11 +2,19 @@
 
 Reproduces the vision claims of "Sparse Upcycling: Training
 Mixture-of-Experts from Dense Checkpoints" (Komatsuzaki et al., 2023) on
-`composed_digits` (two real 8x8 handwritten digits side by side, 100
-classes; the test images come from digits never seen in training): a dense
-`keras_moe.models.vit.ViT` is pre-trained, then continued densely, sparsely
-upcycled, tiled deeper, or replaced by an MoE trained from scratch, each
-for the same extra FLOPs (see `upcycling_common` for the protocol).
+composed digits (two real 8x8 handwritten digits side by side, label
+10 * left + right, 100 classes): a dense `keras_moe.models.vit.ViT` is
+pre-trained, then continued densely, sparsely upcycled, tiled deeper, or
+replaced by an MoE trained from scratch, each for the same extra FLOPs
+(see `upcycling_common` for the protocol).
+
+Training pairs are composed afresh for every batch from the 1,437 images of
+the `digits` train split, as `composed_digits` composes its train split
+(about two million distinct pairs, so no composed image repeats in a run):
+like the paper's upstream data, the training set is not cycled through
+until it is memorised, and extra compute buys new examples rather than
+more epochs. The held-out set is `composed_digits`' test split, composed
+only of `digits` test images.
 
 Shape letters: B batch, H x W image (8 x 16), C channels (1), K classes
 (100), T tokens (8 patches of 4 x 4; mean pooling, no class token, so
@@ -85,9 +93,10 @@ CONFIGS = {
 MOE_KWARGS = {"min_expert_capacity": 1}
 
 
-def _arrays(split, limit=None):
-    """(images <float32>[N, H, W, C], labels <int32>[N]) of a split."""
-    dataset = data_lib.classification_dataset(DATASET, split, 1 << 16)
+def _arrays(name, split, limit=None):
+    """(images <float32>[N, H, W, C] in [0, 1], labels <int32>[N]) of a
+    split."""
+    dataset = data_lib.classification_dataset(name, split, 1 << 16)
     images, labels = next(iter(dataset))
     images, labels = images.numpy(), labels.numpy()
     if limit is not None:
@@ -95,15 +104,27 @@ def _arrays(split, limit=None):
     return images, labels
 
 
-def _batches(images, labels, batch_size, stream, seed):
-    """Endless batches of shuffled epochs, their order fixed by
-    (seed, stream)."""
+def _batches(digits, batch_size, stream, seed):
+    """Endless batches of freshly composed pairs of `digits` images,
+    drawn uniformly; the draws are fixed by (seed, stream).
+
+    Args:
+        digits: (images <float32>[N, 8, 8, 1], labels <int32>[N]).
+        batch_size: B.
+        stream: a key of `_STREAMS`.
+        seed: the run's seed.
+
+    Yields:
+        (images <float32>[B, 8, 16, 1], labels <int32>[B]), label
+        10 * left + right.
+    """
+    images, labels = digits
     rng = np.random.default_rng([seed, _STREAMS[stream]])
     while True:
-        order = rng.permutation(len(labels))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            index = order[start : start + batch_size]
-            yield images[index], labels[index]
+        left, right = rng.integers(0, len(labels), size=(2, batch_size))
+        # (B, 8, 8, 1) twice -> (B, 8, 16, 1)
+        pairs = np.concatenate([images[left], images[right]], axis=2)
+        yield pairs, (10 * labels[left] + labels[right]).astype(np.int32)
 
 
 _CROSS_ENTROPY = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -168,8 +189,8 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
     output_dir = common.prepare_output_dir(output_dir)
     start = time.perf_counter()
     print(f"[{NAME}] {settings.describe()}", flush=True)
-    train_images, train_labels = _arrays("train")
-    test_images, test_labels = _arrays("test", config["eval_examples"])
+    digits = _arrays("digits", "train")
+    test_images, test_labels = _arrays(DATASET, "test", config["eval_examples"])
     batch_size = config["batch_size"]
 
     def step_flops(model):
@@ -179,9 +200,7 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         name=NAME,
         build_dense=lambda: ViT(**config["model"]),
         loss_fn=_loss,
-        batches=lambda stream, seed: _batches(
-            train_images, train_labels, batch_size, stream, seed
-        ),
+        batches=lambda stream, seed: _batches(digits, batch_size, stream, seed),
         step_flops=step_flops,
         evaluate=_evaluator(test_images, test_labels),
         pretrain_steps=config["pretrain_steps"],
@@ -201,11 +220,13 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         f"Dense ViT (D={model['model_dim']}, H={model['hidden_dim']}, "
         f"{model['num_layers']} blocks, {model['num_heads']} heads, "
         f"{model['patch_size']}x{model['patch_size']} patches, mean "
-        f"pooling) pre-trained on {DATASET} for {config['pretrain_steps']} "
-        f"steps of {batch_size} images; extra budgets as fractions of those "
-        f"FLOPs. MoE recipe: {settings.describe()}. Tiled dense: "
-        f"{cache['extra_layers']} extra block(s). Held-out: "
-        f"{len(test_labels)} test images.\n"
+        f"pooling) pre-trained for {config['pretrain_steps']} steps of "
+        f"{batch_size} pairs of digits train images composed afresh each "
+        f"step ({upcycling_common.describe_optimizer(task)}); extra "
+        f"budgets as fractions of those FLOPs. MoE recipe: "
+        f"{settings.describe()}. Tiled dense: {cache['extra_layers']} "
+        f"extra block(s). Held-out: {len(test_labels)} {DATASET} test "
+        f"images.\n"
     )
     files, summary = upcycling_common.write_outputs(
         output_dir,

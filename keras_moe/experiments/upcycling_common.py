@@ -29,11 +29,14 @@ for P FLOPs. Each arm is one run evaluated at every budget along the way
 (budgets sorted); the steps of a budget are `round(flops / step_flops)`,
 so an arm's FLOPs are within half a step of the target.
 
-The learning rate warms up linearly and then stays constant
-(`LinearWarmup`), so that a budget's evaluation along one run is the same
-as a run that stops there, and continuing arms keep the step counter (no
-second warm-up). Training runs in a compiled `tf.function` per model
-(`Trainer`); the loss adds the MoE auxiliary losses (`model.losses`).
+Every arm trains with Adam (global gradient-norm clipping at 1) and T5's
+learning-rate schedule, a linear warm-up then an inverse square-root decay
+(`InverseSqrtWarmup`): it has no end, so a budget's evaluation along one
+run is the same as a run that stops there, and the continuing arms keep
+the dense step counter (no second warm-up; the MoE from scratch starts at
+step 0). Training steps are compiled `tf.function`s, traced once per
+architecture (`TrainerPool`); the loss adds the MoE auxiliary losses
+(`model.losses`).
 
 Options (`SUPPORTED_OPTIONS`, see `parse_options`) change the MoE arms:
 num_experts, capacity_factor, router and moe_blocks change both MoE arms
@@ -181,21 +184,24 @@ def _check_option(name, value):
     if name == "num_experts":
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(
-                f"option num_experts must be an int; got {value!r}"
+                f"option num_experts must be an int; received {value!r}"
             )
         if value < 1:
-            raise ValueError(f"option num_experts must be >= 1; got {value}")
+            raise ValueError(
+                f"option num_experts must be >= 1; received {value}"
+            )
         return int(value)
     if name == "capacity_factor":
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(
-                f"option capacity_factor must be a number > 0; got {value!r}"
+                "option capacity_factor must be a number > 0; received "
+                f"{value!r}"
             )
         return float(value)
     if name == "router":
         if value not in ROUTERS:
             raise ValueError(
-                f"option router must be one of {ROUTERS}; got {value!r}"
+                f"option router must be one of {ROUTERS}; received {value!r}"
             )
         return value
     if name == "moe_blocks":
@@ -209,13 +215,14 @@ def _check_option(name, value):
         if not _is_number(value) or not 0.0 <= value <= high:
             bounds = "in [0, 1]" if high == 1.0 else ">= 0"
             raise ValueError(
-                f"option {name} must be a number {bounds}; got {value!r}"
+                f"option {name} must be a number {bounds}; received {value!r}"
             )
         return float(value)
     if name == "reuse_optimizer_state":
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(
-                f"option reuse_optimizer_state must be a bool; got {value!r}"
+                "option reuse_optimizer_state must be a bool; received "
+                f"{value!r}"
             )
         return bool(value)
     if name == "budgets":
@@ -227,15 +234,15 @@ def _check_budgets(value):
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(
             "option budgets must be a list of fractions > 0 (e.g. [0.1, "
-            f"0.5]); got {value!r}"
+            f"0.5]); received {value!r}"
         )
     budgets = tuple(value)
     if not budgets or not all(
         _is_number(b) and math.isfinite(b) and b > 0 for b in budgets
     ):
         raise ValueError(
-            f"option budgets must be a non-empty list of fractions > 0; "
-            f"got {value!r}"
+            "option budgets must be a non-empty list of fractions > 0; "
+            f"received {value!r}"
         )
     budgets = tuple(sorted(float(b) for b in budgets))
     if len(set(budgets)) != len(budgets):
@@ -302,12 +309,64 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_moe")
+class InverseSqrtWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`peak * min((step + 1) / warmup_steps, sqrt(warmup_steps / (step +
+    1)))`: linear warm-up, then T5's inverse square-root decay.
+
+    It has no end, so a run can stop at any budget, and a run that goes on
+    from a checkpoint with the step counter continues the same schedule.
+
+    Args:
+        peak: the learning rate at the end of the warm-up.
+        warmup_steps: steps of the linear warm-up (>= 1).
+
+    Example:
+
+    >>> schedule = InverseSqrtWarmup(1e-3, 100)
+    >>> [round(float(schedule(s)), 6) for s in (49, 99, 399)]
+    [0.0005, 0.001, 0.0005]
+    """
+
+    def __init__(self, peak, warmup_steps):
+        if not peak > 0:
+            raise ValueError(f"peak must be > 0; received {peak!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise ValueError(
+                f"warmup_steps must be an int; received {warmup_steps!r}"
+            )
+        if warmup_steps < 1:
+            raise ValueError(
+                f"warmup_steps must be >= 1; received {warmup_steps}"
+            )
+        self.peak = float(peak)
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        count = keras.ops.cast(step, "float32") + 1.0
+        warmup = float(self.warmup_steps)
+        return self.peak * keras.ops.minimum(
+            count / warmup, keras.ops.sqrt(warmup / count)
+        )
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
 def make_optimizer(learning_rate, warmup_steps, decay_steps=None):
-    """Adam with `LinearWarmup` and global gradient-norm clipping at 1."""
-    return keras.optimizers.Adam(
-        learning_rate=LinearWarmup(learning_rate, warmup_steps, decay_steps),
-        global_clipnorm=1.0,
-    )
+    """Adam with global gradient-norm clipping at 1.
+
+    Args:
+        learning_rate: the peak learning rate.
+        warmup_steps: steps of linear warm-up.
+        decay_steps: None for `InverseSqrtWarmup` (training), or the step
+            at which `LinearWarmup`'s linear decay reaches 0 (fine-tuning).
+    """
+    if decay_steps is None:
+        schedule = InverseSqrtWarmup(learning_rate, warmup_steps)
+    else:
+        schedule = LinearWarmup(learning_rate, warmup_steps, decay_steps)
+    return keras.optimizers.Adam(learning_rate=schedule, global_clipnorm=1.0)
 
 
 class Trainer:
@@ -336,7 +395,9 @@ class Trainer:
         self.steps = 0
         self.seconds = 0.0
 
-        @tf.function(jit_compile=jit_compile)
+        # No AutoGraph: the step has no tensor-dependent Python control
+        # flow, and AutoGraph would re-read the source files at trace time.
+        @tf.function(jit_compile=jit_compile, autograph=False)
         def train_step(inputs, targets):
             variables = model.trainable_variables
             with tf.GradientTape() as tape:
@@ -351,7 +412,9 @@ class Trainer:
             return loss
 
         self._train_step = train_step
-        self.forward = tf.function(lambda inputs: model(inputs, training=False))
+        self.forward = tf.function(
+            lambda inputs: model(inputs, training=False), autograph=False
+        )
 
     @property
     def flops(self):
@@ -696,6 +759,15 @@ class Task:
     jit_compile: bool = False
 
 
+def describe_optimizer(task):
+    """The optimizer and schedule of `task`, in words."""
+    return (
+        f"Adam with gradient-norm clipping at 1, learning rate warmed up "
+        f"linearly to {task.learning_rate:g} over {task.warmup_steps} steps, "
+        "then inverse square-root decay"
+    )
+
+
 def run_seed(task, settings, seed, cache):
     """Pre-trains the dense model of one seed and trains the four arms.
 
@@ -934,6 +1006,7 @@ def plot_against_compute(summary, metrics, path, title):
                 color=f"C{i}",
                 label=ARM_LABELS[arm],
             )
+        _zoom(axis, summary, metric)
         axis.set_xlabel(
             "extra training compute (% of dense pre-training FLOPs)"
         )
@@ -943,6 +1016,43 @@ def plot_against_compute(summary, metrics, path, title):
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     common.save_figure(figure, path)
+
+
+def _zoom(axis, summary, metric):
+    """Fits the y axis to the points after extra training.
+
+    A starting point (budget 0) more than the trained points' spread away
+    from them, such as a freshly tiled model, would squash the comparison:
+    it is left out of the axis range and its value written at the edge.
+    """
+    trained = [
+        r[metric] for r in summary if r["budget"] > 0 and r[metric] is not None
+    ]
+    if not trained:
+        return
+    low, high = min(trained), max(trained)
+    spread = (high - low) or 0.1 * abs(high) or 0.1
+    outliers = []
+    for r in summary:
+        value = r[metric]
+        if r["budget"] != 0 or value is None:
+            continue
+        if low - spread <= value <= high + spread:
+            low, high = min(low, value), max(high, value)
+        else:
+            outliers.append(r)
+    pad = 0.08 * (high - low or spread)
+    low, high = low - pad, high + pad
+    for r in outliers:
+        above = r[metric] > high
+        axis.annotate(
+            f"{ARM_LABELS[r['arm']]} at +0%: {r[metric]:.3g}",
+            (1.0, high if above else low),
+            fontsize=7,
+            va="top" if above else "bottom",
+            color=f"C{ARMS.index(r['arm'])}",
+        )
+    axis.set_ylim(low, high)
 
 
 def check_compute_matched(rows):
