@@ -58,8 +58,10 @@ METRICS = {
         f"{DOWNSTREAM} ({LANGUAGE}) token accuracy after fine-tune"
     ),
 }
-# Measured after a fine-tune, at budget 0 and the largest budget only.
+# Measured after a fine-tune, at the largest budget (every arm) and at +0%
+# (the arms of FINETUNED_AT_ZERO) only.
 FINETUNE_METRICS = ("exact_match", "downstream_token_accuracy")
+FINETUNED_AT_ZERO = ("dense", "moe_scratch")
 _STREAMS = {"pretrain": 0, "continue": 1, "scratch": 2}
 # Noise-mask seed of the held-out span-corruption examples.
 _HELDOUT_SEED = 12345
@@ -377,13 +379,21 @@ def token_accuracy(logits, targets):
     return float(np.sum((predicted == targets) & real) / np.sum(real))
 
 
-def _evaluator(heldout, finetuner, finetune_budgets):
-    """`fn(trainer, seed, budget) -> metrics`: held-out loss and token
-    accuracy, and the downstream exact match at `finetune_budgets` (None
-    at the others)."""
+def _evaluator(heldout, finetuner, largest_budget):
+    """`fn(trainer, seed, budget, arm) -> metrics`: held-out loss and token
+    accuracy, and the downstream metrics after a fine-tune (None where
+    not fine-tuned).
+
+    Fine-tuned: every arm at `largest_budget`; at +0%, the two models that
+    exist before any extra compute, the pre-trained dense checkpoint and
+    the MoE trained from scratch for the same FLOPs. (The upcycled model
+    at +0% computes nearly the dense checkpoint's function, and the freshly
+    tiled one is the dense checkpoint's blocks out of place: neither is a
+    trained model of its own.)
+    """
     inputs, targets = heldout
 
-    def evaluate(trainer, seed, budget):
+    def evaluate(trainer, seed, budget, arm):
         logits = trainer.forward(inputs)
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
         correct = tf.cast(
@@ -395,7 +405,9 @@ def _evaluator(heldout, finetuner, finetune_budgets):
             "heldout_accuracy": float(_masked_mean(correct, targets)),
             **{metric: None for metric in FINETUNE_METRICS},
         }
-        if budget in finetune_budgets:
+        if budget == largest_budget or (
+            budget == 0.0 and arm in FINETUNED_AT_ZERO
+        ):
             scores.update(finetuner(trainer.model, seed))
         return scores
 
@@ -463,7 +475,7 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
             runs, config, stream, seed
         ),
         step_flops=step_flops,
-        evaluate=_evaluator(heldout, finetuner, (0.0, settings.budgets[-1])),
+        evaluate=_evaluator(heldout, finetuner, settings.budgets[-1]),
         pretrain_steps=config["pretrain_steps"],
         learning_rate=config["learning_rate"],
         warmup_steps=config["warmup_steps"],
@@ -488,7 +500,8 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         f"FLOPs. MoE recipe: {settings.describe()}. "
         f"Tiled dense: {cache['extra_layers']} extra block(s) per stack. "
         f"Held-out: {int(heldout[1].shape[0])} span-corruption examples of "
-        f"the validation topics. Downstream, at +0% and the largest budget: "
+        f"the validation topics. Downstream, at the largest budget (every "
+        f"arm) and at +0% (the dense checkpoint and the MoE from scratch): "
         f"{config['finetune_steps']} fine-tuning steps of "
         f"{config['finetune_batch_size']} {DOWNSTREAM} ({LANGUAGE}) "
         f"examples (Adam from a zeroed state, peak learning rate "

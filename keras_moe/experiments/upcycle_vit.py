@@ -135,11 +135,12 @@ def _loss(model, images, labels):
 
 
 def _evaluator(images, labels):
-    """`fn(trainer, seed, budget) -> metrics` on the held-out images."""
+    """`fn(trainer, seed, budget, arm) -> metrics` on the held-out
+    images."""
     images = tf.constant(images)
 
-    def evaluate(trainer, seed, budget):
-        del seed, budget  # The same images for every seed and budget.
+    def evaluate(trainer, seed, budget, arm):
+        del seed, budget, arm  # The same images for every run.
         logits = trainer.forward(images).numpy().astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)

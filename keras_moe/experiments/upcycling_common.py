@@ -736,9 +736,9 @@ class Task:
             stream "pretrain", "continue" (shared by the three continuing
             arms, so they see the same batches) or "scratch".
         step_flops: `fn(model) -> FLOPs of one training step`.
-        evaluate: `fn(trainer, seed, budget) -> {metric: float}` of
+        evaluate: `fn(trainer, seed, budget, arm) -> {metric: float}` of
             `trainer.model` (`trainer.forward` is its compiled inference
-            call) at extra budget `budget`.
+            call) of arm `arm` (a key of `ARMS`) at extra budget `budget`.
         pretrain_steps: dense pre-training steps.
         learning_rate: peak learning rate of every arm.
         warmup_steps: linear warm-up of every fresh optimizer.
@@ -880,7 +880,7 @@ def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
         done = trainer.steps - start_steps
         loss = trainer.train(batches, target - done)
         tic = time.perf_counter()
-        metrics = task.evaluate(trainer, seed, budget)
+        metrics = task.evaluate(trainer, seed, budget, arm)
         arm_flops = (trainer.steps - start_steps) * trainer.step_flops
         row = {
             "seed": seed,
