@@ -254,6 +254,18 @@ def _check_budgets(value):
 # Training.
 
 
+def _check_schedule_args(peak, **steps):
+    """Raises a ValueError unless `peak` > 0 and every step count in
+    `steps` is an int >= 1."""
+    if not _is_number(peak) or not peak > 0:
+        raise ValueError(f"peak must be a number > 0; received {peak!r}")
+    for name, value in steps.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int; received {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1; received {value}")
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then constant or a linear decay to 0.
@@ -269,23 +281,16 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
 
-    >>> float(LinearWarmup(1e-3, 10)(4))
+    >>> round(float(LinearWarmup(1e-3, 10)(4)), 6)
     0.0005
-    >>> float(LinearWarmup(1e-3, 1, decay_steps=4)(3))
+    >>> round(float(LinearWarmup(1e-3, 1, decay_steps=4)(3)), 6)
     0.00025
     """
 
     def __init__(self, peak, warmup_steps, decay_steps=None):
-        if not peak > 0:
-            raise ValueError(f"peak must be > 0; received {peak!r}")
-        for name, value in (
-            ("warmup_steps", warmup_steps),
-            ("decay_steps", 1 if decay_steps is None else decay_steps),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int; received {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1; received {value}")
+        _check_schedule_args(peak, warmup_steps=warmup_steps)
+        if decay_steps is not None:
+            _check_schedule_args(peak, decay_steps=decay_steps)
         self.peak = float(peak)
         self.warmup_steps = warmup_steps
         self.decay_steps = decay_steps
@@ -329,16 +334,7 @@ class InverseSqrtWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, peak, warmup_steps):
-        if not peak > 0:
-            raise ValueError(f"peak must be > 0; received {peak!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
-            raise ValueError(
-                f"warmup_steps must be an int; received {warmup_steps!r}"
-            )
-        if warmup_steps < 1:
-            raise ValueError(
-                f"warmup_steps must be >= 1; received {warmup_steps}"
-            )
+        _check_schedule_args(peak, warmup_steps=warmup_steps)
         self.peak = float(peak)
         self.warmup_steps = warmup_steps
 
