@@ -552,9 +552,5 @@ def _no_pretraining_reference(config, finetuner, seeds):
     print(
         f"[{NAME}] no pre-training, after the fine-tune: {scores}", flush=True
     )
-    reference = {}
-    for metric in scores[0]:
-        values = [score[metric] for score in scores]
-        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        reference[metric] = (float(np.mean(values)), std)
-    return reference
+    (summary,) = common.aggregate(scores, (), FINETUNE_METRICS)
+    return {m: (summary[m], summary[f"{m}_std"]) for m in FINETUNE_METRICS}
