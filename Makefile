@@ -17,7 +17,7 @@ EXTRAS ?= test,bench,hub
 MARKERS ?=
 PYTEST_ARGS ?=
 ARGS ?=
-LINT_PATHS := keras_moe apps export tests setup.py
+LINT_PATHS := keras_moe apps export benchmarks tests setup.py
 
 .PHONY: venv test demo bench format lint clean
 

@@ -42,7 +42,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from keras_moe import benchmarks
+from benchmarks import moe_layer as benchmarks
 
 _CONFIGS = flags.DEFINE_list(
     "configs",

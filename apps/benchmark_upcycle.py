@@ -35,7 +35,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from keras_moe import benchmarks_upcycle
+from benchmarks import upcycle as benchmarks_upcycle
 from keras_moe.models.t5 import PRESETS
 
 _PRESET = flags.DEFINE_enum(

@@ -10,10 +10,11 @@ Pretrains a dense ViT on real handwritten digits, upcycles it
 (`keras_moe.upcycle`, the paper's recipe), trains the dense and the
 upcycled model further for the same extra FLOPs, prints a table (accuracy,
 NLL, extra compute, parameters, active parameters) and writes learning
-curves and a routing heatmap (`keras_moe.demo`). Then exports the MoE
-model for TF Serving (`export.saved_model`, `<output_dir>/serving/vit_moe/1`),
-sends one test image as a `PredictRequest` to it in a fresh process where
-Keras and keras_moe cannot be imported (`apps/serving_probe.py`), checks
+curves and a routing heatmap (`keras_moe.experiments.demo`). Then exports the
+MoE model for TF Serving (`export.saved_model`,
+`<output_dir>/serving/vit_moe/1`), sends one test image as a `PredictRequest`
+to it in a fresh process where Keras and keras_moe cannot be imported
+(`apps/serving_probe.py`), checks
 the answer against the Keras model, and lists the files it wrote.
 """
 
@@ -168,7 +169,8 @@ def export_and_ask(model, images, labels, output_dir, log=print):
 
 def main(argv):
     del argv
-    from keras_moe import demo  # TensorFlow loads after the flags parse.
+    # TensorFlow loads after the flags parse.
+    from keras_moe.experiments import demo
 
     base = demo.SMALL if _SMALL.value else demo.DEFAULT
     overrides = {

@@ -1,10 +1,11 @@
 r"""Evaluates a keras_moe model on a held-out split.
 
 Classifiers (ViT): accuracy, negative log-likelihood, expected calibration
-error (15 bins) and Brier score of the softmax (`keras_moe.metrics`). T5:
-loss (cross-entropy per target token), token accuracy and exact match of
-greedy generation. `--eval_capacity_factor` rebuilds every MoE block with
-another evaluation capacity factor first (`none`: no token dropped).
+error (15 bins) and Brier score of the softmax
+(`keras_moe.evaluation.metrics`). T5: loss (cross-entropy per target token),
+token accuracy and exact match of greedy generation. `--eval_capacity_factor`
+rebuilds every MoE block with another evaluation capacity factor first (`none`:
+no token dropped).
 
 Usage:
 
@@ -75,9 +76,11 @@ def _output_not_a_directory(value):
 
 def main(argv):
     del argv
-    from keras_moe import tasks  # TensorFlow loads after the flags parse.
+    # TensorFlow loads after the flags parse.
+    from keras_moe.evaluation import scoring
+    from keras_moe.utils import files
 
-    results = tasks.evaluate(
+    results = scoring.evaluate(
         _MODEL.value,
         _DATASET.value,
         data_dir=_TFDS_DATA_DIR.value,
@@ -92,7 +95,7 @@ def main(argv):
     )
     line = json.dumps(results, sort_keys=True)
     if _OUTPUT.value:
-        tasks.write_json(_OUTPUT.value, results)
+        files.write_json(_OUTPUT.value, results)
     print(line, flush=True)
 
 

@@ -146,9 +146,10 @@ def main(argv):
     devices = None
     if _CPU_DEVICES.value:
         devices = _split_cpu(_CPU_DEVICES.value)
-    from keras_moe import tasks  # TensorFlow loads after the flags parse.
+    # TensorFlow loads after the flags parse.
+    from keras_moe.training import fit
 
-    results = tasks.train(
+    results = fit.train(
         _MODEL.value,
         _DATASET.value,
         _OUTPUT_DIR.value,

@@ -108,7 +108,9 @@ def _new_output(values):
 
 def main(argv):
     del argv
-    from keras_moe import tasks  # TensorFlow loads after the flags parse.
+    # TensorFlow loads after the flags parse.
+    from keras_moe.data import specs
+    from keras_moe.training import fit
 
     size = {
         key: flag.value
@@ -122,9 +124,9 @@ def main(argv):
     }
     if _ARCHITECTURE.value == "vit":
         size["patch_size"] = _PATCH_SIZE.value
-    results = tasks.pretrain_dense(
+    results = fit.pretrain_dense(
         _ARCHITECTURE.value,
-        _DATASET.value or tasks.DEFAULT_DATASETS[_ARCHITECTURE.value],
+        _DATASET.value or specs.DEFAULT_DATASETS[_ARCHITECTURE.value],
         _OUTPUT_DIR.value,
         data_dir=_TFDS_DATA_DIR.value,
         size=size,

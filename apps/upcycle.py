@@ -140,11 +140,11 @@ def _check_blocks(value):
 
 def main(argv):
     del argv
-    from keras_moe import tasks  # TensorFlow loads after the flags parse.
+    from keras_moe import upcycling  # TensorFlow loads after the flags parse.
 
     blocks, last_n = parse_blocks(_BLOCKS.value)
     normalize = {"auto": None, "true": True, "false": False}[_NORMALIZE.value]
-    summary = tasks.upcycle_to_file(
+    summary = upcycling.upcycle_to_file(
         _CHECKPOINT.value,
         _OUTPUT.value,
         architecture=_ARCHITECTURE.value,

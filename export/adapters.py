@@ -38,6 +38,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from keras_moe.utils.checks import check_int
+
 _ADAPTERS = {}
 
 IMAGE_DTYPES = ("uint8", "float32")
@@ -80,8 +82,8 @@ class ServingOptions:
 
     def __post_init__(self):
         for name in ("top_k", "max_length", "xla_batch_size"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("max_input_length", self.max_input_length, 2)
+            check_int(name, getattr(self, name), 1)
+        check_int("max_input_length", self.max_input_length, 2)
         if self.image_dtype not in IMAGE_DTYPES:
             raise ValueError(
                 f"image_dtype must be one of {IMAGE_DTYPES}; received "
@@ -112,13 +114,6 @@ class ServingOptions:
             None if model is None else len(model)
         )
         return values
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int; received {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; received {value}")
 
 
 class ServingAdapter:

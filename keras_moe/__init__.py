@@ -1,7 +1,7 @@
 """keras_moe: sparse Mixture-of-Experts layers and upcycling for Keras 3."""
 
 from keras_moe import layers
-from keras_moe import metrics
+from keras_moe.evaluation import metrics
 from keras_moe.layers import MoeLayer
 from keras_moe.upcycling import summarize
 from keras_moe.upcycling import upcycle

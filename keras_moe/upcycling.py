@@ -32,6 +32,7 @@ hidden dimension.
 """
 
 import dataclasses
+import os
 import re
 import zlib
 
@@ -39,9 +40,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_moe.checkpoints import load_model
+from keras_moe.checkpoints import read_checkpoint
 from keras_moe.layers import routing
 from keras_moe.layers.ensemble import check_ensemble_size
 from keras_moe.layers.experts import weights_to_be_overwritten
+from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import flops
+from keras_moe.utils.checks import check_positive_int
+from keras_moe.utils.files import save_keras
 
 VISION = "vision"
 LANGUAGE = "language"
@@ -218,7 +225,7 @@ def upcycle(
         A new keras model of the same class.
     """
     _, stacks = architecture(model)
-    _check_positive_int("num_experts", num_experts)
+    check_positive_int("num_experts", num_experts)
     config = model.get_config()
     ensemble_size = _ensemble_size(model, config, ensemble_size, num_experts)
     if expert_noise_type not in ("multiplicative", "additive"):
@@ -457,11 +464,6 @@ def tile_expert_weight(
     return experts
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; received {value!r}")
-
-
 def upcycle_optimizer(dense_optimizer, dense_model, moe_model):
     """A new optimizer for `moe_model` that continues `dense_optimizer`.
 
@@ -554,8 +556,8 @@ class UpcycleSummary:
     into embedding tables and the attention-score terms that grow with the
     sequence length are left out. FLOPs per prediction are the whole forward
     pass of one example at the eval capacity, attention included
-    (`keras_moe.flops.flops_per_prediction`: one image for a ViT, an example
-    of 512 input and 114 target tokens for a T5); None for models that
+    (`keras_moe.models.flops.flops_per_prediction`: one image for a ViT, an
+    example of 512 input and 114 target tokens for a T5); None for models that
     counter does not cover (the vision-language model).
     """
 
@@ -603,8 +605,6 @@ class UpcycleSummary:
 
 def summarize(dense_model, moe_model):
     """An `UpcycleSummary` comparing a dense model and its upcycled version."""
-    from keras_moe import flops
-
     before = _count(dense_model)
     after = _count(moe_model)
     blocks = getattr(moe_model, "upcycled_blocks", None) or {}
@@ -634,8 +634,6 @@ _TABLES = ("shared/embedding", "position_embedding", "class_token")
 
 def _count(model):
     """(total params, active params per token, active matmul params)."""
-    from keras_moe.layers.moe import MoeLayer
-
     total = active = matmul = 0
     moe_layers = {}
     for layer in model._flatten_layers(include_self=False):
@@ -675,7 +673,27 @@ def upcycle_checkpoint(path, num_experts=32, architecture=None, **options):
     Returns:
         (dense model, upcycled model).
     """
-    from keras_moe.checkpoints import read_checkpoint
-
     dense = read_checkpoint(path, architecture=architecture)
     return dense, upcycle(dense, num_experts, **options)
+
+
+def upcycle_to_file(checkpoint, output, architecture=None, **options):
+    """Reads a dense checkpoint, upcycles it, saves the `.keras` file.
+
+    Args:
+        checkpoint: a `.keras` file or any checkpoint `read_checkpoint`
+            reads.
+        output: the `.keras` file to write (atomically).
+        architecture: "vit", "t5" or None to detect.
+        **options: `keras_moe.upcycle` arguments (num_experts, blocks, ...).
+
+    Returns:
+        The `keras_moe.upcycling.UpcycleSummary` of the dense and the
+        upcycled model.
+    """
+    if not os.fspath(output).endswith(".keras"):
+        raise ValueError(f"output must be a .keras file; received {output!r}")
+    dense = load_model(checkpoint, architecture)
+    moe = upcycle(dense, **options)
+    save_keras(moe, output)
+    return summarize(dense, moe)

@@ -36,6 +36,7 @@ by
 
     python tests/test_build_files.py            # show what is missing
     python tests/test_build_files.py --append   # append them to BUILD files
+    python tests/test_build_files.py --rewrite  # write all BUILD files anew
 """
 
 import ast
@@ -47,16 +48,33 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCE_ROOTS = ("keras_moe", "apps", "export", "tests")
+SOURCE_ROOTS = ("keras_moe", "apps", "export", "benchmarks", "tests")
 RULES = ("py_library", "py_binary", "py_test")
 SKIP_DIR_NAMES = frozenset({"__pycache__", "testdata"})
 RULES_PYTHON_DEFS = "@rules_python//python:defs.bzl"
 # package prefix -> packages it must not depend on (DESIGN.md section 4).
 FORBIDDEN_DEPS = {
-    "keras_moe": ("apps", "export", "tests"),
-    "export": ("apps", "tests"),
+    "keras_moe": ("apps", "export", "benchmarks", "tests"),
+    "export": ("apps", "benchmarks", "tests"),
+    "benchmarks": ("apps", "export", "tests"),
     "apps": ("tests",),
 }
+# The stages of keras_moe/ in data-path order (docs/ARCHITECTURE.md): a module
+# may import its own stage and the stages before it, never a later one.
+# `utils` is the floor every stage may use; the package's own __init__.py
+# (the public API) may import any stage.
+STAGES = (
+    "utils",
+    "layers",
+    "models",
+    "data",
+    "checkpoints",
+    "upcycling",
+    "evaluation",
+    "distribution",
+    "training",
+    "experiments",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -511,7 +529,51 @@ def test_layering():
                 problems.append(
                     f"{target.where}: {top}/ must not depend on {dep}"
                 )
-    _fail("Dependencies against the layering of DESIGN.md", problems)
+    _fail("Dependencies against the layering of ARCHITECTURE.md", problems)
+
+
+def stage_of(path):
+    """The stage (see `STAGES`) of a keras_moe file, or None for the
+    package's own __init__.py and files outside keras_moe/."""
+    parts = path.split("/")
+    if (
+        parts[0] != "keras_moe"
+        or len(parts) < 2
+        or path == "keras_moe/__init__.py"
+    ):
+        return None
+    name = parts[1][: -len(".py")] if parts[1].endswith(".py") else parts[1]
+    return name
+
+
+def test_every_module_belongs_to_a_stage():
+    problems = [
+        f"{path} is in no stage of {STAGES}"
+        for path in _python_files()
+        if stage_of(path) is not None and stage_of(path) not in STAGES
+    ]
+    _fail("keras_moe modules outside the stages", problems)
+
+
+def test_stages_import_only_earlier_stages():
+    problems = []
+    for path in _python_files():
+        stage = stage_of(path)
+        if stage not in STAGES:
+            continue
+        for imported in sorted(imported_files(path)):
+            other = stage_of(imported)
+            if imported == "keras_moe/__init__.py":
+                problems.append(
+                    f"{path} imports the keras_moe package root; import the "
+                    "module it needs instead"
+                )
+            elif other in STAGES and STAGES.index(other) > STAGES.index(stage):
+                problems.append(
+                    f"{path} ({stage}) imports {imported} ({other}), a later "
+                    "stage"
+                )
+    _fail("Imports against the stage order of ARCHITECTURE.md", problems)
 
 
 def _with_load_line(text):
@@ -539,8 +601,43 @@ def _with_load_line(text):
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def rewrite_build_files():
+    """Writes every BUILD file anew from the sources' imports.
+
+    Each directory's leading comment block is kept; every `.py` file gets
+    its conventional target (see the module docstring) with deps read from
+    its imports. Returns the packages written.
+    """
+    files = _python_files()
+    by_package = {}
+    for path in files:
+        by_package.setdefault(path.rsplit("/", 1)[0], []).append(path)
+    empty = Tree(files, [], {}, {}, [], [])
+    for package, paths in by_package.items():
+        build = ROOT / package / "BUILD"
+        header = []
+        if build.exists():
+            for line in build.read_text(encoding="utf-8").splitlines():
+                if not line.startswith("#"):
+                    break
+                header.append(line)
+        body = ['package(default_visibility = ["//visibility:public"])']
+        ordered = sorted(
+            paths, key=lambda p: (not p.endswith("/__init__.py"), p)
+        )
+        body.extend(suggest_stanza(empty, path) for path in ordered)
+        text = "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n"
+        build.write_text(_with_load_line(text.lstrip("\n")), encoding="utf-8")
+    return sorted(by_package)
+
+
 def _main(argv):
-    """Prints (or with --append, appends) stanzas for files with no target."""
+    """Prints (or with --append, appends) stanzas for files with no target;
+    with --rewrite, writes every BUILD file anew from the imports."""
+    if "--rewrite" in argv:
+        for package in rewrite_build_files():
+            print(f"wrote {package}/BUILD")
+        return
     tree = load_tree()
     by_package = {}
     for path in tree.python_files:

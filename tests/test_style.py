@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PATHS = ["keras_moe", "apps", "export", "tests", "setup.py"]
+PATHS = ["keras_moe", "apps", "export", "benchmarks", "tests", "setup.py"]
 
 TOOLS = {
     "black": ["black", "--check", "--diff"],

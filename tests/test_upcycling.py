@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe import flops
 from keras_moe import upcycling
 from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import flops
 from keras_moe.models.vit import ViT
 
 _LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -229,7 +229,7 @@ def test_summary_counts(vit):
         2
         * (2 * 2 * d * h - 2 * d * h + d * 8)
     )
-    # Whole forward passes, counted (and tested) by keras_moe.flops.
+    # Whole forward passes, counted (and tested) by keras_moe.models.flops.
     assert summary.flops_per_prediction_before == flops.forward_flops(vit)
     assert summary.flops_per_prediction_after == flops.flops_per_prediction(moe)
     assert summary.flops_per_prediction_after > (

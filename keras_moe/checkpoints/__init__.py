@@ -2,14 +2,20 @@
 
 `read_checkpoint(path)` picks the architecture and the format; the readers
 of each family live in `keras_moe.checkpoints.t5` and
-`keras_moe.checkpoints.vit`.
+`keras_moe.checkpoints.vit`. `load_model(path)` also takes a `.keras` file.
+Writers of the dense formats are in `keras_moe.checkpoints.writers`.
 """
 
 import json
 import os
 
+import keras
+
 from keras_moe.checkpoints.common import CheckpointMismatchError
 from keras_moe.checkpoints.common import assign_weights
+from keras_moe.models.t5 import T5
+from keras_moe.models.vit import ViT
+from keras_moe.models.vlm import VisionLanguageModel
 
 ARCHITECTURES = ("t5", "vit")
 
@@ -52,6 +58,58 @@ def read_checkpoint(path, architecture=None, **kwargs):
     raise ValueError(
         f"no keras_moe reader accepts {path}: " + " | ".join(errors)
     )
+
+
+def load_model(path, architecture=None):
+    """A keras_moe model from a `.keras` file or a dense checkpoint.
+
+    Args:
+        path: a `.keras` file, or a checkpoint `read_checkpoint` reads.
+        architecture: "vit", "t5" or None (detect); checked for `.keras`.
+
+    Raises:
+        ValueError: nothing readable at `path`, or not a keras_moe ViT/T5.
+    """
+    path = os.fspath(path)
+    if path.endswith(".keras"):
+        if not os.path.isfile(path):
+            raise ValueError(f"no model file at {path}")
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except (TypeError, ValueError, OSError) as error:
+            raise ValueError(f"cannot load {path}: {error}") from None
+    else:
+        model = read_checkpoint(path, architecture=architecture)
+    if not isinstance(model, (ViT, T5)):
+        raise ValueError(
+            f"{path} holds a {type(model).__name__}; load_model "
+            "takes keras_moe ViT and T5 models"
+        )
+    kind = "vit" if isinstance(model, ViT) else "t5"
+    if architecture is not None and architecture != kind:
+        raise ValueError(
+            f"{path} holds a {kind} model; architecture={architecture!r} "
+            "was asked for"
+        )
+    return model
+
+
+def read_vlm_checkpoints(
+    vit_path, t5_path, vit_options=None, t5_options=None, **kwargs
+):
+    """A `VisionLanguageModel` from a dense ViT and a dense T5 checkpoint.
+
+    Any format `read_checkpoint` reads (Hugging Face, TF Model Garden,
+    keras-hub, original T5); see `VisionLanguageModel.from_models`.
+
+    Args:
+        vit_path, t5_path: checkpoint paths.
+        vit_options, t5_options: dicts of reader kwargs.
+        **kwargs: `VisionLanguageModel.from_models` kwargs.
+    """
+    vit = read_checkpoint(vit_path, architecture="vit", **(vit_options or {}))
+    t5 = read_checkpoint(t5_path, architecture="t5", **(t5_options or {}))
+    return VisionLanguageModel.from_models(vit, t5, **kwargs)
 
 
 def _guess(path):

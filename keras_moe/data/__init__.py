@@ -36,6 +36,7 @@ from keras_moe.data.registry import available
 from keras_moe.data.registry import default_data_dir
 from keras_moe.data.registry import load
 from keras_moe.data.registry import prepare
+from keras_moe.data.shuffle import reproducible_shuffle
 from keras_moe.data.span_corruption import corrupt_spans
 from keras_moe.data.span_corruption import noise_span_mask
 from keras_moe.data.span_corruption import span_corruption_dataset

@@ -33,18 +33,13 @@ import tensorflow as tf
 
 from keras_moe.data import registry
 from keras_moe.data import vocabulary
+from keras_moe.data.shuffle import reproducible_shuffle
 from keras_moe.data.text import LANGUAGES
-from keras_moe.distribution.fault_tolerance import reproducible_shuffle
+from keras_moe.utils.checks import check_positive_int
 
 SEQ2SEQ_DATASETS = ("number_words",)
 _SHUFFLE_BUFFER = 50_000
 _LENGTH_BATCH = 4096
-
-
-def check_positive_int(name, value):
-    """Raises ValueError unless `value` is an int >= 1 (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; received {value!r}")
 
 
 def finish(ds, batch_size, shuffle, seed, repeat, drop_remainder):
@@ -57,7 +52,7 @@ def finish(ds, batch_size, shuffle, seed, repeat, drop_remainder):
             each pass).
         seed: shuffle seed (an int): every iteration of the result then
             yields the same stream (pass p shuffled by (seed, p); see
-            `keras_moe.distribution.reproducible_shuffle`), which is what
+            `keras_moe.data.reproducible_shuffle`), which is what
             lets a resumed run see the data an uninterrupted one would.
             None for a random order.
         repeat: whether to repeat forever.

@@ -31,9 +31,9 @@ import tensorflow as tf
 
 from keras_moe.data import registry
 from keras_moe.data import vocabulary
-from keras_moe.data.pipelines import check_positive_int
 from keras_moe.data.pipelines import finish
 from keras_moe.data.pipelines import t5_features
+from keras_moe.utils.checks import check_positive_int
 
 SPAN_CORRUPTION_DATASET = "pydoc_corpus"
 

@@ -1,22 +1,16 @@
-"""Distributed training: tf.distribute strategies, crash-safe `fit`, and
-expert parallelism on a DTensor mesh."""
+"""Distribution: tf.distribute strategies and expert parallelism on a
+DTensor mesh. Crash-safe `fit` is in `keras_moe.training.resumable`."""
 
-# DTensor expert parallelism (expert_parallel.py, mesh.py).
+# DTensor expert parallelism.
 from keras_moe.distribution.expert_parallel import SUPPORTED_OPTIMIZERS
 from keras_moe.distribution.expert_parallel import DTensorOptimizer
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
-
-# tf.distribute data parallelism and crash-safe training.
-from keras_moe.distribution.fault_tolerance import fit_resumable
-from keras_moe.distribution.fault_tolerance import is_chief
-from keras_moe.distribution.fault_tolerance import list_checkpoints
-from keras_moe.distribution.fault_tolerance import reproducible_shuffle
-from keras_moe.distribution.fault_tolerance import restore_checkpoint
-from keras_moe.distribution.fault_tolerance import save_checkpoint
 from keras_moe.distribution.mesh import MESH_AXES
 from keras_moe.distribution.mesh import default_devices
 from keras_moe.distribution.mesh import make_mesh
 from keras_moe.distribution.mesh import parse_mesh_spec
+
+# tf.distribute data parallelism.
 from keras_moe.distribution.strategies import STRATEGY_NAMES
 from keras_moe.distribution.strategies import TFConfig
 from keras_moe.distribution.strategies import auto_strategy_name

@@ -6,7 +6,7 @@ against a dense ViT, V-MoE with K=1 and K=2, and a deep ensemble of two
 V-MoEs, on error, negative log-likelihood (NLL), expected calibration error
 (ECE, 15 bins), Brier score and out-of-distribution detection (AUROC of the
 max probability), with the forward FLOPs per prediction of
-`keras_moe.flops`.
+`keras_moe.models.flops`.
 
 Shape letters: B batch, N examples, K classes (8), M ensemble members, E
 experts.
@@ -274,7 +274,7 @@ class _Runner:
         return probs / probs.sum(axis=1, keepdims=True)
 
     def flops(self):
-        from keras_moe.flops import flops_per_prediction
+        from keras_moe.models.flops import flops_per_prediction
 
         return flops_per_prediction(self.model)
 
@@ -290,7 +290,7 @@ def evaluate(probs, data):
     Returns:
         A dict with the keys of `METRICS`.
     """
-    from keras_moe import metrics
+    from keras_moe.evaluation import metrics
 
     n_test, n_near = len(data["x_test"]), len(data["x_near"])
     test = probs[:n_test]
@@ -380,7 +380,7 @@ def results_markdown(summary, config, seeds, wall_s):
         "Error, NLL, ECE (15 bins) and Brier on the in-distribution test "
         "digits (0-7); AUROC of the max probability against 8s and 9s "
         "(near-OOD) and photo patches and noise (far-OOD). FLOPs: forward "
-        "pass per prediction, `keras_moe.flops`.",
+        "pass per prediction, `keras_moe.models.flops`.",
         "",
         common.markdown_table(_summary_rows(summary), _HEADERS),
     ]

@@ -40,10 +40,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_moe import data as data_lib
-from keras_moe import flops
 from keras_moe.data.pipelines import t5_features
 from keras_moe.experiments import common
 from keras_moe.experiments import upcycling_common
+from keras_moe.models import flops
 from keras_moe.models.t5 import T5
 
 NAME = "upcycle_t5"

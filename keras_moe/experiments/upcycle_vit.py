@@ -22,8 +22,8 @@ expert choice with E=8 and capacity factor 2 gives every expert exactly
 C = 2 slots per image).
 
 Metrics on the 2,000 held-out images: accuracy, negative log-likelihood
-and expected calibration error (`keras_moe.metrics`). Expert-choice routing
-uses one group per image, so a prediction never depends on the other
+and expected calibration error (`keras_moe.evaluation.metrics`). Expert-choice
+routing uses one group per image, so a prediction never depends on the other
 images of a batch.
 
 Example (a smoke run of about a minute):
@@ -39,10 +39,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_moe import data as data_lib
-from keras_moe import flops
-from keras_moe import metrics as metrics_lib
+from keras_moe.evaluation import metrics as metrics_lib
 from keras_moe.experiments import common
 from keras_moe.experiments import upcycling_common
+from keras_moe.models import flops
 from keras_moe.models.vit import ViT
 
 NAME = "upcycle_vit"

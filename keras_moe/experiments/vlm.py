@@ -47,11 +47,13 @@ import time
 import keras
 import numpy as np
 
-import keras_moe
 from keras_moe import data
+from keras_moe import upcycling
+from keras_moe.checkpoints import read_vlm_checkpoints
 from keras_moe.data import vlm_tasks
 from keras_moe.experiments import common
 from keras_moe.models.vlm import VisionLanguageModel
+from keras_moe.utils.checks import check_int
 
 NAME = "vlm"
 SUPPORTED_OPTIONS = ("num_experts",)
@@ -153,12 +155,12 @@ class VlmConfig:
         )
         vlm_tasks.check_rates(self.rates)
         for name in ("steps", "batch_size", "num_experts", "upcycle_steps"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("prompt_length", "target_length"):
-            _check_int(name, getattr(self, name), 2)
-        _check_int("vqa_eval_images", self.vqa_eval_images, 0)
+            check_int(name, getattr(self, name), 2)
+        check_int("vqa_eval_images", self.vqa_eval_images, 0)
         if self.eval_images is not None:
-            _check_int("eval_images", self.eval_images, 1)
+            check_int("eval_images", self.eval_images, 1)
         if not self.learning_rate > 0:
             raise ValueError(
                 f"learning_rate must be > 0; received {self.learning_rate!r}"
@@ -177,13 +179,6 @@ class VlmConfig:
     def small(cls, **overrides):
         """The CI smoke size, with `overrides`."""
         return cls(**{**_SMALL, **overrides})
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int; received {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; received {value}")
 
 
 @dataclasses.dataclass
@@ -207,7 +202,7 @@ def build_model(config):
     """A new model of `config` (random or from the dense checkpoints)."""
     kwargs = dict(max_prompt_length=config.prompt_length)
     if config.vit_checkpoint is not None:
-        model = VisionLanguageModel.from_checkpoints(
+        model = read_vlm_checkpoints(
             config.vit_checkpoint, config.t5_checkpoint, **kwargs
         )
         shape = model.image_shape
@@ -436,13 +431,13 @@ def train_and_evaluate(config):
     models = {"dense": model}
     if config.upcycle:
         tic = time.perf_counter()
-        upcycled = keras_moe.upcycle(
+        upcycled = upcycling.upcycle(
             model, config.num_experts, seed=config.seed
         )
-        print(keras_moe.summarize(model, upcycled), flush=True)
+        print(upcycling.summarize(model, upcycled), flush=True)
         # The paper continues the dense run's optimizer: Adam's moments
         # (tiled to the experts), step count and learning-rate schedule.
-        optimizer = keras_moe.upcycle_optimizer(
+        optimizer = upcycling.upcycle_optimizer(
             model.optimizer, model, upcycled
         )
         losses["upcycled"] = train(

@@ -33,6 +33,8 @@ import keras  # noqa: F401  (used by the docstring examples)
 import tensorflow as tf
 from keras import ops
 
+from keras_moe.utils.checks import check_positive_int
+
 TOKENS_CHOOSE = "tokens_choose"
 EXPERTS_CHOOSE = "experts_choose"
 ROUTER_TYPES = (TOKENS_CHOOSE, EXPERTS_CHOOSE)
@@ -74,9 +76,9 @@ def expert_capacity(
         raise ValueError(
             f"router must be one of {ROUTER_TYPES}; received router={router!r}"
         )
-    _check_positive_int("num_tokens", num_tokens)
-    _check_positive_int("num_experts", num_experts)
-    _check_positive_int("num_selected_experts", num_selected_experts)
+    check_positive_int("num_tokens", num_tokens)
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("num_selected_experts", num_selected_experts)
     if num_selected_experts > num_experts:
         raise ValueError(
             "num_selected_experts must be at most num_experts; received "
@@ -194,13 +196,13 @@ def tokens_choose(
     num_groups = ops.shape(probs)[0]
     num_tokens, num_experts = probs.shape[1], probs.shape[2]
     k = num_selected_experts
-    _check_positive_int("num_selected_experts", k)
+    check_positive_int("num_selected_experts", k)
     if k > num_experts:
         raise ValueError(
             "num_selected_experts must be at most the number of experts; "
             f"received num_selected_experts={k}, num_experts={num_experts}"
         )
-    _check_positive_int("expert_capacity", expert_capacity)
+    check_positive_int("expert_capacity", expert_capacity)
     capacity = expert_capacity
     valid = _token_mask(token_mask, probs)
 
@@ -330,7 +332,7 @@ def experts_choose(
     """
     probs = _check_router_probs(router_probs)
     num_tokens = probs.shape[1]
-    _check_positive_int("expert_capacity", expert_capacity)
+    check_positive_int("expert_capacity", expert_capacity)
     if expert_capacity > num_tokens:
         raise ValueError(
             "expert_capacity must be at most the tokens per group for expert "
@@ -407,10 +409,3 @@ def _check_router_probs(router_probs):
             "logits (a NaN in the inputs or a diverged router)"
         )
     return probs
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{name} must be an int >= 1; received {name}={value!r}"
-        )

@@ -32,9 +32,10 @@ from keras import ops
 
 from keras_moe.layers.mlp import ACTIVATIONS
 from keras_moe.layers.moe import MoeLayer
-from keras_moe.models.layers import T5Stack
-from keras_moe.models.layers import moe_blocks_config
-from keras_moe.models.layers import plain_config
+from keras_moe.models.t5_layers import T5Stack
+from keras_moe.models.t5_layers import moe_blocks_config
+from keras_moe.models.t5_layers import plain_config
+from keras_moe.utils.checks import check_int
 
 PAD_ID = 0
 DECODER_START_ID = 0
@@ -103,13 +104,6 @@ def t5_config(name):
             f"Unknown T5 preset {name!r}; available: {sorted(PRESETS)}"
         )
     return copy.deepcopy(PRESETS[name])
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int; received {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; received {value}")
 
 
 def _check_token_ids(name, token_ids):
@@ -209,13 +203,13 @@ class T5(keras.Model):
             ("num_encoder_layers", num_encoder_layers),
             ("num_decoder_layers", num_decoder_layers),
         ):
-            _check_int(name, value)
-        _check_int(
+            check_int(name, value)
+        check_int(
             "relative_attention_num_buckets",
             relative_attention_num_buckets,
             minimum=4,
         )
-        _check_int(
+        check_int(
             "relative_attention_max_distance",
             relative_attention_max_distance,
             minimum=relative_attention_num_buckets // 2 + 1,
@@ -436,7 +430,7 @@ class T5(keras.Model):
         Returns:
             <int32>[B, L] token ids, column 0 the start id.
         """
-        _check_int("max_length", max_length)
+        check_int("max_length", max_length)
         encoder_token_ids = ops.convert_to_tensor(encoder_token_ids)
         _check_token_ids("encoder_token_ids", encoder_token_ids)
         encoder_token_ids = ops.cast(encoder_token_ids, "int32")

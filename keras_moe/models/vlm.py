@@ -49,14 +49,15 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_moe.models.layers import plain_config
 from keras_moe.models.t5 import DECODER_START_ID
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.t5 import T5
 from keras_moe.models.t5 import t5_config
+from keras_moe.models.t5_layers import plain_config
 from keras_moe.models.vit import ViT
 from keras_moe.models.vit import vit_config
+from keras_moe.utils.checks import check_int
 
 # Keys the model sets itself in its ViT and T5 configs.
 _VISION_RESERVED = (
@@ -81,13 +82,6 @@ _INPUT_KEYS = (
     "image_mask",
     "decoder_padding_mask",
 )
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int; received {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; received {value}")
 
 
 def _sub_config(name, value, reserved):
@@ -246,8 +240,8 @@ class VisionLanguageModel(keras.Model):
         )
         text_config = _sub_config("text_config", text_config, _TEXT_RESERVED)
         if image_token_id is not None:
-            _check_int("image_token_id", image_token_id, minimum=EOS_ID + 1)
-        _check_int("max_prompt_length", max_prompt_length)
+            check_int("image_token_id", image_token_id, minimum=EOS_ID + 1)
+        check_int("max_prompt_length", max_prompt_length)
         if not isinstance(freeze_vision, bool):
             raise ValueError(
                 f"freeze_vision must be a bool; received {freeze_vision!r}"
@@ -377,28 +371,6 @@ class VisionLanguageModel(keras.Model):
         ) in model.language_model.canonical_variables().items():
             variable.assign(sources[name])
         return model
-
-    @classmethod
-    def from_checkpoints(
-        cls, vit_path, t5_path, vit_options=None, t5_options=None, **kwargs
-    ):
-        """A model from a dense ViT and a dense T5 checkpoint.
-
-        Any format `keras_moe.checkpoints.read_checkpoint` reads (Hugging
-        Face, TF Model Garden, keras-hub, original T5); see `from_models`.
-
-        Args:
-            vit_path, t5_path: checkpoint paths.
-            vit_options, t5_options: dicts of reader kwargs.
-            **kwargs: `from_models` kwargs.
-        """
-        from keras_moe.checkpoints import read_checkpoint
-
-        vit = read_checkpoint(
-            vit_path, architecture="vit", **(vit_options or {})
-        )
-        t5 = read_checkpoint(t5_path, architecture="t5", **(t5_options or {}))
-        return cls.from_models(vit, t5, **kwargs)
 
     # ------------------------------------------------------------- inputs
 
@@ -644,7 +616,7 @@ class VisionLanguageModel(keras.Model):
         Returns:
             <int32>[B, L] token ids, column 0 the start id.
         """
-        _check_int("max_length", max_length)
+        check_int("max_length", max_length)
         images, ids, image_mask = self._check_inputs(
             images, prompt_token_ids, image_mask
         )

@@ -21,10 +21,10 @@ import tensorflow as tf
 
 from keras_moe.checkpoints import read_checkpoint
 from keras_moe.data import registry
-from keras_moe.distribution.fault_tolerance import list_checkpoints
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
+from keras_moe.training.resumable import list_checkpoints
 from tests.apps.app_runner import check_ok
 from tests.apps.app_runner import run_app
 

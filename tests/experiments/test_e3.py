@@ -9,11 +9,11 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.datasets import load_sample_images
 
-from keras_moe import flops
 from keras_moe.experiments import common
 from keras_moe.experiments import e3
 from keras_moe.layers.ensemble import EnsembleMoeLayer
 from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import flops
 from keras_moe.models.vit import ViT
 
 

@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe import flops
 from keras_moe.experiments import common
 from keras_moe.experiments import upcycle_t5
 from keras_moe.experiments import upcycle_vit
 from keras_moe.experiments import upcycling_common as uc
+from keras_moe.models import flops
 from keras_moe.models.vit import ViT
 
 BUDGETS = (0.0, *uc.DEFAULT_BUDGETS)

@@ -19,12 +19,12 @@ from keras_moe.checkpoints.common import assign_weights
 from keras_moe.layers.mlp import Mlp
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models import t5 as t5_lib
-from keras_moe.models.layers import RelativeAttention
-from keras_moe.models.layers import RMSNorm
-from keras_moe.models.layers import T5Block
-from keras_moe.models.layers import T5Stack
-from keras_moe.models.layers import relative_position_bucket
 from keras_moe.models.t5 import T5
+from keras_moe.models.t5_layers import RelativeAttention
+from keras_moe.models.t5_layers import RMSNorm
+from keras_moe.models.t5_layers import T5Block
+from keras_moe.models.t5_layers import T5Stack
+from keras_moe.models.t5_layers import relative_position_bucket
 from tests.layer_test_case import run_layer_test
 
 # Tiny configurations, both ways: the first name is Hugging Face's, the

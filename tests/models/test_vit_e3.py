@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe import metrics
 from keras_moe import upcycling
+from keras_moe.evaluation import metrics
 from keras_moe.layers.ensemble import EnsembleMoeLayer
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.vit import ViT

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import keras_moe
-from keras_moe.benchmarks_upcycle import write_mtf_checkpoint
+from keras_moe.checkpoints import read_vlm_checkpoints
+from keras_moe.checkpoints.writers import write_mtf_checkpoint
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import T5
@@ -364,12 +365,12 @@ def test_from_checkpoints_reads_both_formats(dense_models, tmp_path):
     t5_path = write_mtf_checkpoint(
         t5, str(tmp_path / "t5"), optimizer_slots=False
     )
-    vlm = VisionLanguageModel.from_checkpoints(
+    vlm = read_vlm_checkpoints(
         vit_path, t5_path, t5_options={"config": "t5_tiny"}
     )
     _assert_parts_equal(vlm, vit, t5)
     with pytest.raises(ValueError, match="does not exist"):
-        VisionLanguageModel.from_checkpoints(str(tmp_path / "nope"), t5_path)
+        read_vlm_checkpoints(str(tmp_path / "nope"), t5_path)
 
 
 def test_from_models_keeps_moe_blocks(dense_models):

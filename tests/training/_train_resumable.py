@@ -56,7 +56,7 @@ def _model():
 def _dataset():
     import tensorflow as tf
 
-    from keras_moe.distribution import reproducible_shuffle
+    from keras_moe.data.shuffle import reproducible_shuffle
 
     rng = np.random.default_rng(0)
     # 40 examples: 10 batches, so epochs (7 steps) and passes over the data
@@ -78,7 +78,7 @@ def main(argv):
 
     import keras
 
-    from keras_moe.distribution import fault_tolerance
+    from keras_moe.training import resumable as fault_tolerance
 
     if args.hang_in_save is not None:
         fsync = fault_tolerance._fsync

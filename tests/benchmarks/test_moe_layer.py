@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_moe import benchmarks
+from benchmarks import moe_layer as benchmarks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

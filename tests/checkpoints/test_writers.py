@@ -1,4 +1,4 @@
-"""Tests of keras_moe.dense_checkpoints: written checkpoints read back by
+"""Tests of keras_moe.checkpoints.writers: written checkpoints read back by
 keras_moe.checkpoints (a reader written independently of the writer) give
 the same model, and the files follow the source formats' layouts."""
 
@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 import keras_moe
 from keras_moe.checkpoints import read_checkpoint
-from keras_moe.dense_checkpoints import write_dense_checkpoint
+from keras_moe.checkpoints.writers import write_dense_checkpoint
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
 

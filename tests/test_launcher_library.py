@@ -1,4 +1,4 @@
-"""Tests of keras_moe.tasks, the library behind the launchers (in-process).
+"""Tests of the library functions behind the launchers (in-process).
 
 The launchers themselves run in `test_launchers.py`; here the pieces are
 checked against independent computations: Keras' own losses and metrics,
@@ -15,9 +15,15 @@ import tensorflow as tf
 
 import keras_moe
 from export.saved_model import with_eval_capacity_factor as export_rebuild
-from keras_moe import tasks
+from keras_moe import checkpoints
+from keras_moe.data import specs
+from keras_moe.evaluation import scoring
+from keras_moe.models import moe_blocks
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
+from keras_moe.training import callbacks
+from keras_moe.training import fit
+from keras_moe.utils import files
 
 
 def _tiny_vit(**overrides):
@@ -55,9 +61,9 @@ def test_with_eval_capacity_factor_matches_the_export_rebuild():
         seed=3,
     )
     images = _images()
-    rebuilt = tasks.with_eval_capacity_factor(moe, None)
+    rebuilt = moe_blocks.with_eval_capacity_factor(moe, None)
     assert [
-        layer.eval_capacity_factor for layer in tasks.moe_layers(rebuilt)
+        layer.eval_capacity_factor for layer in moe_blocks.moe_layers(rebuilt)
     ] == [None]
     assert moe.blocks[1].mlp.eval_capacity_factor == 0.5  # left untouched
     for a, b in zip(moe.weights, rebuilt.weights):
@@ -68,15 +74,15 @@ def test_with_eval_capacity_factor_matches_the_export_rebuild():
     )
     # Capacity 0.5 drops tokens that no-drop keeps: the outputs differ.
     assert not np.allclose(moe(images), rebuilt(images), atol=1e-4)
-    assert tasks.with_eval_capacity_factor(rebuilt, None) is rebuilt
+    assert moe_blocks.with_eval_capacity_factor(rebuilt, None) is rebuilt
     dense = _tiny_vit()
-    assert tasks.with_eval_capacity_factor(dense, 2.0) is dense
+    assert moe_blocks.with_eval_capacity_factor(dense, 2.0) is dense
 
 
 def test_with_eval_capacity_factor_rejects_a_bad_factor():
     moe = keras_moe.upcycle(_tiny_vit(), num_experts=4)
     with pytest.raises(ValueError, match="capacity_factor"):
-        tasks.with_eval_capacity_factor(moe, -1.0)
+        moe_blocks.with_eval_capacity_factor(moe, -1.0)
 
 
 def test_score_classifier_against_keras_metrics():
@@ -84,7 +90,7 @@ def test_score_classifier_against_keras_metrics():
     images = _images(12)
     labels = np.arange(12) % 10
     dataset = [(images[:5], labels[:5]), (images[5:], labels[5:])]
-    scores = tasks.score_classifier(model, dataset)
+    scores = scoring.score_classifier(model, dataset)
     logits = model(images)
     accuracy = keras.metrics.SparseCategoricalAccuracy()
     accuracy.update_state(labels, logits)
@@ -114,7 +120,7 @@ def test_score_translation_against_keras_and_hand_made_targets():
     weights = np.ones(targets.shape, "float32")
     decoder = np.concatenate([np.zeros((4, 1), "int32"), targets[:, :-1]], 1)
     inputs = {"encoder_token_ids": encoder, "decoder_token_ids": decoder}
-    scores = tasks.score_translation(
+    scores = scoring.score_translation(
         model,
         [
             (
@@ -147,7 +153,7 @@ def test_score_translation_skips_padding():
     decoder = np.array([[0, 9, 1, 0]], "int32")
     weights = (targets != 0).astype("float32")
     inputs = {"encoder_token_ids": encoder, "decoder_token_ids": decoder}
-    scores = tasks.score_translation(model, [(inputs, targets, weights)])
+    scores = scoring.score_translation(model, [(inputs, targets, weights)])
     logits = model(inputs).numpy().astype(np.float64)[0, :2]
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -(log_probs[0, 9] + log_probs[1, 1]) / 2
@@ -156,63 +162,63 @@ def test_score_translation_skips_padding():
 
 def test_load_model_reads_keras_files_and_checkpoints(tmp_path):
     model = _tiny_vit()
-    path = tasks.save_keras(model, tmp_path / "sub" / "vit.keras")
+    path = files.save_keras(model, tmp_path / "sub" / "vit.keras")
     assert os.listdir(tmp_path / "sub") == ["vit.keras"]  # no temp left
-    loaded = tasks.load_model(path, architecture="vit")
+    loaded = checkpoints.load_model(path, architecture="vit")
     np.testing.assert_allclose(loaded(_images()), model(_images()), atol=1e-6)
     with pytest.raises(ValueError, match="holds a vit model"):
-        tasks.load_model(path, architecture="t5")
+        checkpoints.load_model(path, architecture="t5")
     with pytest.raises(ValueError, match="no model file"):
-        tasks.load_model(tmp_path / "missing.keras")
+        checkpoints.load_model(tmp_path / "missing.keras")
     with pytest.raises(ValueError, match="does not exist"):
-        tasks.load_model(tmp_path / "missing_checkpoint")
+        checkpoints.load_model(tmp_path / "missing_checkpoint")
     (tmp_path / "bad.keras").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="cannot load"):
-        tasks.load_model(tmp_path / "bad.keras")
+        checkpoints.load_model(tmp_path / "bad.keras")
 
 
 def test_check_model_fits_data():
-    digits = tasks.DataSpec(
+    digits = specs.DataSpec(
         "digits",
-        tasks.CLASSIFICATION,
+        specs.CLASSIFICATION,
         "/unused",
         image_shape=(8, 8, 1),
         num_classes=10,
     )
-    tasks.check_model_fits_data(_tiny_vit(), digits)
+    specs.check_model_fits_data(_tiny_vit(), digits)
     with pytest.raises(ValueError, match=r"images \(8, 8, 1\) and 10"):
-        tasks.check_model_fits_data(_tiny_vit(num_classes=4), digits)
+        specs.check_model_fits_data(_tiny_vit(num_classes=4), digits)
     with pytest.raises(ValueError, match="needs a ViT"):
-        tasks.check_model_fits_data(T5.from_preset("t5_tiny"), digits)
-    words = tasks.DataSpec("number_words", tasks.TRANSLATION, "/unused")
+        specs.check_model_fits_data(T5.from_preset("t5_tiny"), digits)
+    words = specs.DataSpec("number_words", specs.TRANSLATION, "/unused")
     with pytest.raises(ValueError, match="vocab_size=128"):
-        tasks.check_model_fits_data(T5.from_preset("t5_tiny"), words)
+        specs.check_model_fits_data(T5.from_preset("t5_tiny"), words)
     with pytest.raises(ValueError, match="needs a T5"):
-        tasks.check_model_fits_data(_tiny_vit(), words)
+        specs.check_model_fits_data(_tiny_vit(), words)
 
 
 def test_dense_model_fits_its_dataset():
-    spec = tasks.DataSpec(
+    spec = specs.DataSpec(
         "composed_digits",
-        tasks.CLASSIFICATION,
+        specs.CLASSIFICATION,
         "/unused",
         image_shape=(8, 16, 1),
         num_classes=100,
     )
-    model = tasks.dense_model("vit", spec, {"model_dim": 16, "num_heads": 2})
-    tasks.check_model_fits_data(model, spec)
+    model = fit.dense_model("vit", spec, {"model_dim": 16, "num_heads": 2})
+    specs.check_model_fits_data(model, spec)
     assert model.image_hw == (8, 16) and model.num_layers == 4
     with pytest.raises(ValueError, match="architecture must be one of"):
-        tasks.dense_model("bert", spec)
+        fit.dense_model("bert", spec)
     with pytest.raises(ValueError, match="T5 trains on 'number_words'"):
-        tasks.dense_model("t5", spec)
+        fit.dense_model("t5", spec)
 
 
 def test_describe_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
-        tasks.describe_dataset("nope", str(tmp_path))
-    spec = tasks.describe_dataset("number_words", str(tmp_path))
-    assert spec.kind == tasks.TRANSLATION and spec.input_length == 16
+        specs.describe_dataset("nope", str(tmp_path))
+    spec = specs.describe_dataset("number_words", str(tmp_path))
+    assert spec.kind == specs.TRANSLATION and spec.input_length == 16
 
 
 def test_routing_stats_logger_writes_every_layer(tmp_path):
@@ -228,7 +234,7 @@ def test_routing_stats_logger_writes_every_layer(tmp_path):
         epochs=2,
         batch_size=4,
         verbose=0,
-        callbacks=[tasks.RoutingStatsLogger(str(tmp_path))],
+        callbacks=[callbacks.RoutingStatsLogger(str(tmp_path))],
     )
     values = {}
     for name in os.listdir(tmp_path):
@@ -250,6 +256,6 @@ def test_routing_stats_logger_writes_every_layer(tmp_path):
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "deep" / "out.json"
-    tasks.write_json(path, {"a": np.float32(0.5)})
+    files.write_json(path, {"a": np.float32(0.5)})
     assert json.loads(path.read_text()) == {"a": 0.5}
     assert os.listdir(tmp_path / "deep") == ["out.json"]

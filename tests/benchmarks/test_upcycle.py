@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_moe import benchmarks_upcycle
+from benchmarks import upcycle as benchmarks_upcycle
 from keras_moe.checkpoints.t5 import read_t5_mtf_checkpoint
 from keras_moe.models.t5 import T5
 from keras_moe.models.t5 import t5_config

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from keras_moe import metrics
+from keras_moe.evaluation import metrics
 
 # Four binary predictions: confidence .9 (right), .7 (wrong), .65 (right),
 # .55 (wrong); with 15 bins each falls in its own bin (13, 10, 9, 8).

@@ -1,4 +1,4 @@
-"""Tests of keras_moe.plots: PNG files written atomically, bad input."""
+"""Tests of keras_moe.experiments.plots: PNGs written atomically, bad input."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from keras_moe import plots
+from keras_moe.experiments import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,14 +2,14 @@
 TensorFlow's own per-op FLOPs statistics of the traced forward graph.
 
 The hand counts below are written out term by term from the shapes (2 FLOPs
-per multiply-add); nothing is computed with keras_moe.flops' helpers.
+per multiply-add); nothing is computed with keras_moe.models.flops' helpers.
 """
 
 import keras
 import pytest
 import tensorflow as tf
 
-from keras_moe import flops
+from keras_moe.models import flops
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
 

@@ -58,6 +58,7 @@ import tensorflow as tf
 
 from keras_moe.distribution.strategies import build_for_fit
 from keras_moe.distribution.strategies import fit_distributed
+from keras_moe.utils.checks import check_int
 
 CHECKPOINT_PREFIX = "ckpt-"
 CHECKPOINT_SUFFIX = ".weights.h5"
@@ -75,80 +76,6 @@ _RESERVED_FIT_ARGS = (
     "shuffle",
     "validation_split",
 )
-
-
-def reproducible_shuffle(dataset, buffer_size, seed, passes=None):
-    """`dataset` repeated, each pass shuffled its own way, reproducibly.
-
-    Pass p is shuffled as `dataset.shuffle(buffer_size)` does, with seeds
-    drawn statelessly from (seed, p): each pass has a new order, and every
-    iteration of the result yields the same elements in the same order, so
-    `fit_resumable` can resume it at any step (see the module docstring).
-
-    Args:
-        dataset: a finite `tf.data.Dataset` of dense tensors (examples,
-            before batching).
-        buffer_size: the shuffle buffer size (the dataset's size for a full
-            shuffle).
-        seed: int seed of the whole stream.
-        passes: number of passes; None repeats forever.
-
-    Returns:
-        The shuffled, repeated `tf.data.Dataset`.
-
-    Example:
-
-    >>> import tensorflow as tf
-    >>> stream = reproducible_shuffle(tf.data.Dataset.range(4), 4, seed=1)
-    >>> first = [int(x) for x in stream.take(8)]
-    >>> first == [int(x) for x in stream.take(8)]
-    True
-    >>> sorted(first[:4]) == sorted(first[4:]) == [0, 1, 2, 3]
-    True
-    """
-    if not isinstance(dataset, tf.data.Dataset):
-        raise ValueError(
-            f"dataset must be a tf.data.Dataset; received "
-            f"{type(dataset).__name__}"
-        )
-    _check_int("buffer_size", buffer_size)
-    _check_int("seed", seed, minimum=0)
-    if passes is not None:
-        _check_int("passes", passes)
-    spec = dataset.element_spec
-    components = tf.nest.flatten(spec)
-    if not all(isinstance(c, tf.TensorSpec) for c in components):
-        raise ValueError(
-            "reproducible_shuffle takes datasets of dense tensors; received "
-            f"element_spec={spec!r}"
-        )
-    seed = tf.constant(seed, tf.int64)
-
-    def one_pass(index):
-        # (seed, pass) -> the two int64 seeds of this pass's shuffle, drawn
-        # statelessly. The op is called directly: `Dataset.shuffle` fails on
-        # seed tensors when the global seed is 0 (its seed checks compare
-        # the tensor in Python).
-        seeds = tf.random.stateless_uniform(
-            [2], seed=tf.stack([seed, index]), minval=None, dtype=tf.int64
-        )
-        shuffled = tf.raw_ops.ShuffleDatasetV3(
-            input_dataset=tf.data.experimental.to_variant(dataset),
-            buffer_size=tf.constant(buffer_size, tf.int64),
-            seed=seeds[0],
-            seed2=seeds[1],
-            seed_generator=tf.raw_ops.DummySeedGenerator(),
-            output_types=[c.dtype for c in components],
-            output_shapes=[c.shape for c in components],
-            reshuffle_each_iteration=False,
-        )
-        return tf.data.experimental.from_variant(shuffled, spec)
-
-    if passes is None:
-        indices = tf.data.Dataset.counter()
-    else:
-        indices = tf.data.Dataset.range(passes)
-    return indices.flat_map(one_pass)
 
 
 def checkpoint_path(backup_dir, step):
@@ -213,8 +140,8 @@ def save_checkpoint(model, backup_dir, step, max_to_keep=2):
     Returns:
         The path of the new checkpoint.
     """
-    _check_int("step", step, minimum=0)
-    _check_int("max_to_keep", max_to_keep)
+    check_int("step", step, minimum=0)
+    check_int("max_to_keep", max_to_keep)
     _build_optimizer(model)  # so that a checkpoint always holds its slots
     os.makedirs(backup_dir, exist_ok=True)
     final = checkpoint_path(backup_dir, step)
@@ -366,13 +293,6 @@ class _StepSaver(keras.callbacks.Callback):
             self.last_saved = step
 
 
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int; received {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; received {value}")
-
-
 def fit_resumable(
     model,
     dataset,
@@ -459,10 +379,10 @@ def fit_resumable(
             "dataset must be a tf.data.Dataset (so the data position can be "
             f"restored); received {type(dataset).__name__}"
         )
-    _check_int("epochs", epochs)
-    _check_int("steps_per_epoch", steps_per_epoch)
-    _check_int("save_every_steps", save_every_steps)
-    _check_int("max_to_keep", max_to_keep)
+    check_int("epochs", epochs)
+    check_int("steps_per_epoch", steps_per_epoch)
+    check_int("save_every_steps", save_every_steps)
+    check_int("max_to_keep", max_to_keep)
     if not isinstance(backup_dir, str | os.PathLike) or not str(backup_dir):
         raise ValueError(
             f"backup_dir must be a non-empty path; received {backup_dir!r}"

@@ -3,7 +3,7 @@
 The routing analysis is checked on hand-worked cases; the whole job runs
 once with `--small` in a subprocess, and its printed table is recomputed
 from the files it wrote (the pretrained checkpoint, both trained models,
-FLOPs from keras_moe.flops).
+FLOPs from keras_moe.models.flops).
 """
 
 import json
@@ -16,10 +16,10 @@ import pytest
 from matplotlib import image as mpimg
 
 import keras_moe
-from keras_moe import demo
 from keras_moe.checkpoints import read_checkpoint
 from keras_moe.data import registry
-from keras_moe.flops import training_step_flops
+from keras_moe.experiments import demo
+from keras_moe.models.flops import training_step_flops
 from keras_moe.models.vit import ViT
 from tests.apps.app_runner import check_ok
 from tests.apps.app_runner import run_app

@@ -36,8 +36,8 @@ import shutil
 import tempfile
 
 import numpy as np
+import tensorflow as tf
 
-from keras_moe.benchmarks_upcycle import write_mtf_checkpoint
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
@@ -223,3 +223,117 @@ def write_dense_checkpoint(model, directory, overwrite=False):
         if os.path.exists(temp):
             shutil.rmtree(temp, ignore_errors=True)
     return directory
+
+
+# ---------------------------------------------------------------------------
+# Mesh TensorFlow (original T5) checkpoints.
+
+# Sub-layers of a block in the order Mesh TensorFlow numbers them.
+_ROLES = {
+    "encoder": ("self_attention", "mlp"),
+    "decoder": ("self_attention", "cross_attention", "mlp"),
+}
+_ATTENTIONS = {
+    "self_attention": "SelfAttention",
+    "cross_attention": "EncDecAttention",
+}
+_PROJECTIONS = {"query": "q", "key": "k", "value": "v", "output": "o"}
+_BLOCK_WEIGHT = re.compile(
+    r"^(?P<stack>encoder|decoder)/block_(?P<block>\d+)/"
+    r"(?P<role>self_attention|cross_attention|mlp)"
+    r"(?P<norm>_norm/scale)?(?:/(?P<weight>[^/]+))?$"
+)
+
+
+def mtf_arrays(model, optimizer_slots=True, seed=0):
+    """A `T5`'s weights under the names of the released MTF checkpoints.
+
+    The inverse of `keras_moe.checkpoints.t5.read_t5_mtf_checkpoint`'s name
+    mapping: `encoder/block_000/layer_001/DenseReluDense/wi/kernel` and so
+    on, with `layer_norm` (v1.0) or `rms_norm` (v1.1) norms and the relative
+    attention bias transposed to MTF's [heads, buckets].
+
+    Args:
+        model: a dense `keras_moe.models.t5.T5`.
+        optimizer_slots: also write what a training checkpoint holds next to
+            the weights: Adafactor's factored second moments (`_slot_vr`,
+            `_slot_vc` of every matrix, `_slot_v` of every vector), random,
+            and `global_step`.
+        seed: of the slot values.
+
+    Returns:
+        dict MTF name -> C-contiguous NumPy array.
+    """
+    variables = model.canonical_variables()
+    v1_1 = "lm_head/kernel" in variables
+    norm = "rms_norm" if v1_1 else "layer_norm"
+    out = {}
+    for name, variable in variables.items():
+        array = variable.numpy()
+        mtf_name, array = _mtf_name(name, norm, v1_1, array)
+        out[mtf_name] = np.ascontiguousarray(array)
+    if optimizer_slots:
+        rng = np.random.default_rng(seed)
+        for name, array in list(out.items()):
+            if array.ndim == 2:
+                out[f"{name}_slot_vr"] = rng.random(array.shape[:1], "float32")
+                out[f"{name}_slot_vc"] = rng.random(array.shape[1:], "float32")
+            else:
+                out[f"{name}_slot_v"] = rng.random(array.shape, "float32")
+        out["global_step"] = np.int64(1_000_000)
+    return out
+
+
+def _mtf_name(name, norm, v1_1, array):
+    """(MTF name, array in MTF layout) of canonical weight `name`."""
+    if name == "shared/embedding":
+        return name, array
+    if name == "lm_head/kernel":
+        return "decoder/logits/kernel", array
+    for stack in _ROLES:
+        if name == f"{stack}/final_norm/scale":
+            final = "rms_norm" if v1_1 else "final_layer_norm"
+            return f"{stack}/{final}/scale", array
+    match = _BLOCK_WEIGHT.match(name)
+    if match is None:
+        raise ValueError(f"no Mesh TensorFlow name for T5 weight {name!r}")
+    stack, role, weight = match["stack"], match["role"], match["weight"]
+    layer = (
+        f"{stack}/block_{int(match['block']):03d}/"
+        f"layer_{_ROLES[stack].index(role):03d}"
+    )
+    if match["norm"]:
+        return f"{layer}/{norm}/scale", array
+    if role == "mlp":
+        return f"{layer}/DenseReluDense/{weight}/kernel", array
+    if weight == "relative_attention_bias":
+        # keras_moe stores [buckets, heads], MTF [heads, buckets].
+        return f"{layer}/SelfAttention/{weight}", array.T
+    return f"{layer}/{_ATTENTIONS[role]}/{_PROJECTIONS[weight]}", array
+
+
+def write_mtf_checkpoint(model, directory, step=1_000_000, **options):
+    """Writes `model` as a Mesh TensorFlow checkpoint; returns its prefix.
+
+    Writes `model.ckpt-{step}.index`, its data file and a `checkpoint` file
+    naming it, as the released T5 checkpoints are laid out.
+
+    Args:
+        model: a dense `T5`.
+        directory: created if missing.
+        step: the step in the file name.
+        **options: `mtf_arrays` options.
+    """
+    arrays = mtf_arrays(model, **options)
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, f"model.ckpt-{step}")
+    names = sorted(arrays)
+    tf.raw_ops.SaveV2(
+        prefix=prefix,
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[arrays[n] for n in names],
+    )
+    with open(os.path.join(directory, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "model.ckpt-{step}"\n')
+    return prefix

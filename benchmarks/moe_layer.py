@@ -734,7 +734,7 @@ def measure_isolated_rss(config, shapes, jit_compile, moe_jit_compile, warmup):
             p for p in (str(root), env.get("PYTHONPATH")) if p
         ),
     )
-    code = "import keras_moe.benchmarks as b; b._isolated_rss_worker()"
+    code = "import benchmarks.moe_layer as b; b._isolated_rss_worker()"
     result = subprocess.run(
         [sys.executable, "-c", code],
         input=json.dumps(spec),

@@ -35,13 +35,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_moe.distribution import fault_tolerance
-from keras_moe.distribution.fault_tolerance import TEMP_PREFIX
-from keras_moe.distribution.fault_tolerance import fit_resumable
-from keras_moe.distribution.fault_tolerance import list_checkpoints
-from keras_moe.distribution.fault_tolerance import reproducible_shuffle
-from keras_moe.distribution.fault_tolerance import restore_checkpoint
-from keras_moe.distribution.fault_tolerance import save_checkpoint
+from keras_moe.data.shuffle import reproducible_shuffle
+from keras_moe.training import resumable as fault_tolerance
+from keras_moe.training.resumable import TEMP_PREFIX
+from keras_moe.training.resumable import fit_resumable
+from keras_moe.training.resumable import list_checkpoints
+from keras_moe.training.resumable import restore_checkpoint
+from keras_moe.training.resumable import save_checkpoint
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))

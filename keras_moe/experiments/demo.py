@@ -14,13 +14,13 @@ Steps (`run`):
    weights) and reuse the dense optimizer state (`upcycle_optimizer`).
 4. Continue training both the dense model and the upcycled one for the
    same extra compute, `extra_compute` x the pretraining FLOPs, counted
-   with `keras_moe.flops.training_step_flops` (a training step of the MoE
+   with `keras_moe.models.flops.training_step_flops` (a training step of the MoE
    model costs more, so it takes fewer steps), scoring the test split at
    `eval_points` points along each run.
-5. Score both (accuracy, NLL, ECE of the softmax with `keras_moe.metrics`),
-   write a table, learning curves against training FLOPs and a heatmap of
-   the token positions each expert of each MoE block takes on the test
-   set (`routing_by_position`).
+5. Score both (accuracy, NLL, ECE of the softmax with
+`keras_moe.evaluation.metrics`), write a table, learning curves against
+training FLOPs and a heatmap of the token positions each expert of each MoE
+block takes on the test set (`routing_by_position`).
 
 Outputs in `output_dir`: `dense_checkpoint/` (Hugging Face format),
 `dense.keras` and `moe.keras` (both after the extra training),
@@ -40,14 +40,17 @@ import time
 import keras
 import numpy as np
 
-from keras_moe import metrics as metrics_lib
-from keras_moe import plots
-from keras_moe import tasks
-from keras_moe.dense_checkpoints import write_dense_checkpoint
-from keras_moe.flops import training_step_flops
+from keras_moe.checkpoints.writers import write_dense_checkpoint
+from keras_moe.data import specs
+from keras_moe.evaluation import metrics as metrics_lib
+from keras_moe.experiments import plots
+from keras_moe.models.flops import training_step_flops
+from keras_moe.models.moe_blocks import moe_layers
+from keras_moe.training.fit import dense_model
 from keras_moe.upcycling import summarize
 from keras_moe.upcycling import upcycle
 from keras_moe.upcycling import upcycle_optimizer
+from keras_moe.utils.files import save_keras
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +304,7 @@ def routing_by_position(model, images, batch_size=256):
     Raises:
         ValueError: no MoE layer, or one that groups tokens otherwise.
     """
-    layers = tasks.moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError("routing_by_position needs a model with MoE layers")
     for layer in layers:
@@ -379,21 +382,21 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
 
     os.makedirs(output_dir, exist_ok=True)
     files = {}
-    spec = tasks.describe_dataset(config.dataset, data_dir)
-    if spec.kind != tasks.CLASSIFICATION:
+    spec = specs.describe_dataset(config.dataset, data_dir)
+    if spec.kind != specs.CLASSIFICATION:
         raise ValueError(
             f"the demo trains an image classifier; {config.dataset!r} is a "
             f"{spec.kind} dataset"
         )
     # One stream of shuffled batches: pretraining reads its start, both
     # continued runs read on from there, the same batches in the same order.
-    train = tasks.batches(
+    train = specs.batches(
         spec, "train", config.batch_size, seed=seed, training=True
     )
-    test = tasks.batches(spec, "test", 256)
+    test = specs.batches(spec, "test", 256)
     test_images = np.concatenate([x.numpy() for x, _ in test])
     test_labels = np.concatenate([y.numpy() for _, y in test])
-    steps_per_epoch = tasks.steps_per_pass(spec, "train", config.batch_size)
+    steps_per_epoch = specs.steps_per_pass(spec, "train", config.batch_size)
     step(
         f"data: {config.dataset}, {steps_per_epoch * config.batch_size} "
         f"train images (batches of {config.batch_size}), {len(test_labels)} "
@@ -408,7 +411,7 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
         "num_layers": config.num_layers,
         "patch_size": config.patch_size,
     }
-    dense = tasks.dense_model("vit", spec, size, seed=seed)
+    dense = dense_model("vit", spec, size, seed=seed)
     _compile(dense, config.learning_rate)
     dense_step = config.batch_size * training_step_flops(dense)
     step(
@@ -551,10 +554,10 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
             f"experts per token on average; {covered:.0%} of token positions "
             "taken by some expert"
         )
-    files["dense model after the extra training"] = tasks.save_keras(
+    files["dense model after the extra training"] = save_keras(
         dense, os.path.join(output_dir, "dense.keras")
     )
-    files["upcycled model after the extra training"] = tasks.save_keras(
+    files["upcycled model after the extra training"] = save_keras(
         moe, os.path.join(output_dir, "moe.keras")
     )
     results = {
