@@ -17,9 +17,10 @@ file with Python's `ast` (Starlark BUILD files are a Python subset), reads the
    library or binary target (`@repo//...` labels are external and skipped);
 6. every import of a project module is declared: the importing target deps on
    the target holding the imported module (directly);
-7. the layering of DESIGN.md holds: keras_moe/ deps on nothing in apps/,
-   export/ or tests/; export/ on nothing in apps/ or tests/; only tests dep on
-   tests.
+7. the layering of docs/ARCHITECTURE.md holds: keras_moe/ deps on nothing
+   in apps/, export/, benchmarks/ or tests/; export/ on nothing in apps/,
+   benchmarks/ or tests/; only tests dep on tests; and inside keras_moe/ a
+   stage imports only the stages before it (`STAGES`).
 
 Conventions, used by the suggestions printed on failure:
 
@@ -52,7 +53,7 @@ SOURCE_ROOTS = ("keras_moe", "apps", "export", "benchmarks", "tests")
 RULES = ("py_library", "py_binary", "py_test")
 SKIP_DIR_NAMES = frozenset({"__pycache__", "testdata"})
 RULES_PYTHON_DEFS = "@rules_python//python:defs.bzl"
-# package prefix -> packages it must not depend on (DESIGN.md section 4).
+# package prefix -> packages it must not depend on (docs/ARCHITECTURE.md).
 FORBIDDEN_DEPS = {
     "keras_moe": ("apps", "export", "benchmarks", "tests"),
     "export": ("apps", "benchmarks", "tests"),

@@ -1,6 +1,6 @@
 """Auxiliary losses of sparse Mixture-of-Experts routers.
 
-Shape letters (glossary of DESIGN.md):
+Shape letters (the glossary of docs/ARCHITECTURE.md):
 
     G  groups
     S  tokens per group

@@ -118,7 +118,7 @@ def _train(name, strategy, reference):
         model = cls.from_config(config)
         model.set_weights(weights)
         # jit_compile=False: compile(jit_compile=True) fails under
-        # MirroredStrategy with several replicas (DESIGN.md); the
+        # MirroredStrategy with several replicas (a Keras bug); the
         # one-device run uses the same setting so that only the replica
         # layout differs.
         model.compile(
