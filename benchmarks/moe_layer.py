@@ -84,6 +84,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_moe.utils.checks import check_int
+from keras_moe.utils.checks import check_positive_int
+
 KINDS = ("moe", "dense", "model_garden", "mixtral")
 DISPATCHERS = ("einsum", "indices", "auto")
 MIXTRAL_TOP_K = 2
@@ -110,9 +113,7 @@ class Shapes:
 
     def __post_init__(self):
         for name in ("tokens", "group_size", "model_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int; received {value!r}")
+            value = check_int(name, getattr(self, name), minimum=None)
             if value <= 0:
                 raise ValueError(f"{name} must be positive; received {value}")
         if self.tokens % self.group_size:
@@ -805,9 +806,6 @@ def _positive_ints(name, values):
     values = list(dict.fromkeys(values))
     if not values:
         raise ValueError(f"{name} must not be empty")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(
-                f"{name} must be positive ints; received {values!r}"
-            )
+    for value in values:
+        check_positive_int(name, value)
     return values

@@ -81,6 +81,7 @@ from keras_moe.checkpoints.writers import write_mtf_checkpoint
 from keras_moe.models.t5 import PRESETS
 from keras_moe.models.t5 import T5
 from keras_moe.models.t5 import t5_config
+from keras_moe.utils.checks import check_int
 
 # Built, read and upcycled before each measurement to pay one-time costs.
 WARMUP_PRESET = "t5_tiny"
@@ -161,12 +162,7 @@ def check_arguments(preset, num_experts):
         raise ValueError(
             f"preset must be one of {sorted(PRESETS)}; received {preset!r}"
         )
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
-        raise ValueError(
-            f"num_experts must be an int; received {num_experts!r}"
-        )
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1; received {num_experts}")
+    check_int("num_experts", num_experts)
     if not os.path.exists("/proc/self/clear_refs"):
         raise ValueError(
             "peak memory is read from Linux's /proc/self/status after a "

@@ -11,18 +11,23 @@ serving functions:
   the alias `tpu_func` (`tf.saved_model.SaveOptions(function_aliases=...)`),
   which TPU inference converters use to find the function to compile for the
   TPU; the signature around it keeps the pre- and post-processing on CPU;
-* `moe_config_keys`: the config keys that hold the model's
-  `{block index: MoeLayer kwargs}` dicts, so the exporter can rebuild the
-  model with another eval capacity factor;
 * `resources()`: trackables the functions use besides the model (a
   tokenizer), saved with it.
+
+Where a model's MoE blocks are is not the adapter's business: the exporter
+rebuilds the model with another eval capacity factor through
+`keras_moe.models.with_eval_capacity_factor`, which reads the `MOE_STACKS`
+the model class declares.
 
 A new model type (E^3, a vision-language model) plugs in with a subclass and
 one decorator; nothing else in export/ changes:
 
     @register_adapter(EnsembleViT)
     class EnsembleViTAdapter(VitAdapter):
-        moe_config_keys = ("encoder_moe_blocks",)
+        def signature_docs(self):
+            docs = super().signature_docs()
+            docs["serving_default"] += " Averages the ensemble members."
+            return docs
 
 Lookup follows the model class's MRO, so a subclass of a registered model
 class gets its parent's adapter unless it registers its own.
@@ -120,15 +125,13 @@ class ServingAdapter:
     """Builds the serving functions of one model class.
 
     Subclasses implement `_build_signatures`, `_build_xla_function` and
-    `example_inputs`, and may override `moe_config_keys` and `resources`.
+    `example_inputs`, and may override `resources`.
     Functions are built (and traced) once, on first use.
 
     Args:
         model: the Keras model to serve (built).
         options: a `ServingOptions`.
     """
-
-    moe_config_keys = ()
 
     def __init__(self, model, options):
         self.model = model

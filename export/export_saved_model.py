@@ -98,7 +98,10 @@ _SERVING_BASE_PATH = flags.DEFINE_string(
     "default: its absolute local path.",
 )
 _MAX_BATCH_SIZE = flags.DEFINE_integer(
-    "max_batch_size", 32, "Server-side batching: largest batch."
+    "max_batch_size",
+    None,
+    "Server-side batching: largest batch. Default: --xla_batch_size, the "
+    "only size serving_xla takes (every merged batch is padded to it).",
 )
 _BATCH_TIMEOUT_MICROS = flags.DEFINE_integer(
     "batch_timeout_micros", 1000, "Server-side batching: longest wait."

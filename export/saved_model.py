@@ -16,7 +16,8 @@ inference converters.
 
 Capacity: every `MoeLayer` is rebuilt with the export's eval capacity factor
 (default None: no token is dropped at serving time; see the adapters'
-docstrings for what a finite factor changes), weights copied.
+docstrings for what a finite factor changes), weights copied, by
+`keras_moe.models.with_eval_capacity_factor`.
 
 Atomicity: the SavedModel is written to a hidden temporary directory beside
 the version directory (`.<version>.tmp-<host>-<pid>-<random>`, a name TF
@@ -40,9 +41,6 @@ import json
 import os
 import pathlib
 import re
-import secrets
-import shutil
-import socket
 import time
 
 import keras
@@ -56,7 +54,9 @@ from export import vlm_serving
 from export.adapters import ServingOptions
 from export.adapters import adapter_class
 from export.adapters import make_adapter
-from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import moe_layers
+from keras_moe.models import with_eval_capacity_factor
+from keras_moe.utils.files import atomic_directory
 
 # Adapters of the models keras_moe defines; importing them registers them.
 BUILTIN_ADAPTERS = (
@@ -110,71 +110,6 @@ def load_model(path):
         raise ValueError(f"Cannot load {path!r} as a Keras model: {e}") from e
 
 
-def moe_layers(model):
-    """The `MoeLayer`s of `model`, in layer order."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, MoeLayer)
-    ]
-
-
-def with_eval_capacity_factor(model, eval_capacity_factor):
-    """A copy of `model` whose MoE blocks use `eval_capacity_factor`.
-
-    The model is rebuilt from its config with the factor replaced in every
-    MoE block config (the adapter's `moe_config_keys`), and its weights are
-    copied by variable path. A model without `MoeLayer`s is returned as it
-    is, as is one whose layers already use the factor.
-
-    Args:
-        model: a keras_moe model with a registered adapter.
-        eval_capacity_factor: None (no token dropped) or a float > 0.
-
-    Raises:
-        ValueError: for an invalid factor (from `MoeLayer`), or when a
-            `MoeLayer` of the rebuilt model does not use the factor (its
-            adapter does not list the config key that creates it).
-    """
-    layers = moe_layers(model)
-    if all(
-        layer.eval_capacity_factor == eval_capacity_factor for layer in layers
-    ):
-        return model
-    # New dicts for the MoE block configs: the model's own stay unchanged.
-    config = dict(model.get_config())
-    keys = adapter_class(model).moe_config_keys
-    for key in keys:
-        if config.get(key):
-            config[key] = {
-                index: {**kwargs, "eval_capacity_factor": eval_capacity_factor}
-                for index, kwargs in config[key].items()
-            }
-    rebuilt = type(model).from_config(config)
-    wrong = [
-        layer.path
-        for layer in moe_layers(rebuilt)
-        if layer.eval_capacity_factor != eval_capacity_factor
-    ]
-    if wrong:
-        raise ValueError(
-            f"MoeLayers {wrong} of {type(model).__name__} are not created "
-            f"from the config keys {keys} its adapter lists; cannot set "
-            "their eval_capacity_factor"
-        )
-    sources = {weight.path: weight for weight in model.weights}
-    targets = {weight.path: weight for weight in rebuilt.weights}
-    if sources.keys() != targets.keys():
-        raise ValueError(
-            "The rebuilt model's weights differ from the original's: "
-            f"missing {sorted(sources.keys() - targets.keys())}, extra "
-            f"{sorted(targets.keys() - sources.keys())}"
-        )
-    for path, target in targets.items():
-        target.assign(sources[path].value)
-    return rebuilt
-
-
 def capacity_doc(model):
     """One sentence on what the MoE capacity means for served outputs."""
     factors = sorted(
@@ -209,66 +144,11 @@ def _check_layout_parts(model_name, version):
         raise ValueError(f"version must be >= 0; received {version}")
 
 
-def _hidden_prefix(version, kind):
-    """Prefix of the hidden dirs beside a version: kind "tmp" (being
-    written) or "old" (being replaced); the writer's pid follows."""
-    return f".{version}.{kind}-{socket.gethostname()}-"
-
-
-def _hidden_dir(model_dir, version, kind):
-    return model_dir / (
-        f"{_hidden_prefix(version, kind)}{os.getpid()}-{secrets.token_hex(4)}"
-    )
-
-
-def _remove_stale_hidden_dirs(model_dir, version):
-    """Removes hidden dirs of `version` left by dead processes here."""
-    for kind in ("tmp", "old"):
-        prefix = _hidden_prefix(version, kind)
-        for entry in model_dir.glob(f"{prefix}*"):
-            pid = entry.name[len(prefix) :].split("-", 1)[0]
-            if not pid.isdigit() or _process_alive(int(pid)):
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _existing_version_error(version_dir):
     return FileExistsError(
         f"Version directory {version_dir} exists; pass overwrite=True "
         "(--overwrite) to replace it, or export another version"
     )
-
-
-def _commit(temp_dir, version_dir, overwrite):
-    """Renames the complete `temp_dir` to `version_dir` (see module doc)."""
-    old = None
-    if version_dir.exists():
-        if not overwrite:
-            raise _existing_version_error(version_dir)
-        old = _hidden_dir(version_dir.parent, version_dir.name, "old")
-        os.rename(version_dir, old)
-    os.rename(temp_dir, version_dir)
-    _fsync_dir(version_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_archive(adapter, directory):
@@ -384,18 +264,13 @@ def export_saved_model(
             for name, function in adapter.signatures().items()
         },
     }
-    model_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_hidden_dirs(model_dir, version)
-    temp_dir = _hidden_dir(model_dir, version, "tmp")
-    try:
+    # The hidden directory, its clean-up and the rename: see the module doc.
+    with atomic_directory(version_dir, overwrite=overwrite) as temp:
+        temp_dir = pathlib.Path(temp)
         _write_archive(adapter, temp_dir)
         _write_extras(adapter, temp_dir, metadata, warmup)
         if before_commit_hook is not None:
             before_commit_hook(temp_dir)
-        _commit(temp_dir, version_dir, overwrite)
-    finally:
-        if temp_dir.exists():
-            shutil.rmtree(temp_dir, ignore_errors=True)
     return ExportResult(
         path=os.fspath(version_dir),
         model_name=model_name,

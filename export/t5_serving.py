@@ -54,7 +54,7 @@ import tensorflow as tf
 from export import signature_names as names
 from export.adapters import ServingAdapter
 from export.adapters import register_adapter
-from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import moe_layers
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.t5 import T5
@@ -101,8 +101,6 @@ def check_sentencepiece_model(model_proto, vocab_size):
 class T5Adapter(ServingAdapter):
     """Generation signatures for `T5` (see the module docstring)."""
 
-    moe_config_keys = ("encoder_moe_blocks", "decoder_moe_blocks")
-
     def __init__(self, model, options):
         super().__init__(model, options)
         self.max_length = options.max_length
@@ -111,8 +109,7 @@ class T5Adapter(ServingAdapter):
         # sequence length: its groups are the sequences.
         self.encoder_length = None
         if any(
-            isinstance(layer, MoeLayer) and layer.group_size is None
-            for layer in model.encoder._flatten_layers(include_self=False)
+            layer.group_size is None for layer in moe_layers(model, "encoder")
         ):
             self.encoder_length = self.input_length
         self.tokenizer = None

@@ -51,8 +51,6 @@ _OUTPUT_DOC = (
 class VitAdapter(ServingAdapter):
     """Image-classifier signatures for `ViT` (see the module docstring)."""
 
-    moe_config_keys = ("encoder_moe_blocks",)
-
     def __init__(self, model, options):
         super().__init__(model, options)
         if not model.num_classes:

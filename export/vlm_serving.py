@@ -54,7 +54,7 @@ from export.adapters import ServingAdapter
 from export.adapters import register_adapter
 from export.t5_serving import check_sentencepiece_model
 from export.vit_serving import _per_channel
-from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import moe_layers
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.vlm import VisionLanguageModel
@@ -70,12 +70,6 @@ _SAMPLE_PROMPTS = ("caption in en:", "what is the left digit?")
 class VlmAdapter(ServingAdapter):
     """Captioning signatures for `VisionLanguageModel` (see the module)."""
 
-    moe_config_keys = (
-        "vision_moe_blocks",
-        "encoder_moe_blocks",
-        "decoder_moe_blocks",
-    )
-
     def __init__(self, model, options):
         super().__init__(model, options)
         self.max_length = options.max_length
@@ -85,12 +79,10 @@ class VlmAdapter(ServingAdapter):
             options.image_mean, "image_mean", self.channels
         )
         self.std = _per_channel(options.image_std, "image_std", self.channels)
-        # A MoeLayer grouping by sequence needs a static sequence length.
+        # A T5 encoder MoeLayer grouping by sequence needs a static
+        # sequence length.
         self.static_prompt = any(
-            isinstance(layer, MoeLayer) and layer.group_size is None
-            for layer in model.language_model.encoder._flatten_layers(
-                include_self=False
-            )
+            layer.group_size is None for layer in moe_layers(model, "encoder")
         )
         self.tokenizer = None
         self.sentencepiece_size = None

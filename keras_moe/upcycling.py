@@ -45,77 +45,41 @@ from keras_moe.checkpoints import read_checkpoint
 from keras_moe.layers import routing
 from keras_moe.layers.ensemble import check_ensemble_size
 from keras_moe.layers.experts import weights_to_be_overwritten
-from keras_moe.layers.moe import MoeLayer
 from keras_moe.models import flops
+from keras_moe.models.moe_blocks import VISION
+from keras_moe.models.moe_blocks import moe_layers
 from keras_moe.utils.checks import check_positive_int
 from keras_moe.utils.files import save_keras
 
-VISION = "vision"
-LANGUAGE = "language"
+# Modality of a model mixing vision and language stacks (`architecture`).
 VISION_LANGUAGE = "vision_language"
 
 
-@dataclasses.dataclass(frozen=True)
-class Stack:
-    """One transformer stack whose MLP blocks can become MoE blocks."""
-
-    name: str  # canonical-name prefix and user-facing name
-    moe_key: str  # config key holding {block index: MoeLayer kwargs}
-    layers_key: str  # config key holding the number of blocks
-    causal: bool  # decoders: expert choice would leak future tokens
-    modality: str  # VISION or LANGUAGE: the paper's combine-weight choice
-    # Config key of the sub-config holding `layers_key`; None: the config.
-    layers_config: str | None = None
-
-    def num_layers(self, config):
-        """The number of blocks of this stack in a model's `config`."""
-        if self.layers_config is not None:
-            config = config[self.layers_config]
-        return config[self.layers_key]
-
-
-_VIT_ENCODER = Stack(
-    "encoder", "encoder_moe_blocks", "num_layers", False, VISION
-)
-_T5_ENCODER = Stack(
-    "encoder", "encoder_moe_blocks", "num_encoder_layers", False, LANGUAGE
-)
-_T5_DECODER = Stack(
-    "decoder", "decoder_moe_blocks", "num_decoder_layers", True, LANGUAGE
-)
-_ARCHITECTURES = {
-    "ViT": (VISION, (_VIT_ENCODER,)),
-    "T5": (LANGUAGE, (_T5_ENCODER, _T5_DECODER)),
-    # keras_moe.models.vlm: its ViT's blocks, then its T5's; the ViT and T5
-    # kwargs (layer counts) sit in sub-configs, the MoE blocks at the top.
-    "VisionLanguageModel": (
-        VISION_LANGUAGE,
-        (
-            dataclasses.replace(
-                _VIT_ENCODER,
-                name="vision",
-                moe_key="vision_moe_blocks",
-                layers_config="vision_config",
-            ),
-            dataclasses.replace(_T5_ENCODER, layers_config="text_config"),
-            dataclasses.replace(_T5_DECODER, layers_config="text_config"),
-        ),
-    ),
-}
-
-
 def architecture(model):
-    """Returns (modality, stacks) of a keras_moe model, or raises."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in _ARCHITECTURES and hasattr(
-            model, "canonical_variables"
-        ):
-            return _ARCHITECTURES[cls.__name__]
-    raise ValueError(
-        f"upcycle needs a keras_moe model with MLP blocks it knows "
-        f"({', '.join(_ARCHITECTURES)}); received {type(model).__name__}. "
-        "Convert other formats with keras_moe.checkpoints first."
-    )
+    """(modality, stacks) of a keras_moe model, or raises a ValueError.
+
+    The stacks are the `keras_moe.models.MoeStack`s its class declares in
+    `MOE_STACKS`; the modality is theirs ("vision", "language"), or
+    "vision_language" when they differ.
+
+    Example:
+
+    >>> from keras_moe.models import T5
+    >>> modality, stacks = architecture(T5.from_preset("t5_tiny"))
+    >>> modality, [stack.name for stack in stacks]
+    ('language', ['encoder', 'decoder'])
+    """
+    stacks = getattr(type(model), "MOE_STACKS", None)
+    if not stacks or not hasattr(model, "canonical_variables"):
+        raise ValueError(
+            "upcycle needs a keras_moe model with MLP blocks it knows (a "
+            "class declaring MOE_STACKS: ViT, T5, VisionLanguageModel); "
+            f"received {type(model).__name__}. Convert other formats with "
+            "keras_moe.checkpoints first."
+        )
+    modalities = {stack.modality for stack in stacks}
+    modality = modalities.pop() if len(modalities) == 1 else VISION_LANGUAGE
+    return modality, stacks
 
 
 def select_blocks(blocks, num_layers, last_n=None):
@@ -635,12 +599,8 @@ _TABLES = ("shared/embedding", "position_embedding", "class_token")
 def _count(model):
     """(total params, active params per token, active matmul params)."""
     total = active = matmul = 0
-    moe_layers = {}
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, MoeLayer):
-            moe_layers[id(layer)] = layer
     expert_ids = {}
-    for layer in moe_layers.values():
+    for layer in moe_layers(model):
         if layer.router_type == routing.TOKENS_CHOOSE:
             per_token = layer.num_selected_experts
         else:

@@ -2,7 +2,9 @@
 
 `read_checkpoint(path)` picks the architecture and the format; the readers
 of each family live in `keras_moe.checkpoints.t5` and
-`keras_moe.checkpoints.vit`. `load_model(path)` also takes a `.keras` file.
+`keras_moe.checkpoints.vit` (`read_t5_checkpoint` and `read_vit_checkpoint`
+pick the format within a family), the file handling they share in
+`keras_moe.checkpoints.io`. `load_model(path)` also takes a `.keras` file.
 Writers of the dense formats are in `keras_moe.checkpoints.writers`.
 """
 
@@ -30,7 +32,9 @@ def read_checkpoint(path, architecture=None, **kwargs):
     Args:
         path: a checkpoint path (file, prefix or directory).
         architecture: "t5", "vit" or None to try both (T5 first).
-        **kwargs: passed to the family's reader.
+        **kwargs: passed to the family's `read_t5_checkpoint` or
+            `read_vit_checkpoint`: `config=` (a preset name or a dict of
+            model kwargs) fixes what the format does not record.
 
     Returns:
         A built keras_moe `T5` or `ViT`.
@@ -136,19 +140,7 @@ def _read_t5(path, **kwargs):
 def _read_vit(path, **kwargs):
     from keras_moe.checkpoints import vit
 
-    if not isinstance(path, (str, os.PathLike)):
-        return vit.read_keras_hub(path, **kwargs)
-    path = os.fspath(path)
-    if path.endswith(".weights.h5") or os.path.isfile(
-        os.path.join(path, "model.weights.h5")
-    ):
-        return vit.read_keras_hub(path, **kwargs)
-    if path.endswith(".safetensors") or any(
-        os.path.isfile(os.path.join(path, name))
-        for name in ("model.safetensors", "model.safetensors.index.json")
-    ):
-        return vit.read_hf(path, **kwargs)
-    return vit.read_model_garden(path, **kwargs)
+    return vit.read_vit_checkpoint(path, **kwargs)
 
 
 _READERS = {"t5": _read_t5, "vit": _read_vit}

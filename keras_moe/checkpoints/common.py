@@ -1,10 +1,14 @@
 """Strict, all-or-nothing assignment of named arrays into a keras_moe model.
 
 Every reader turns its source format into a dict of canonical weight names
-(the names a model's `canonical_variables()` returns) to NumPy arrays and
-calls `assign_weights`. Nothing is assigned unless every name matches and
-every shape agrees, so a failed load never leaves a half-loaded model.
+(the names a model's `canonical_variables()` returns) to NumPy arrays (or
+lazy arrays, see `keras_moe.checkpoints.io`) and calls `assign_weights`.
+Nothing is assigned unless every name matches and every shape agrees, so a
+failed load never leaves a half-loaded model. `config_kwargs` reads the
+`config` argument every reader takes; `listing` words long lists in errors.
 """
+
+import inspect
 
 import numpy as np
 
@@ -37,11 +41,11 @@ def assign_weights(model, arrays, source="checkpoint"):
             mismatched.append(f"{name}: checkpoint {got}, model {want}")
     problems = []
     if missing:
-        problems.append(f"missing from the {source}: {_listing(missing)}")
+        problems.append(f"missing from the {source}: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected in the {source}: {_listing(unexpected)}")
+        problems.append(f"unexpected in the {source}: {listing(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_listing(mismatched)}")
+        problems.append(f"shape mismatches: {listing(mismatched)}")
     if problems:
         raise CheckpointMismatchError(
             f"Cannot load {source} into {type(model).__name__}: "
@@ -52,7 +56,44 @@ def assign_weights(model, arrays, source="checkpoint"):
     return model
 
 
-def _listing(items, limit=20):
-    shown = ", ".join(items[:limit])
+def listing(items, limit=20):
+    """`items` as "a, b, c (and 7 more)", for error messages."""
+    items = list(items)
+    shown = ", ".join(str(item) for item in items[:limit])
     more = len(items) - limit
     return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def config_kwargs(config, model_class, preset_config):
+    """The model kwargs a reader's `config` argument gives.
+
+    Args:
+        config: None, a preset name or a dict of `model_class` kwargs.
+        model_class: `T5`, `ViT`, ...: the keys must be its `__init__`'s.
+        preset_config: preset name -> kwargs dict (`t5_config`, ...).
+
+    Returns:
+        A new dict of kwargs ({} for None).
+
+    Raises:
+        ValueError: another type, an unknown preset or unknown keys.
+    """
+    name = model_class.__name__
+    if config is None:
+        return {}
+    if isinstance(config, str):
+        config = preset_config(config)
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"config must be None, a {name} preset name or a dict of {name} "
+            f"kwargs; received {type(config).__name__}."
+        )
+    accepted = set(inspect.signature(model_class.__init__).parameters)
+    accepted -= {"self", "kwargs"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(
+            f"config has keys {name} does not take: {unknown}; {name} takes "
+            f"{sorted(accepted)}."
+        )
+    return dict(config)

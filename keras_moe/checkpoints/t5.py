@@ -54,10 +54,15 @@ to load and a disagreement is an error that names it); the others
 `layer_norm_epsilon`, `relative_attention_max_distance` and the activation
 within the gating the weights show) are taken from it.
 
-Memory: tensors are read lazily, each when `assign_weights` assigns it,
-after every name and shape has been checked, so loading holds the model and
-one source tensor at a time. A read that fails half way (a truncated data
-file) raises a `ValueError` and the half-loaded model is never returned.
+Files are opened and read by `keras_moe.checkpoints.io`; this module holds
+the T5 name maps (`mtf_name` gives the writers the inverse of the Mesh
+TensorFlow one) and the T5 logic.
+
+Memory: tensors are read lazily (`io.LazyTensor`), each when
+`assign_weights` assigns it, after every name and shape has been checked,
+so loading holds the model and one source tensor at a time. A read that
+fails half way (a truncated data file) raises a `ValueError` and the
+half-loaded model is never returned.
 
 Measured with `python -m apps.benchmark_upcycle` (2 CPU cores, TensorFlow
 2.20, float32, each measurement in a fresh process) on a random
@@ -74,38 +79,174 @@ Example:
 ... )  # doctest: +SKIP
 """
 
-import contextlib
 import functools
-import glob
-import inspect
-import json
 import os
 import re
 
-import h5py
 import numpy as np
-import tensorflow as tf
-from safetensors import SafetensorError
-from safetensors import safe_open
 
+from keras_moe.checkpoints import io
 from keras_moe.checkpoints.common import assign_weights
+from keras_moe.checkpoints.common import config_kwargs
 from keras_moe.layers.mlp import get_activation
 from keras_moe.models.t5 import T5
 from keras_moe.models.t5 import t5_config
 
-_PROJECTIONS = {"q": "query", "k": "key", "v": "value", "o": "output"}
-_MLP_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")
+_EMBEDDING = "shared/embedding"
+_LM_HEAD = "lm_head/kernel"
+
+
+# --------------------------------------------------------------------------
+# The name map of Mesh TensorFlow and Hugging Face blocks, declared once:
+# the readers below go from source names to canonical ones with it, and
+# `mtf_name` (for `keras_moe.checkpoints.writers`) back.
+
 # Sub-layer index -> role, in the order MTF and Hugging Face number them.
 _ROLES = {
     "encoder": ("self_attention", "mlp"),
     "decoder": ("self_attention", "cross_attention", "mlp"),
 }
+# Attention module -> role.
 _ATTENTION_ROLES = {
     "SelfAttention": "self_attention",
     "EncDecAttention": "cross_attention",
 }
-_EMBEDDING = "shared/embedding"
-_LM_HEAD = "lm_head/kernel"
+# Attention projection -> canonical projection.
+_PROJECTIONS = {"q": "query", "k": "key", "v": "value", "o": "output"}
+_MLP_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")
+# MTF names outside the blocks -> canonical names.
+_MTF_FIXED = {"shared/embedding": _EMBEDDING, "decoder/logits/kernel": _LM_HEAD}
+# MTF norm names (in a block, after a stack) by whether the model is v1.1:
+# T5 v1.0 has layer norms, v1.1 and mT5 RMS norms. Both are scale-only.
+_MTF_NORMS = {
+    False: ("layer_norm", "final_layer_norm"),
+    True: ("rms_norm", "rms_norm"),
+}
+# Final norm names read besides those written (some exports use it).
+_MTF_FINAL_NORMS = ("final_layer_norm", "rms_norm", "final_rms_norm")
+
+_ATTENTION_MODULES = {role: kind for kind, role in _ATTENTION_ROLES.items()}
+_SOURCE_PROJECTIONS = {name: letter for letter, name in _PROJECTIONS.items()}
+_MTF_FIXED_NAMES = {canonical: name for name, canonical in _MTF_FIXED.items()}
+_MTF_BLOCK = re.compile(r"^(encoder|decoder)/block_(\d+)/layer_(\d+)/(.+)$")
+_MTF_FINAL_NORM = re.compile(
+    rf"^(encoder|decoder)/({'|'.join(_MTF_FINAL_NORMS)})/scale$"
+)
+_MTF_BLOCK_NORMS = tuple(f"{norms[0]}/scale" for norms in _MTF_NORMS.values())
+_CANONICAL_BLOCK = re.compile(
+    r"^(?P<stack>encoder|decoder)/block_(?P<block>\d+)/"
+    r"(?P<role>self_attention|cross_attention|mlp)"
+    r"(?P<norm>_norm/scale)?(?:/(?P<weight>[^/]+))?$"
+)
+
+
+def mtf_name(canonical, v1_1):
+    """The Mesh TensorFlow name of a canonical T5 weight.
+
+    The inverse of the mapping `read_t5_mtf_checkpoint` reads with, from the
+    same tables.
+
+    Args:
+        canonical: a name of `T5.canonical_variables()` of a dense `T5`.
+        v1_1: whether to name norms as T5 v1.1 does (`rms_norm`) rather
+            than v1.0 (`layer_norm`, `final_layer_norm`).
+
+    Returns:
+        (MTF name, whether the array is transposed in MTF's layout).
+
+    Raises:
+        ValueError: a weight the format has no place for (an MoE weight).
+    """
+    if canonical in _MTF_FIXED_NAMES:
+        return _MTF_FIXED_NAMES[canonical], False
+    norm, final_norm = _MTF_NORMS[bool(v1_1)]
+    for stack in _ROLES:
+        if canonical == f"{stack}/final_norm/scale":
+            return f"{stack}/{final_norm}/scale", False
+    match = _CANONICAL_BLOCK.match(canonical)
+    if match is None or match["role"] not in _ROLES[match["stack"]]:
+        raise ValueError(f"no Mesh TensorFlow name for T5 weight {canonical!r}")
+    stack, role, weight = match["stack"], match["role"], match["weight"]
+    layer = (
+        f"{stack}/block_{int(match['block']):03d}/"
+        f"layer_{_ROLES[stack].index(role):03d}"
+    )
+    if match["norm"]:
+        if weight is None:
+            return f"{layer}/{norm}/scale", False
+    elif role == "mlp":
+        if weight in _MLP_WEIGHTS:
+            return f"{layer}/DenseReluDense/{weight}/kernel", False
+    elif weight in _SOURCE_PROJECTIONS:
+        module = _ATTENTION_MODULES[role]
+        return f"{layer}/{module}/{_SOURCE_PROJECTIONS[weight]}", False
+    elif weight == "relative_attention_bias" and role == "self_attention":
+        # keras_moe stores [buckets, heads], MTF [heads, buckets].
+        return f"{layer}/{_ATTENTION_MODULES[role]}/{weight}", True
+    raise ValueError(f"no Mesh TensorFlow name for T5 weight {canonical!r}")
+
+
+def _mtf_canonical_name(name):
+    """(canonical name, transpose) of a Mesh TensorFlow name, or None."""
+    if name in _MTF_FIXED:
+        return _MTF_FIXED[name], False
+    match = _MTF_FINAL_NORM.match(name)
+    if match:
+        return f"{match[1]}/final_norm/scale", False
+    match = _MTF_BLOCK.match(name)
+    if not match:
+        return None
+    stack, block, sublayer, rest = (
+        match[1],
+        int(match[2]),
+        int(match[3]),
+        match[4],
+    )
+    parts = rest.split("/")
+    if rest in _MTF_BLOCK_NORMS:
+        parts = ["norm"]
+    elif (
+        len(parts) == 3
+        and parts[0] == "DenseReluDense"
+        and parts[2] == "kernel"
+    ):
+        parts = ["DenseReluDense", parts[1]]
+    elif len(parts) != 2:
+        return None
+    target = _block_weight(stack, block, sublayer, parts)
+    if target is None:
+        return None
+    # MTF stores the bias [heads, buckets]; keras_moe's is [buckets, heads].
+    return target, target.endswith("relative_attention_bias")
+
+
+def _block_weight(stack, block, sublayer, parts):
+    """Canonical name of weight `parts` of sub-layer `sublayer` of a block.
+
+    `parts` is `["norm"]`, `["DenseReluDense", wi|wi_0|wi_1|wo]` or
+    `[SelfAttention|EncDecAttention, q|k|v|o|relative_attention_bias]`, as in
+    the Mesh TensorFlow and Hugging Face layouts, which number sub-layers
+    alike. Returns None for a weight that has no place there.
+    """
+    roles = _ROLES[stack]
+    if sublayer >= len(roles):
+        return None
+    role = roles[sublayer]
+    prefix = f"{stack}/block_{block}/"
+    if parts == ["norm"]:
+        return f"{prefix}{role}_norm/scale"
+    kind, weight = parts
+    if role == "mlp":
+        if kind == "DenseReluDense" and weight in _MLP_WEIGHTS:
+            return f"{prefix}mlp/{weight}"
+        return None
+    if _ATTENTION_ROLES.get(kind) != role:
+        return None
+    if weight in _PROJECTIONS:
+        return f"{prefix}{role}/{_PROJECTIONS[weight]}"
+    if weight == "relative_attention_bias" and role == "self_attention":
+        return f"{prefix}self_attention/relative_attention_bias"
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -132,24 +273,26 @@ def read_t5_mtf_checkpoint(path, config=None):
             with `config`; `CheckpointMismatchError` (a `ValueError`) when
             names or shapes do not fit.
     """
-    prefix, reader = _open_tf_checkpoint(path)
+    prefix, reader = io.open_tf_checkpoint(
+        path, "T5 Mesh TensorFlow checkpoint"
+    )
     source = f"T5 Mesh TensorFlow checkpoint {prefix}"
     arrays, unknown = {}, {}
     shapes = reader.get_variable_to_shape_map()
     for name in sorted(shapes):
         if _is_mtf_optimizer_state(name):
             continue
-        lazy = _Lazy(
+        lazy = io.LazyTensor(
             shapes[name],
             functools.partial(reader.get_tensor, name),
-            f"{name!r} in {source}",
+            io.where(name, source),
         )
         target = _mtf_canonical_name(name)
         if target is None:
             unknown[name] = lazy
             continue
         canonical, transpose = target
-        _put(arrays, canonical, lazy.T if transpose else lazy, name, source)
+        io.put(arrays, canonical, lazy.T if transpose else lazy, name, source)
     facts, gated = _infer_dims(arrays, source, shapes)
     kwargs = _t5_kwargs(
         source,
@@ -183,10 +326,11 @@ def read_t5_hf_safetensors(path, config=None):
             weights or with `config`; `CheckpointMismatchError` when names
             or shapes do not fit.
     """
-    files, weight_map, hf_config, where = _hf_files(path)
-    source = f"Hugging Face T5 checkpoint {where}"
-    with contextlib.ExitStack() as stack:
-        tensors = _open_safetensors(files, weight_map, stack)
+    checkpoint = io.hf_checkpoint(path, ("t5", "mt5"), "T5")
+    source = f"Hugging Face T5 checkpoint {checkpoint.path}"
+    with io.open_safetensors(
+        checkpoint.files, checkpoint.weight_map
+    ) as tensors:
         arrays, unknown, tied_copies = {}, {}, []
         for name in sorted(tensors):
             lazy = tensors[name]
@@ -200,12 +344,14 @@ def read_t5_hf_safetensors(path, config=None):
                 unknown[name] = lazy
                 continue
             canonical, transpose = target
-            _put(arrays, canonical, lazy.T if transpose else lazy, name, source)
+            io.put(
+                arrays, canonical, lazy.T if transpose else lazy, name, source
+            )
         for name in tied_copies:
             _check_tied_copy(
                 arrays, tensors[name], name, "shared.weight", source
             )
-        hf_facts, defaults, scale = _hf_config_facts(hf_config, source)
+        hf_facts, defaults, scale = _hf_config_facts(checkpoint.config, source)
         if scale is None:
             # No config.json. An lm_head of its own means v1.1; otherwise a
             # gated MLP means transformers 5's tied but unscaled v1.1, and a
@@ -262,13 +408,9 @@ def read_t5_model_garden_checkpoint(path, config=None):
             disagreement with `config`; `CheckpointMismatchError` when names
             or shapes do not fit.
     """
-    prefix, reader = _open_tf_checkpoint(path)
+    prefix, reader = io.open_tf_checkpoint(path, "Model Garden T5 checkpoint")
     source = f"Model Garden T5 checkpoint {prefix}"
-    shapes = reader.get_variable_to_shape_map()
-    variables = {}
-    for key, shape in shapes.items():
-        if key.endswith(_OBJECT_SUFFIX) and ".OPTIMIZER_SLOT" not in key:
-            variables[key[: -len(_OBJECT_SUFFIX)]] = (key, shape)
+    variables = io.tf_object_variables(reader)
     root = _model_garden_root(variables, source)
     arrays, unknown = {}, {}
     embeddings, relative = {}, {"encoder": {}, "decoder": {}}
@@ -280,10 +422,10 @@ def read_t5_model_garden_checkpoint(path, config=None):
         if not root and relative_name.split("/")[0] in _TRAINER_OBJECTS:
             continue
         key, shape = variables[name]
-        lazy = _Lazy(
+        lazy = io.LazyTensor(
             shape,
             functools.partial(reader.get_tensor, key),
-            f"{key!r} in {source}",
+            io.where(key, source),
         )
         kind, target = _model_garden_canonical_name(relative_name)
         if kind == "embedding":
@@ -298,7 +440,7 @@ def read_t5_model_garden_checkpoint(path, config=None):
                 lazy,
             )
         elif kind == "weight":
-            _put(arrays, target, lazy, relative_name, source)
+            io.put(arrays, target, lazy, relative_name, source)
         else:
             unknown[key] = lazy
     _put_shared(arrays, embeddings, source)
@@ -312,7 +454,7 @@ def read_t5_model_garden_checkpoint(path, config=None):
         )
         for canonical, index in zip(names, sorted(inputs)):
             relative_name, lazy = inputs[index]
-            _put(
+            io.put(
                 arrays,
                 f"{block_prefix}mlp/{canonical}",
                 lazy,
@@ -365,11 +507,7 @@ def convert_t5_keras_hub_backbone(backbone, config=None):
 
     def array(variable):
         consumed.add(id(variable))
-        return _Lazy(
-            variable.shape,
-            functools.partial(np.asarray, variable),
-            f"{variable.path!r} of {source}",
-        )
+        return io.variable_tensor(variable, source)
 
     def getter(layer):
         def get(path):
@@ -433,22 +571,23 @@ def read_t5_keras_hub(path, config=None):
             `config`; `CheckpointMismatchError` when names or shapes do not
             fit.
     """
+    if io.checkpoint_format(path) == "keras_hub_object":
+        raise ValueError(
+            "read_t5_keras_hub reads files; pass keras-hub objects to "
+            f"convert_t5_keras_hub_backbone (received {type(path).__name__})."
+        )
     path = os.fspath(path)
     keras_hub_config = None
     if os.path.isdir(path):
-        keras_hub_config = _keras_hub_preset_config(path)
-        weights_path = os.path.join(path, "model.weights.h5")
+        keras_hub_config = io.keras_hub_config(
+            os.path.join(path, "config.json"), "T5Backbone"
+        )
+        weights_path = os.path.join(path, io.KERAS_HUB_WEIGHTS)
     else:
         weights_path = path
-    if not os.path.isfile(weights_path):
-        raise ValueError(f"No keras-hub weights file at {weights_path}.")
     source = f"keras-hub T5Backbone weights {weights_path}"
-    try:
-        handle = h5py.File(weights_path, "r")
-    except OSError as error:
-        raise ValueError(f"Cannot read {source}: {error}") from error
-    with handle:
-        arrays, unknown = _keras_hub_h5_arrays(handle, source)
+    with io.open_h5(weights_path, source) as datasets:
+        arrays, unknown = _keras_hub_h5_arrays(datasets, source)
         return _keras_hub_build(
             arrays, unknown, keras_hub_config, config, source
         )
@@ -471,75 +610,21 @@ def read_t5_checkpoint(path, config=None):
     Returns:
         A built `T5`.
     """
-    if not isinstance(path, (str, os.PathLike)):
+    kind = io.checkpoint_format(path)
+    if kind == "keras_hub_object":
         return convert_t5_keras_hub_backbone(path, config)
-    path = os.fspath(path)
-    if path.endswith(".safetensors") or _hf_dir(path):
+    if kind == "hf":
         return read_t5_hf_safetensors(path, config)
-    if path.endswith(".weights.h5") or (
-        os.path.isdir(path)
-        and os.path.isfile(os.path.join(path, "model.weights.h5"))
-    ):
+    if kind == "keras_hub":
         return read_t5_keras_hub(path, config)
-    _, reader = _open_tf_checkpoint(path)
+    _, reader = io.open_tf_checkpoint(path, "T5 checkpoint")
     if _EMBEDDING in reader.get_variable_to_shape_map():
         return read_t5_mtf_checkpoint(path, config)
     return read_t5_model_garden_checkpoint(path, config)
 
 
 # --------------------------------------------------------------------------
-# Shared machinery: lazy arrays, inference, config merging.
-
-
-class _Lazy:
-    """An array whose shape is known now and whose values are read on use.
-
-    `assign_weights` takes `np.shape` of every value (the `shape` attribute
-    here) before it assigns anything, then `np.asarray` of each in turn.
-    Read errors of any kind become a `ValueError` naming the tensor.
-    """
-
-    def __init__(self, shape, load, where):
-        self.shape = tuple(int(d) for d in shape)
-        self._load = load
-        self.where = where
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    @property
-    def T(self):
-        return _Lazy(
-            self.shape[::-1], lambda: np.transpose(self.read()), self.where
-        )
-
-    def read(self):
-        try:
-            array = np.asarray(self._load())
-        except ValueError:
-            raise
-        except Exception as error:  # TF, h5py, safetensors and I/O errors.
-            raise ValueError(f"Cannot read {self.where}: {error}") from error
-        if array.shape != self.shape:
-            raise ValueError(
-                f"{self.where} has shape {array.shape}, its header says "
-                f"{self.shape}."
-            )
-        return array
-
-    def __array__(self, dtype=None, copy=None):
-        array = self.read()
-        return array if dtype is None else array.astype(dtype, copy=False)
-
-
-def _put(arrays, canonical, value, source_name, source):
-    if canonical in arrays:
-        raise ValueError(
-            f"{source} has two weights for {canonical!r} (the second is "
-            f"{source_name!r})."
-        )
-    arrays[canonical] = value
+# Shared by the readers: inference and config merging.
 
 
 def _same(a, b):
@@ -644,7 +729,7 @@ def _t5_kwargs(
         activation_note: why no activation is known, when neither `facts`
             nor `defaults` give one.
     """
-    config = _config_dict(config)
+    config = config_kwargs(config, T5, t5_config)
     conflicts = [
         f"{key}: the checkpoint has {facts[key]!r}, config says "
         f"{config[key]!r}"
@@ -668,26 +753,6 @@ def _t5_kwargs(
     return kwargs
 
 
-def _config_dict(config):
-    if config is None:
-        return {}
-    if isinstance(config, str):
-        config = t5_config(config)
-    if not isinstance(config, dict):
-        raise ValueError(
-            "config must be None, a T5 preset name or a dict of T5 kwargs; "
-            f"received {type(config).__name__}."
-        )
-    accepted = set(inspect.signature(T5.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - accepted)
-    if unknown:
-        raise ValueError(
-            f"config has keys T5 does not take: {unknown}; T5 takes "
-            f"{sorted(accepted - {'kwargs'})}."
-        )
-    return dict(config)
-
-
 def _build(kwargs, arrays, source):
     model = T5(**kwargs)
     assign_weights(model, arrays, source)
@@ -696,57 +761,6 @@ def _build(kwargs, arrays, source):
 
 # --------------------------------------------------------------------------
 # TensorFlow checkpoints (Mesh TensorFlow and Model Garden).
-
-
-def _open_tf_checkpoint(path):
-    """Returns (prefix, CheckpointReader), checking every data shard exists."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        prefix = tf.train.latest_checkpoint(path)
-        if prefix is None:
-            indexes = sorted(glob.glob(os.path.join(path, "*.index")))
-            if not indexes:
-                raise ValueError(
-                    f"No TensorFlow checkpoint in {path}: no 'checkpoint' "
-                    "file and no *.index file."
-                )
-            if len(indexes) > 1:
-                names = [os.path.basename(i) for i in indexes]
-                raise ValueError(
-                    f"{path} holds several checkpoints ({names}); pass a "
-                    "prefix."
-                )
-            prefix = indexes[0][: -len(".index")]
-    else:
-        prefix = path[: -len(".index")] if path.endswith(".index") else path
-        if not os.path.isfile(prefix + ".index"):
-            raise ValueError(
-                f"No TensorFlow checkpoint at {path}: {prefix}.index does not "
-                "exist."
-            )
-    shards = glob.glob(glob.escape(prefix) + ".data-*-of-*")
-    if not shards:
-        raise ValueError(
-            f"TensorFlow checkpoint {prefix} has an index but no data file "
-            f"({prefix}.data-00000-of-NNNNN)."
-        )
-    count = int(shards[0].rsplit("-of-", 1)[1])
-    missing = [
-        f"{prefix}.data-{i:05d}-of-{count:05d}"
-        for i in range(count)
-        if not os.path.isfile(f"{prefix}.data-{i:05d}-of-{count:05d}")
-    ]
-    if missing:
-        raise ValueError(
-            f"TensorFlow checkpoint {prefix} is incomplete: missing {missing}."
-        )
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-    except (tf.errors.OpError, ValueError) as error:
-        raise ValueError(
-            f"Cannot read TensorFlow checkpoint {prefix}: {error}"
-        ) from error
-    return prefix, reader
 
 
 def _is_mtf_optimizer_state(name):
@@ -759,78 +773,6 @@ def _is_mtf_optimizer_state(name):
     )
 
 
-_MTF_BLOCK = re.compile(r"^(encoder|decoder)/block_(\d+)/layer_(\d+)/(.+)$")
-_MTF_FINAL_NORM = re.compile(
-    r"^(encoder|decoder)/(final_layer_norm|rms_norm|final_rms_norm)/scale$"
-)
-
-
-def _mtf_canonical_name(name):
-    """(canonical name, transpose) of a Mesh TensorFlow name, or None."""
-    if name == "shared/embedding":
-        return _EMBEDDING, False
-    if name == "decoder/logits/kernel":
-        return _LM_HEAD, False
-    match = _MTF_FINAL_NORM.match(name)
-    if match:
-        return f"{match[1]}/final_norm/scale", False
-    match = _MTF_BLOCK.match(name)
-    if not match:
-        return None
-    stack, block, sublayer, rest = (
-        match[1],
-        int(match[2]),
-        int(match[3]),
-        match[4],
-    )
-    parts = rest.split("/")
-    if rest in ("layer_norm/scale", "rms_norm/scale"):
-        parts = ["norm"]
-    elif (
-        len(parts) == 3
-        and parts[0] == "DenseReluDense"
-        and parts[2] == "kernel"
-    ):
-        parts = ["DenseReluDense", parts[1]]
-    elif len(parts) != 2:
-        return None
-    target = _block_weight(stack, block, sublayer, parts)
-    if target is None:
-        return None
-    # MTF stores the bias [heads, buckets]; keras_moe's is [buckets, heads].
-    return target, target.endswith("relative_attention_bias")
-
-
-def _block_weight(stack, block, sublayer, parts):
-    """Canonical name of weight `parts` of sub-layer `sublayer` of a block.
-
-    `parts` is `["norm"]`, `["DenseReluDense", wi|wi_0|wi_1|wo]` or
-    `[SelfAttention|EncDecAttention, q|k|v|o|relative_attention_bias]`, as in
-    the Mesh TensorFlow and Hugging Face layouts, which number sub-layers
-    alike. Returns None for a weight that has no place there.
-    """
-    roles = _ROLES[stack]
-    if sublayer >= len(roles):
-        return None
-    role = roles[sublayer]
-    prefix = f"{stack}/block_{block}/"
-    if parts == ["norm"]:
-        return f"{prefix}{role}_norm/scale"
-    kind, weight = parts
-    if role == "mlp":
-        if kind == "DenseReluDense" and weight in _MLP_WEIGHTS:
-            return f"{prefix}mlp/{weight}"
-        return None
-    if _ATTENTION_ROLES.get(kind) != role:
-        return None
-    if weight in _PROJECTIONS:
-        return f"{prefix}{role}/{_PROJECTIONS[weight]}"
-    if weight == "relative_attention_bias" and role == "self_attention":
-        return f"{prefix}self_attention/relative_attention_bias"
-    return None
-
-
-_OBJECT_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # Objects a trainer saves next to the model in a root-level checkpoint.
 _TRAINER_OBJECTS = frozenset(
     {"optimizer", "save_counter", "global_step", "step"}
@@ -970,104 +912,6 @@ _HF_ACTIVATIONS = {
 }
 
 
-def _hf_dir(path):
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, name))
-        for name in ("model.safetensors", "model.safetensors.index.json")
-    )
-
-
-def _hf_files(path):
-    """Returns (files, weight map or None, config.json dict or None, where)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        directory = path
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"Cannot read the shard index {index}: {error}"
-                ) from error
-            files = sorted({os.path.join(path, f) for f in weight_map.values()})
-        elif os.path.isfile(single):
-            files, weight_map = [single], None
-        else:
-            found = sorted(os.listdir(path))
-            raise ValueError(
-                f"No model.safetensors or model.safetensors.index.json in "
-                f"{path} (it holds {found[:10]})."
-            )
-    elif os.path.isfile(path):
-        directory, files, weight_map = os.path.dirname(path), [path], None
-    else:
-        raise ValueError(f"No Hugging Face checkpoint at {path}.")
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise ValueError(
-            f"Hugging Face checkpoint {path} lacks shards {missing}."
-        )
-    hf_config = None
-    config_path = os.path.join(directory, "config.json")
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path) as f:
-                hf_config = json.load(f)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read {config_path}: {error}") from error
-    return files, weight_map, hf_config, path
-
-
-def _open_safetensors(files, weight_map, stack):
-    """Name -> _Lazy for every tensor of `files`, kept open by `stack`."""
-    tensors = {}
-    for file in files:
-        try:
-            handle = stack.enter_context(safe_open(file, framework="np"))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"Cannot read safetensors file {file}: {error}"
-            ) from error
-        for name in handle.keys():
-            tensor = handle.get_slice(name)
-            if tensor.get_dtype() == "BF16":
-                load = functools.partial(_read_bf16, file, name)
-            else:
-                load = functools.partial(handle.get_tensor, name)
-            if name in tensors:
-                raise ValueError(
-                    f"{name!r} is in more than one shard ({file})."
-                )
-            tensors[name] = _Lazy(
-                tensor.get_shape(), load, f"{name!r} in {file}"
-            )
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise ValueError(
-                f"The shard index lists tensors no shard holds: {absent[:10]}."
-            )
-    return tensors
-
-
-def _read_bf16(file, name):
-    """NumPy has no bfloat16: widen the raw bits to float32 by hand."""
-    with open(file, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(header_size))[name]
-        begin, end = entry["data_offsets"]
-        f.seek(8 + header_size + begin)
-        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
-    if raw.size != int(np.prod(entry["shape"])):
-        raise ValueError(f"{name!r} in {file} is truncated.")
-    return (
-        (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
-    )
-
-
 def _hf_canonical_name(name):
     """(canonical name, transpose) of a Hugging Face T5 name, or None."""
     if name == "shared.weight":
@@ -1103,11 +947,6 @@ def _hf_config_facts(hf_config, source):
     """(facts, defaults, scale) from config.json; scale None when unknown."""
     if hf_config is None:
         return {}, {}, None
-    model_type = hf_config.get("model_type")
-    if model_type not in (None, "t5", "mt5"):
-        raise ValueError(
-            f"{source}: config.json describes a {model_type!r} model, not T5."
-        )
     facts, defaults = {}, {}
     renames = {
         "vocab_size": "vocab_size",
@@ -1232,7 +1071,7 @@ def _keras_hub_block(get, stack, i, endings):
     return arrays
 
 
-def _keras_hub_h5_arrays(handle, source):
+def _keras_hub_h5_arrays(datasets, source):
     """(canonical arrays, unexpected arrays) of a T5Backbone .weights.h5.
 
     Keras names the groups of a functional model's layers after their
@@ -1240,14 +1079,11 @@ def _keras_hub_h5_arrays(handle, source):
     `t5_transformer_layer[_N]` (encoder layers, then decoder layers, which
     have `cross_attention`) and `t5_layer_norm` (encoder output norm) then
     `t5_layer_norm_1` (decoder output norm).
+
+    Args:
+        datasets: dataset path -> `LazyTensor`, from `io.open_h5`.
+        source: the file, for errors.
     """
-    datasets = {}
-
-    def visit(name, obj):
-        if isinstance(obj, h5py.Dataset):
-            datasets[name] = obj
-
-    handle.visititems(visit)
     if not any(
         name.startswith("layers/t5_transformer_layer") for name in datasets
     ):
@@ -1259,16 +1095,18 @@ def _keras_hub_h5_arrays(handle, source):
     consumed = set()
 
     def lazy(name):
-        dataset = datasets.get(name)
-        if dataset is None:
-            return None
-        consumed.add(name)
-        return _Lazy(
-            dataset.shape, lambda: dataset[()], f"{name!r} in {source}"
-        )
+        if name in datasets:
+            consumed.add(name)
+        return datasets.get(name)
+
+    # The groups under layers/, one per layer.
+    groups = {
+        name.split("/")[1]
+        for name in datasets
+        if name.startswith("layers/") and name.count("/") > 1
+    }
 
     def numbered(base):
-        groups = handle["layers"]
         found = []
         for key in groups:
             match = re.fullmatch(rf"{base}(?:_(\d+))?", key)
@@ -1278,7 +1116,11 @@ def _keras_hub_h5_arrays(handle, source):
 
     layers = numbered("t5_transformer_layer")
     decoder_flags = [
-        "cross_attention" in handle["layers"][key] for key in layers
+        any(
+            name.startswith(f"layers/{key}/cross_attention/")
+            for name in datasets
+        )
+        for key in layers
     ]
     if decoder_flags != sorted(decoder_flags):
         raise ValueError(
@@ -1312,26 +1154,6 @@ def _keras_hub_h5_arrays(handle, source):
             arrays[f"{stack}/final_norm/scale"] = value
     unknown = {name: lazy(name) for name in sorted(set(datasets) - consumed)}
     return arrays, unknown
-
-
-def _keras_hub_preset_config(directory):
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(
-            f"{directory} is not a keras-hub preset: it has no config.json."
-        )
-    try:
-        with open(config_path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot read {config_path}: {error}") from error
-    class_name = saved.get("class_name") if isinstance(saved, dict) else None
-    if class_name != "T5Backbone":
-        raise ValueError(
-            f"{config_path} describes a {class_name!r}, not a keras-hub "
-            "T5Backbone."
-        )
-    return saved.get("config", {})
 
 
 def _keras_hub_activation_name(serialized):

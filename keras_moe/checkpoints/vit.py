@@ -3,24 +3,38 @@
 Shape letters: P patch size, C channels, D model dimension, F MLP hidden
 dimension, h heads, dk head dimension (D / h), T tokens, K classes.
 
-Three source formats, one reader each, all returning a built `ViT` whose
-configuration is inferred from the checkpoint:
+| reader                             | source                                |
+|------------------------------------|---------------------------------------|
+| `read_vit_hf_safetensors`          | Hugging Face `save_pretrained` dir    |
+| `read_vit_model_garden_checkpoint` | TF Model Garden `VisionTransformer`   |
+| `read_vit_keras_hub`               | keras-hub preset dir or `.weights.h5` |
+| `convert_vit_keras_hub_backbone`   | a keras-hub `ViTBackbone` object      |
+| `read_vit_checkpoint`              | any of the above, by sniffing the path |
 
-* `read_hf(path)`: a Hugging Face `ViTForImageClassification` (or
-  `ViTModel`) directory as `save_pretrained` writes it: `config.json` and
-  `model.safetensors` (or sharded, with `model.safetensors.index.json`),
-  read with the `safetensors` package; transformers is not needed.
-* `read_model_garden(path)`: a TF Model Garden ViT (`official.vision`
-  `VisionTransformer`, alone or in a `ClassificationModel`) `tf.train`
-  checkpoint, read by variable name with `tf.train.load_checkpoint`;
+* `read_vit_hf_safetensors(path)`: a Hugging Face
+  `ViTForImageClassification` (or `ViTModel`) directory as
+  `save_pretrained` writes it: `config.json` and `model.safetensors` (or
+  sharded, with `model.safetensors.index.json`); transformers is not
+  needed.
+* `read_vit_model_garden_checkpoint(path)`: a TF Model Garden ViT
+  (`official.vision` `VisionTransformer`, alone or in a
+  `ClassificationModel`) `tf.train` checkpoint, read by variable name;
   neither tf_keras nor `official` is imported. Model Garden's ViT uses the
   tanh GELU, so the model gets `activation="gelu_tanh"`.
-* `read_keras_hub(source)`: a keras-hub `ViTBackbone` or
-  `ViTImageClassifier` object, a preset directory written by
-  `save_to_preset`, or a backbone `.weights.h5` file; files are read with
-  h5py, keras_hub is not imported. A backbone has no head: the model gets
-  none (`num_classes=0`, the call returns pooled features) unless
-  `num_classes` asks for a new, zero-initialised one.
+* `read_vit_keras_hub(path)`: a keras-hub preset directory written by
+  `save_to_preset`, or a backbone or classifier `.weights.h5` file; and
+  `convert_vit_keras_hub_backbone(model)`: a keras-hub `ViTBackbone` or
+  `ViTImageClassifier` object. keras_hub is not imported. A backbone has
+  no head: the model gets none (`num_classes=0`, the call returns pooled
+  features) unless `config` gives `num_classes`, which adds a new,
+  zero-initialised one.
+
+The `config` argument of every reader is None, a preset name (see
+`keras_moe.models.vit.vit_config`) or a dict of `ViT` keyword arguments: it
+fixes what the format does not record (`num_heads` of a Hugging Face
+directory without `config.json`, `image_size` of a non-square patch grid,
+`layer_norm_epsilon` of a bare `.weights.h5`). What it says that the
+checkpoint also says must agree, and a disagreement is an error naming both.
 
 Every reader translates the source's names into the canonical names of
 `ViT.canonical_variables()`, checks the source's configuration against
@@ -28,7 +42,11 @@ the shapes it read, and assigns with `keras_moe.checkpoints.common.
 assign_weights`: a checkpoint of another model, an unreadable or truncated
 file, a config that contradicts the weights, or a missing, unexpected or
 misshapen weight raises a `ValueError` (`CheckpointMismatchError` for
-mismatches) that names the problem, and nothing is assigned.
+mismatches) that names the problem. Files are opened and read by
+`keras_moe.checkpoints.io`, lazily: each tensor when it is assigned, after
+every name and shape has been checked. This module holds the ViT name maps
+(`hf_name` gives the writers the inverse of the Hugging Face one) and the
+ViT logic.
 
 Conversions (canonical kernels are `x @ W`):
 
@@ -43,48 +61,178 @@ Conversions (canonical kernels are `x @ W`):
   the same function.
 """
 
-import json
+import contextlib
+import functools
 import math
 import os
 import re
-import struct
 
 import numpy as np
 
+from keras_moe.checkpoints import io
 from keras_moe.checkpoints.common import CheckpointMismatchError
 from keras_moe.checkpoints.common import assign_weights
+from keras_moe.checkpoints.common import config_kwargs
+from keras_moe.checkpoints.common import listing
 from keras_moe.models.vit import ViT
+from keras_moe.models.vit import vit_config
 
-_HF_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
-}
-_BLOCK = re.compile(r"encoder/block_(\d+)/")
+_BLOCK = re.compile(r"encoder/block_(\d+)/(.+)")
 
 
 # --------------------------------------------------------------------------
-# Shared: config inference, checks and assignment.
+# The Hugging Face name map, declared once: `read_vit_hf_safetensors` reads
+# with it and `hf_name` gives `keras_moe.checkpoints.writers` its inverse.
+
+# Layout -> the axes `np.transpose` takes from keras_moe's layout to torch's.
+_TORCH_LAYOUTS = {
+    "linear": (1, 0),  # x @ W <[in, out]> -> Linear.weight <[out, in]>
+    "conv": (3, 2, 0, 1),  # HWIO -> Conv2d.weight <[D, C, P, P]>
+}
+# Canonical name -> (Hugging Face name, layout). In a
+# `ViTForImageClassification` the backbone's names start with "vit.", in a
+# `ViTModel` they do not.
+_HF_BACKBONE = {
+    "class_token": ("embeddings.cls_token", None),
+    "position_embedding": ("embeddings.position_embeddings", None),
+    "patch_embedding/kernel": (
+        "embeddings.patch_embeddings.projection.weight",
+        "conv",
+    ),
+    "patch_embedding/bias": (
+        "embeddings.patch_embeddings.projection.bias",
+        None,
+    ),
+    "encoder/final_norm/gamma": ("layernorm.weight", None),
+    "encoder/final_norm/beta": ("layernorm.bias", None),
+}
+_HF_HEAD = {
+    "head/kernel": ("classifier.weight", "linear"),
+    "head/bias": ("classifier.bias", None),
+}
+# Name within `encoder/block_N/` -> (name within `encoder.layer.N.`, layout).
+_HF_BLOCK = {
+    "attention_norm/gamma": ("layernorm_before.weight", None),
+    "attention_norm/beta": ("layernorm_before.bias", None),
+    "mlp_norm/gamma": ("layernorm_after.weight", None),
+    "mlp_norm/beta": ("layernorm_after.bias", None),
+    "attention/query/kernel": ("attention.attention.query.weight", "linear"),
+    "attention/query/bias": ("attention.attention.query.bias", None),
+    "attention/key/kernel": ("attention.attention.key.weight", "linear"),
+    "attention/key/bias": ("attention.attention.key.bias", None),
+    "attention/value/kernel": ("attention.attention.value.weight", "linear"),
+    "attention/value/bias": ("attention.attention.value.bias", None),
+    "attention/output/kernel": ("attention.output.dense.weight", "linear"),
+    "attention/output/bias": ("attention.output.dense.bias", None),
+    "mlp/wi": ("intermediate.dense.weight", "linear"),
+    "mlp/bi": ("intermediate.dense.bias", None),
+    "mlp/wo": ("output.dense.weight", "linear"),
+    "mlp/bo": ("output.dense.bias", None),
+}
+# transformers 5 names the blocks `layers.N.` and some modules differently;
+# they are read as the modules above.
+_HF_MODULE_ALIASES = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+# keras_moe activation -> Hugging Face `hidden_act` names: the first is the
+# one written, all are read.
+HF_ACTIVATIONS = {
+    "gelu": ("gelu",),
+    "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new"),
+    "relu": ("relu",),
+    "silu": ("silu", "swish"),
+}
+# ViT kwarg -> Hugging Face `config.json` key.
+HF_CONFIG_KEYS = {
+    "model_dim": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "hidden_dim": "intermediate_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "image_size": "image_size",
+    "layer_norm_epsilon": "layer_norm_eps",
+}
+
+_HF_NAMES = {
+    name: (canonical, layout)
+    for canonical, (name, layout) in {**_HF_BACKBONE, **_HF_HEAD}.items()
+}
+_HF_BLOCK_NAMES = {
+    name: (part, layout) for part, (name, layout) in _HF_BLOCK.items()
+}
+_HF_ACTIVATION_NAMES = {
+    name: activation
+    for activation, names in HF_ACTIVATIONS.items()
+    for name in names
+}
+_HF_LAYER = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def _listing(items, limit=12):
-    items = list(items)
-    shown = ", ".join(str(i) for i in items[:limit])
-    more = len(items) - limit
-    return f"{shown} (and {more} more)" if more > 0 else shown
+def hf_name(canonical):
+    """The Hugging Face name of a canonical ViT weight.
+
+    The inverse of the mapping `read_vit_hf_safetensors` reads with, from
+    the same tables, in the names `ViTForImageClassification` saves.
+
+    Args:
+        canonical: a name of `ViT.canonical_variables()` of a dense `ViT`.
+
+    Returns:
+        (name, axes): `np.transpose(value, axes)` is the torch layout; axes
+        is None where the layouts agree.
+
+    Raises:
+        ValueError: a weight the format has no place for (an MoE weight).
+    """
+    if canonical in _HF_HEAD:
+        name, layout = _HF_HEAD[canonical]
+    elif canonical in _HF_BACKBONE:
+        name, layout = _HF_BACKBONE[canonical]
+        name = f"vit.{name}"
+    else:
+        match = _BLOCK.fullmatch(canonical)
+        if match is None or match[2] not in _HF_BLOCK:
+            raise ValueError(f"no Hugging Face name for ViT weight {canonical}")
+        name, layout = _HF_BLOCK[match[2]]
+        name = f"vit.encoder.layer.{match[1]}.{name}"
+    return name, _TORCH_LAYOUTS.get(layout)
 
 
-def _put(arrays, name, value, source_name):
-    """arrays[name] = value, refusing a second source for one name."""
-    if name in arrays:
-        raise CheckpointMismatchError(
-            f"{source_name} and another entry both map to the canonical "
-            f"weight {name!r}: the checkpoint holds more than one ViT"
-        )
-    arrays[name] = np.asarray(value)
+def _hf_canonical_name(name):
+    """(canonical name, axes) of a Hugging Face ViT name, or None.
+
+    `np.transpose(value, axes)` takes the torch layout to keras_moe's; axes
+    is None where they agree. Accepts the names `save_pretrained` writes
+    (`encoder.layer.N....`) and transformers 5's (`layers.N.attention.
+    q_proj...`).
+    """
+    name = name.removeprefix("vit.")
+    mapped = _HF_NAMES.get(name)
+    if mapped is None:
+        match = _HF_LAYER.fullmatch(name)
+        if match is None:
+            return None
+        index, module, kind = match.groups()
+        module = _HF_MODULE_ALIASES.get(module, module)
+        part = _HF_BLOCK_NAMES.get(f"{module}.{kind}")
+        if part is None:
+            return None
+        mapped = (f"encoder/block_{index}/{part[0]}", part[1])
+    canonical, layout = mapped
+    if layout is None:
+        return canonical, None
+    # The inverse permutation: from torch's layout back to ours.
+    return canonical, tuple(int(a) for a in np.argsort(_TORCH_LAYOUTS[layout]))
+
+
+# --------------------------------------------------------------------------
+# Shared by the readers: config inference, checks and assignment.
 
 
 def _add_zero_biases(arrays, names_and_sizes):
@@ -144,23 +292,25 @@ def _infer(arrays, source):
     }
 
 
-def _build(arrays, source, claims, defaults):
+def _build(arrays, source, claims, defaults, config):
     """Checks every claim about the model, builds it, assigns `arrays`.
 
     Args:
-        arrays: canonical name -> array.
+        arrays: canonical name -> array (or `io.LazyTensor`).
         source: description of the checkpoint, for errors.
         claims: list of (origin, {kwarg: value}): what the source's config
-            files, the caller's arguments and shapes outside the canonical
-            arrays say. Every kwarg that two origins (the canonical shapes,
-            "weights", being one) both state must agree.
+            files and shapes outside the canonical arrays say. Every kwarg
+            that two origins (the canonical shapes, "the weights", and the
+            caller's `config`, "the arguments", being two) both state must
+            agree.
         defaults: kwargs used when no origin states them.
+        config: the caller's kwargs (from `config_kwargs`).
     """
     inferred = _infer(arrays, source)
     num_patches = inferred.pop("num_patches")
     claims = [("the weights", inferred)] + [
         (origin, {k: v for k, v in said.items() if v is not None})
-        for origin, said in claims
+        for origin, said in claims + [("the arguments", config)]
     ]
     problems = []
     config = dict(defaults)
@@ -200,11 +350,11 @@ def _build(arrays, source, claims, defaults):
         if side * side != num_patches:
             problems.append(
                 f"image_size: the position embedding has {num_patches} "
-                "patches, not a square grid; pass image_size"
+                "patches, not a square grid; pass it in config"
             )
         config["image_size"] = side * patch
     if config.get("num_heads") is None:
-        problems.append(f"num_heads: {source} does not say; pass num_heads")
+        problems.append(f"num_heads: {source} does not say; pass it in config")
     elif config["model_dim"] % config["num_heads"]:
         problems.append(
             f"num_heads: {config['num_heads']} does not divide model_dim "
@@ -218,11 +368,15 @@ def _build(arrays, source, claims, defaults):
     return assign_weights(model, arrays, source=source)
 
 
+def _config(config):
+    return config_kwargs(config, ViT, vit_config)
+
+
 def _unexpected(names, source, note=""):
     if names:
         raise CheckpointMismatchError(
             f"Cannot read {source} as a ViT: unexpected in the checkpoint: "
-            f"{_listing(sorted(names))}{note}"
+            f"{listing(sorted(names))}{note}"
         )
 
 
@@ -233,159 +387,72 @@ def _block_indices(raw_indices):
     return {(None if i == -1 else i): rank for rank, i in enumerate(order)}
 
 
+def _match_rules(values, rules):
+    """Sorts source variables by the first of `rules` their name matches.
+
+    Args:
+        values: source name -> array.
+        rules: list of (compiled pattern, kind).
+
+    Returns:
+        ([(kind, match groups, name, array)], [names no rule matches]).
+    """
+    matched, unused = [], []
+    for name, value in values.items():
+        for pattern, kind in rules:
+            match = pattern.search(name)
+            if match:
+                matched.append((kind, match.groups(), name, value))
+                break
+        else:
+            unused.append(name)
+    return matched, unused
+
+
+def _einsum_attention(layer, field, value, heads):
+    """(canonical layer, value) of a Keras `EinsumDense` attention weight.
+
+    Args:
+        layer: "query", "key", "value", or "output" / "attention_output".
+        field: "kernel" or "bias".
+        value: the source array.
+        heads: a set; the heads a kernel shows are added to it.
+    """
+    if layer in ("attention_output", "output"):
+        if field == "kernel":  # (h, dk, D) -> (h*dk, D)
+            heads.add(value.shape[0])
+            value = value.reshape(-1, value.shape[-1])
+        return "output", value
+    if field == "kernel":  # (D, h, dk) -> (D, h*dk)
+        heads.add(value.shape[1])
+        return layer, value.reshape(value.shape[0], -1)
+    return layer, value.reshape(-1)  # (h, dk) -> (h*dk,)
+
+
+def _num_heads(heads, source):
+    """The one number of heads the attention kernels show, or None."""
+    if len(heads) > 1:
+        raise CheckpointMismatchError(
+            f"{source}: attention kernels disagree on the number of heads: "
+            f"{sorted(heads)}"
+        )
+    return heads.pop() if heads else None
+
+
 # --------------------------------------------------------------------------
 # Hugging Face safetensors.
 
 
-def _check_safetensors(path):
-    """Validates a safetensors file's header against its size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: it has "
-                f"{size} bytes"
-            )
-        header_size = struct.unpack("<Q", prefix)[0]
-        if header_size > size - 8:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: its header "
-                f"claims {header_size} bytes, the file has {size}"
-            )
-        try:
-            header = json.loads(f.read(header_size))
-        except ValueError as error:
-            raise ValueError(
-                f"{path} is not a safetensors file: unreadable header "
-                f"({error})"
-            ) from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file: bad header")
-    end = max(
-        (
-            entry["data_offsets"][1]
-            for name, entry in header.items()
-            if name != "__metadata__"
-        ),
-        default=0,
-    )
-    if 8 + header_size + end > size:
-        raise ValueError(
-            f"{path} is truncated: its header describes "
-            f"{8 + header_size + end} bytes, the file has {size}"
-        )
-
-
-def _load_safetensors(files):
-    from safetensors.numpy import load_file
-
-    tensors = {}
-    for path in files:
-        _check_safetensors(path)
-        try:
-            loaded = load_file(path)
-        except Exception as error:  # the package raises its own types
-            raise ValueError(f"Cannot read {path}: {error}") from None
-        tensors.update(loaded)
-    return tensors
-
-
-def _hf_files(path):
-    """(config path or None, safetensors files) of an HF checkpoint."""
-    if os.path.isfile(path):
-        directory, files = os.path.dirname(path), [path]
-    else:
-        directory = path
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError) as error:
-                raise ValueError(f"Cannot read {index}: {error}") from None
-            files = [os.path.join(path, shard) for shard in shards]
-        else:
-            raise ValueError(
-                f"{path} holds no model.safetensors or "
-                "model.safetensors.index.json"
-            )
-    config = os.path.join(directory, "config.json")
-    return (config if os.path.isfile(config) else None), files
-
-
-def _hf_name(name):
-    """HF parameter name -> (canonical name, conversion) or None.
-
-    Accepts the names `save_pretrained` writes (`encoder.layer.N....`) and
-    transformers 5's module names (`layers.N.attention.q_proj...`).
-    """
-    name = name[len("vit.") :] if name.startswith("vit.") else name
-    fixed = {
-        "embeddings.cls_token": ("class_token", None),
-        "embeddings.position_embeddings": ("position_embedding", None),
-        "embeddings.patch_embeddings.projection.weight": (
-            "patch_embedding/kernel",
-            "conv",
-        ),
-        "embeddings.patch_embeddings.projection.bias": (
-            "patch_embedding/bias",
-            None,
-        ),
-        "layernorm.weight": ("encoder/final_norm/gamma", None),
-        "layernorm.bias": ("encoder/final_norm/beta", None),
-        "classifier.weight": ("head/kernel", "linear"),
-        "classifier.bias": ("head/bias", None),
-    }
-    if name in fixed:
-        return fixed[name]
-    match = re.fullmatch(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(\w+)", name)
-    if match is None:
-        return None
-    index, module, kind = match.groups()
-    parts = {
-        "attention.attention.query": "attention/query",
-        "attention.attention.key": "attention/key",
-        "attention.attention.value": "attention/value",
-        "attention.output.dense": "attention/output",
-        "attention.q_proj": "attention/query",
-        "attention.k_proj": "attention/key",
-        "attention.v_proj": "attention/value",
-        "attention.o_proj": "attention/output",
-        "intermediate.dense": "mlp/i",
-        "output.dense": "mlp/o",
-        "mlp.fc1": "mlp/i",
-        "mlp.fc2": "mlp/o",
-        "layernorm_before": "attention_norm",
-        "layernorm_after": "mlp_norm",
-    }
-    if module not in parts or kind not in ("weight", "bias"):
-        return None
-    target = parts[module]
-    prefix = f"encoder/block_{index}/"
-    if target.endswith("norm"):
-        suffix = "gamma" if kind == "weight" else "beta"
-        return prefix + f"{target}/{suffix}", None
-    if target.startswith("mlp/"):
-        letter = target[-1]
-        suffix = f"w{letter}" if kind == "weight" else f"b{letter}"
-        return prefix + f"mlp/{suffix}", "linear" if kind == "weight" else None
-    suffix = "kernel" if kind == "weight" else "bias"
-    return prefix + f"{target}/{suffix}", "linear" if kind == "weight" else None
-
-
-def read_hf(path, num_heads=None):
+def read_vit_hf_safetensors(path, config=None):
     """Reads a Hugging Face ViT checkpoint into a `ViT`.
 
     Args:
         path: a directory written by `ViTForImageClassification.
             save_pretrained(..., safe_serialization=True)` (or by
             `ViTModel`: no head), or its `model.safetensors` file.
-        num_heads: checked against `config.json`'s `num_attention_heads`;
-            required when the directory has no config.json.
+        config: None, a preset name or a dict of `ViT` kwargs, checked
+            against `config.json` and the weights; it must give
+            `num_heads` when the directory has no config.json.
 
     Returns:
         A `ViT` with the checkpoint's weights, `layer_norm_epsilon` and
@@ -396,48 +463,53 @@ def read_hf(path, num_heads=None):
             model type, a config that contradicts the weights, or weights a
             ViT does not have (e.g. `ViTModel`'s pooler).
     """
-    config_path, files = _hf_files(path)
+    config = _config(config)
+    checkpoint = io.hf_checkpoint(path, ("vit",), "ViT")
     source = f"Hugging Face checkpoint {path}"
-    hf = {}
-    if config_path is not None:
-        try:
-            with open(config_path) as f:
-                hf = json.load(f)
-        except ValueError as error:
-            raise ValueError(f"Cannot read {config_path}: {error}") from None
-        if hf.get("model_type", "vit") != "vit":
-            raise ValueError(
-                f"{config_path} describes a {hf['model_type']!r} model "
-                f"(architectures {hf.get('architectures')}), not a ViT"
+    hf = checkpoint.config or {}
+    with io.open_safetensors(
+        checkpoint.files, checkpoint.weight_map
+    ) as tensors:
+        arrays, unused = {}, []
+        for name in sorted(tensors):
+            mapped = _hf_canonical_name(name)
+            if mapped is None:
+                unused.append(name)
+                continue
+            canonical, axes = mapped
+            value = tensors[name]
+            if axes is not None:
+                value = value.transpose(*axes)
+            io.put(arrays, canonical, value, name, source)
+        note = ""
+        if any(name.startswith(("pooler.", "vit.pooler.")) for name in unused):
+            note = " (the ViTModel pooler has no keras_moe equivalent)"
+        if arrays and unused:
+            _unexpected(unused, source, note)
+        if not arrays:
+            raise CheckpointMismatchError(
+                f"{source} holds no ViT weights; it has "
+                f"{listing(sorted(tensors))}"
             )
-    tensors = _load_safetensors(files)
-    arrays, unused = {}, []
-    for name, value in tensors.items():
-        mapped = _hf_name(name)
-        if mapped is None:
-            unused.append(name)
-            continue
-        canonical, conversion = mapped
-        if conversion == "linear":
-            value = value.T
-        elif conversion == "conv":
-            value = value.transpose(2, 3, 1, 0)  # (D, C, P, P) -> HWIO
-        _put(arrays, canonical, value, name)
-    note = ""
-    if any(name.startswith(("pooler.", "vit.pooler.")) for name in unused):
-        note = " (the ViTModel pooler has no keras_moe equivalent)"
-    if arrays and unused:
-        _unexpected(unused, source, note)
-    if not arrays:
-        raise CheckpointMismatchError(
-            f"{source} holds no ViT weights; it has "
-            f"{_listing(sorted(tensors))}"
+        return _build(
+            arrays,
+            source,
+            _hf_claims(hf, checkpoint.config_path, arrays),
+            {"layer_norm_epsilon": 1e-12, "activation": "gelu"},
+            config,
         )
-    activation = hf.get("hidden_act", "gelu")
-    if activation not in _HF_ACTIVATIONS:
+
+
+def _hf_claims(hf, config_path, arrays):
+    """What `config.json` (the dict `hf`) says, as `_build` claims.
+
+    Adds the zero biases of a model saved with `qkv_bias=False`.
+    """
+    activation = hf.get("hidden_act")
+    if activation is not None and activation not in _HF_ACTIVATION_NAMES:
         raise ValueError(
             f"{config_path}: hidden_act {activation!r} is not supported; "
-            f"supported: {sorted(_HF_ACTIVATIONS)}"
+            f"supported: {sorted(_HF_ACTIVATION_NAMES)}"
         )
     dim = hf.get("hidden_size")
     heads = hf.get("num_attention_heads")
@@ -459,31 +531,15 @@ def read_hf(path, num_heads=None):
                 for p in ("query", "key", "value")
             ],
         )
-    claims = [
-        (
-            "config.json",
-            {
-                "model_dim": dim,
-                "num_layers": hf.get("num_hidden_layers"),
-                "num_heads": heads,
-                "hidden_dim": hf.get("intermediate_size"),
-                "patch_size": hf.get("patch_size"),
-                "num_channels": hf.get("num_channels"),
-                "image_size": hf.get("image_size"),
-                "pooling": "token",
-            },
-        ),
-        ("the arguments", {"num_heads": num_heads}),
-    ]
+    said = {key: hf.get(name) for key, name in HF_CONFIG_KEYS.items()}
+    said["pooling"] = "token"
+    said["activation"] = _HF_ACTIVATION_NAMES.get(activation)
+    claims = [("config.json", said)]
     if "head/kernel" in arrays and hf.get("id2label") is not None:
         claims.append(
             ("config.json id2label", {"num_classes": len(hf["id2label"])})
         )
-    defaults = {
-        "layer_norm_epsilon": hf.get("layer_norm_eps", 1e-12),
-        "activation": _HF_ACTIVATIONS[activation],
-    }
-    return _build(arrays, source, claims, defaults)
+    return claims
 
 
 # --------------------------------------------------------------------------
@@ -518,62 +574,11 @@ _MG_RULES = [
     ),
     (re.compile(r"^dense(?:_\d+)?/(kernel|bias)$"), "head"),
 ]
-# Checkpoint entries that are not part of a model.
-_MG_BOOKKEEPING = ("save_counter", "global_step")
-
-
-def _mg_variable_names(reader):
-    """{variable name: checkpoint key} of a tf.train checkpoint's model
-    variables (optimizer state and bookkeeping left out)."""
-    keys = reader.get_variable_to_shape_map()
-    graph_key = "_CHECKPOINTABLE_OBJECT_GRAPH"
-    if graph_key not in keys:  # a name-based (TF1 Saver) checkpoint
-        return {k: k for k in keys if k not in _MG_BOOKKEEPING}
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor(graph_key))
-    slots = {
-        slot.slot_variable_node_id
-        for node in graph.nodes
-        for slot in node.slot_variables
-    }
-    names, seen, queue = {}, {0}, [0]
-    while queue:
-        node_id = queue.pop(0)
-        node = graph.nodes[node_id]
-        for attribute in node.attributes:
-            if attribute.name == "VARIABLE_VALUE":
-                name = attribute.full_name or attribute.checkpoint_key
-                names[re.sub(r":\d+$", "", name)] = attribute.checkpoint_key
-        for child in node.children:
-            # Optimizer state, and variables hung on the root (global step,
-            # save counter), are not model weights.
-            if child.local_name == "optimizer" or child.node_id in slots:
-                continue
-            if node_id == 0 and _is_variable(graph.nodes[child.node_id]):
-                continue
-            if child.node_id not in seen:
-                seen.add(child.node_id)
-                queue.append(child.node_id)
-    return names
-
-
-def _is_variable(node):
-    return any(a.name == "VARIABLE_VALUE" for a in node.attributes)
 
 
 def _mg_canonical(values, source):
     """Model Garden variable name -> array, to canonical arrays."""
-    matched, unused = [], []
-    for name, value in values.items():
-        for pattern, kind in _MG_RULES:
-            match = pattern.search(name)
-            if match:
-                matched.append((kind, match.groups(), name, value))
-                break
-        else:
-            unused.append(name)
+    matched, unused = _match_rules(values, _MG_RULES)
     note = ""
     if any("pre_logits" in name for name in unused):
         note = " (representation_size / pre_logits layers are not supported)"
@@ -591,52 +596,43 @@ def _mg_canonical(values, source):
     for kind, groups, name, value in matched:
         field = groups[-1] if groups else None
         if kind == "patch":
-            _put(arrays, f"patch_embedding/{field}", value, name)
+            io.put(arrays, f"patch_embedding/{field}", value, name, source)
         elif kind == "cls":
-            _put(arrays, "class_token", value, name)
+            io.put(arrays, "class_token", value, name, source)
         elif kind == "pos":
-            _put(arrays, "position_embedding", value, name)
+            io.put(arrays, "position_embedding", value, name, source)
         elif kind == "final_norm":
-            _put(arrays, f"encoder/final_norm/{field}", value, name)
+            io.put(arrays, f"encoder/final_norm/{field}", value, name, source)
         elif kind == "head":
-            _put(arrays, f"head/{field}", value, name)
+            io.put(arrays, f"head/{field}", value, name, source)
         else:
             raw = int(groups[0]) if groups[0] is not None else None
             prefix = f"encoder/block_{blocks[raw]}"
             if kind in ("attention_norm", "mlp_norm"):
-                _put(arrays, f"{prefix}/{kind}/{field}", value, name)
+                io.put(arrays, f"{prefix}/{kind}/{field}", value, name, source)
             elif kind == "attention":
-                layer = groups[1]
-                if layer == "attention_output":
-                    layer = "output"
-                    if field == "kernel":  # (h, dk, D) -> (h*dk, D)
-                        heads.add(value.shape[0])
-                        value = value.reshape(-1, value.shape[-1])
-                elif field == "kernel":  # (D, h, dk) -> (D, h*dk)
-                    heads.add(value.shape[1])
-                    value = value.reshape(value.shape[0], -1)
-                else:  # (h, dk) -> (h*dk,)
-                    value = value.reshape(-1)
-                _put(arrays, f"{prefix}/attention/{layer}/{field}", value, name)
+                layer, value = _einsum_attention(groups[1], field, value, heads)
+                io.put(
+                    arrays,
+                    f"{prefix}/attention/{layer}/{field}",
+                    value,
+                    name,
+                    source,
+                )
             else:
                 letter = "i" if kind == "mlp_in" else "o"
                 weight = f"w{letter}" if field == "kernel" else f"b{letter}"
-                _put(arrays, f"{prefix}/mlp/{weight}", value, name)
+                io.put(arrays, f"{prefix}/mlp/{weight}", value, name, source)
     if not arrays:
         raise CheckpointMismatchError(
             f"{source} holds no Model Garden ViT variables (e.g. "
             "'encoder/posembed_input/pos_embedding'); it has "
-            f"{_listing(sorted(values))}"
+            f"{listing(sorted(values))}"
         )
-    if len(heads) > 1:
-        raise CheckpointMismatchError(
-            f"{source}: attention kernels disagree on the number of heads: "
-            f"{sorted(heads)}"
-        )
-    return arrays, (heads.pop() if heads else None)
+    return arrays, _num_heads(heads, source)
 
 
-def read_model_garden(path, num_heads=None, image_size=None):
+def read_vit_model_garden_checkpoint(path, config=None):
     """Reads a TF Model Garden ViT `tf.train` checkpoint into a `ViT`.
 
     Works for checkpoints of a `ClassificationModel` around the
@@ -650,44 +646,39 @@ def read_model_garden(path, num_heads=None, image_size=None):
     Args:
         path: a checkpoint prefix (`.../ckpt-1`) or a directory (its latest
             checkpoint).
-        num_heads: checked against the heads of the attention kernels
-            <[D, h, dk]>, which say it already.
-        image_size: needed for non-square patch grids; otherwise checked
-            against the position embedding.
+        config: None, a preset name or a dict of `ViT` kwargs. The heads are
+            checked against the attention kernels <[D, h, dk]>, which say
+            it already; `image_size` is needed for non-square patch grids
+            and otherwise checked against the position embedding; the
+            activation and `layer_norm_epsilon`, which the checkpoint does
+            not record, are taken from it.
 
     Returns:
-        A `ViT` with `activation="gelu_tanh"` and `layer_norm_epsilon=1e-6`,
-        as Model Garden's encoder blocks.
+        A `ViT`, by default with `activation="gelu_tanh"` and
+        `layer_norm_epsilon=1e-6`, as Model Garden's encoder blocks.
 
     Raises:
         ValueError: an unreadable or truncated checkpoint, one of another
-            model, or arguments that contradict it.
+            model, or a config that contradicts it.
     """
-    import tensorflow as tf
-
-    source = f"Model Garden checkpoint {path}"
-    prefix = path
-    if os.path.isdir(path):
-        prefix = tf.train.latest_checkpoint(path)
-        if prefix is None:
-            raise ValueError(f"{path} holds no tf.train checkpoint")
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-        names = _mg_variable_names(reader)
-        values = {name: reader.get_tensor(key) for name, key in names.items()}
-    except Exception as error:  # TF raises OpError, IndexError, ValueError
-        message = getattr(error, "message", None) or str(error)
-        raise ValueError(
-            f"Cannot read {source} (truncated, corrupt or not a tf.train "
-            f"checkpoint): {message.splitlines()[0] if message else error}"
-        ) from None
+    config = _config(config)
+    what = "Model Garden checkpoint"
+    source = f"{what} {path}"
+    prefix, reader = io.open_tf_checkpoint(path, what)
+    shapes = reader.get_variable_to_shape_map()
+    values = {
+        name: io.LazyTensor(
+            shapes[key],
+            functools.partial(reader.get_tensor, key),
+            io.where(key, source),
+        )
+        for name, key in io.tf_variable_names(reader, prefix, what).items()
+        if key in shapes
+    }
     arrays, heads = _mg_canonical(values, source)
-    claims = [
-        ("the attention kernels", {"num_heads": heads}),
-        ("the arguments", {"num_heads": num_heads, "image_size": image_size}),
-    ]
+    claims = [("the attention kernels", {"num_heads": heads})]
     defaults = {"layer_norm_epsilon": 1e-6, "activation": "gelu_tanh"}
-    return _build(arrays, source, claims, defaults)
+    return _build(arrays, source, claims, defaults, config)
 
 
 # --------------------------------------------------------------------------
@@ -781,20 +772,12 @@ _KH_FIELDS = {
 
 def _kh_canonical(values, rules, source):
     """keras-hub variable path -> array, to canonical arrays and heads."""
-    matched, unused = [], []
-    for name, value in values.items():
-        for pattern, kind in rules:
-            match = pattern.search(name)
-            if match:
-                matched.append((kind, match.groups(), name, value))
-                break
-        else:
-            unused.append(name)
+    matched, unused = _match_rules(values, rules)
     heads_found = [name for kind, _, name, _ in matched if kind == "head"]
     if len(heads_found) > 2:
         raise CheckpointMismatchError(
             f"{source} has more than one dense layer after the backbone "
-            f"({_listing(heads_found)}): intermediate (pre_logits) layers "
+            f"({listing(heads_found)}): intermediate (pre_logits) layers "
             "are not supported"
         )
     if matched and unused:
@@ -802,7 +785,7 @@ def _kh_canonical(values, rules, source):
     if not matched:
         raise CheckpointMismatchError(
             f"{source} holds no keras-hub ViT weights; it has "
-            f"{_listing(sorted(values))}"
+            f"{listing(sorted(values))}"
         )
     blocks = _block_indices(
         None if groups[0] is None else int(groups[0])
@@ -813,46 +796,47 @@ def _kh_canonical(values, rules, source):
     for kind, groups, name, value in matched:
         field = _KH_FIELDS[groups[-1]] if groups else None
         if kind == "cls":
-            _put(arrays, "class_token", value, name)
+            io.put(arrays, "class_token", value, name, source)
         elif kind == "patch":
-            _put(arrays, f"patch_embedding/{field}", value, name)
+            io.put(arrays, f"patch_embedding/{field}", value, name, source)
         elif kind == "pos":  # Embedding table (T, D) -> (1, T, D)
-            _put(arrays, "position_embedding", value[None], name)
+            io.put(
+                arrays,
+                "position_embedding",
+                value.reshape(1, *value.shape),
+                name,
+                source,
+            )
         elif kind == "final_norm":
             norm_field = "gamma" if field == "kernel" else "beta"
-            _put(arrays, f"encoder/final_norm/{norm_field}", value, name)
+            io.put(
+                arrays, f"encoder/final_norm/{norm_field}", value, name, source
+            )
         elif kind == "head":
-            _put(arrays, f"head/{field}", value, name)
+            io.put(arrays, f"head/{field}", value, name, source)
         else:
             raw = None if groups[0] is None else int(groups[0])
             prefix = f"encoder/block_{blocks[raw]}"
             if kind == "norm":
                 norm = "attention_norm" if groups[1] == "1" else "mlp_norm"
                 norm_field = "gamma" if field == "kernel" else "beta"
-                _put(arrays, f"{prefix}/{norm}/{norm_field}", value, name)
+                io.put(
+                    arrays, f"{prefix}/{norm}/{norm_field}", value, name, source
+                )
             elif kind == "mlp":
                 letter = "i" if groups[1] == "1" else "o"
                 weight = f"w{letter}" if field == "kernel" else f"b{letter}"
-                _put(arrays, f"{prefix}/mlp/{weight}", value, name)
+                io.put(arrays, f"{prefix}/mlp/{weight}", value, name, source)
             else:
-                layer = groups[1]
-                if layer in ("attention_output", "output"):
-                    layer = "output"
-                    if field == "kernel":  # (h, dk, D) -> (h*dk, D)
-                        heads.add(value.shape[0])
-                        value = value.reshape(-1, value.shape[-1])
-                elif field == "kernel":  # (D, h, dk) -> (D, h*dk)
-                    heads.add(value.shape[1])
-                    value = value.reshape(value.shape[0], -1)
-                else:  # (h, dk) -> (h*dk,)
-                    value = value.reshape(-1)
-                _put(arrays, f"{prefix}/attention/{layer}/{field}", value, name)
-    if len(heads) > 1:
-        raise CheckpointMismatchError(
-            f"{source}: attention kernels disagree on the number of heads: "
-            f"{sorted(heads)}"
-        )
-    return arrays, (heads.pop() if heads else None)
+                layer, value = _einsum_attention(groups[1], field, value, heads)
+                io.put(
+                    arrays,
+                    f"{prefix}/attention/{layer}/{field}",
+                    value,
+                    name,
+                    source,
+                )
+    return arrays, _num_heads(heads, source)
 
 
 def _kh_zero_biases(arrays, backbone):
@@ -925,61 +909,27 @@ def _kh_claims(backbone, task, origin):
     return claims
 
 
-def _read_h5(path):
-    import h5py
-
-    values = {}
-    try:
-        with h5py.File(path, "r") as f:
-
-            def visit(name, item):
-                if isinstance(item, h5py.Dataset):
-                    values[name] = np.asarray(item)
-
-            f.visititems(visit)
-    except (OSError, KeyError, ValueError) as error:
-        raise ValueError(
-            f"Cannot read {path} (truncated, corrupt or not an HDF5 weights "
-            f"file): {error}"
-        ) from None
-    # Optimizer state saved with a task is not part of the model.
-    return {k: v for k, v in values.items() if not k.startswith("optimizer/")}
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as error:
-        raise ValueError(f"Cannot read {path}: {error}") from None
-
-
 def _is_instance_of(obj, class_name):
     return any(c.__name__ == class_name for c in type(obj).__mro__)
 
 
-def read_keras_hub(
-    source, num_heads=None, num_classes=None, image_size=None, **overrides
-):
-    """Reads a keras-hub ViT into a `ViT`.
+def read_vit_keras_hub(path, config=None):
+    """Reads keras-hub ViT weights (preset directory or `.weights.h5`).
+
+    Files are read with h5py, without importing keras_hub.
 
     Args:
-        source: a `keras_hub.models.ViTBackbone` or `ViTImageClassifier`
-            object; a preset directory written by `save_to_preset`
+        path: a preset directory written by `save_to_preset`
             (`config.json` + `model.weights.h5`, and `task.json` +
             `task.weights.h5` for a classifier); or a `.weights.h5` file of
             a backbone or classifier (`save_weights`), which carries no
             config: the heads come from the kernel shapes, the image size
-            from the position embedding (pass `image_size` for non-square
-            grids) and `layer_norm_epsilon` defaults to keras-hub's 1e-6
-            (pass it in `overrides` otherwise).
-        num_heads: checked against the config and the kernel shapes.
-        num_classes: for a backbone (no head): None builds a headless model
-            (`num_classes=0`, the call returns pooled features); an int
-            builds a zero-initialised head of that size. For a classifier:
-            checked against its head.
-        image_size: checked against the config and position embedding.
-        **overrides: `layer_norm_epsilon=` for a bare weights file.
+            from the position embedding (`config` must give `image_size`
+            for non-square grids) and `layer_norm_epsilon` defaults to
+            keras-hub's 1e-6 (`config` may give another).
+        config: None, a preset name or a dict of `ViT` kwargs, checked
+            against the preset's config and the weights. For a backbone (no
+            head), `num_classes` adds a zero-initialised head of that size.
 
     Returns:
         A `ViT` (exact GELU, keras-hub's epsilon). keras-hub's classifier
@@ -992,80 +942,128 @@ def read_keras_hub(
             (pre_logits, gap over the class token, non-square patches) or a
             configuration that contradicts the weights.
     """
-    unknown = set(overrides) - {"layer_norm_epsilon"}
-    if unknown:
-        raise ValueError(f"Unknown arguments: {sorted(unknown)}")
+    config = _config(config)
+    if io.checkpoint_format(path) == "keras_hub_object":
+        raise ValueError(
+            "read_vit_keras_hub reads files; pass keras-hub objects to "
+            f"convert_vit_keras_hub_backbone (received {type(path).__name__})"
+        )
+    path = os.fspath(path)
     backbone_config, task_config, origin = {}, None, "the keras-hub config"
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        name = f"keras-hub weights {path}"
-        if os.path.isdir(path):
-            name = f"keras-hub preset {path}"
-            config_path = os.path.join(path, "config.json")
-            if not os.path.isfile(config_path):
-                raise ValueError(f"{path} has no config.json: not a preset")
-            config = _read_json(config_path)
-            if config.get("class_name") != "ViTBackbone":
-                raise ValueError(
-                    f"{config_path} describes a {config.get('class_name')!r}, "
-                    "not a keras-hub ViTBackbone"
-                )
-            backbone_config, origin = config.get("config", {}), "config.json"
-            values = _read_h5(os.path.join(path, "model.weights.h5"))
-            task_path = os.path.join(path, "task.json")
-            if os.path.isfile(task_path):
-                task = _read_json(task_path)
-                if task.get("class_name") != "ViTImageClassifier":
-                    raise ValueError(
-                        f"{task_path} describes a {task.get('class_name')!r}, "
-                        "not a keras-hub ViTImageClassifier"
-                    )
-                task_config = task.get("config", {})
-                origin = "config.json / task.json"
-                values.update(_read_h5(os.path.join(path, "task.weights.h5")))
-        elif os.path.isfile(path):
-            values = _read_h5(path)
-        else:
-            raise ValueError(f"{path} does not exist")
+    name, files = f"keras-hub weights {path}", [path]
+    if os.path.isdir(path):
+        name = f"keras-hub preset {path}"
+        backbone_config = io.keras_hub_config(
+            os.path.join(path, "config.json"), "ViTBackbone"
+        )
+        origin = "config.json"
+        files = [os.path.join(path, io.KERAS_HUB_WEIGHTS)]
+        task_path = os.path.join(path, "task.json")
+        if os.path.isfile(task_path):
+            task_config = io.keras_hub_config(task_path, "ViTImageClassifier")
+            origin = "config.json / task.json"
+            files.append(os.path.join(path, "task.weights.h5"))
+    elif not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist")
+    with contextlib.ExitStack() as stack:
+        values = {}
+        for file in files:
+            values.update(stack.enter_context(io.open_h5(file)))
         arrays, heads = _kh_canonical(values, _KH_FILE_RULES, name)
+        return _kh_build(
+            arrays, heads, backbone_config, task_config, origin, name, config
+        )
+
+
+def convert_vit_keras_hub_backbone(backbone, config=None):
+    """Converts a keras-hub `ViTBackbone` or `ViTImageClassifier` to a `ViT`.
+
+    Args:
+        backbone: a `keras_hub.models.ViTBackbone`, or a
+            `ViTImageClassifier` (with its head).
+        config: None, a preset name or a dict of `ViT` kwargs, checked
+            against the model's config and weights. For a backbone (no
+            head), `num_classes` adds a zero-initialised head of that size.
+
+    Returns:
+        A `ViT` holding copies of the weights; see `read_vit_keras_hub`.
+
+    Raises:
+        ValueError: not a keras-hub ViT, configurations keras_moe's ViT
+            cannot express, or a `config` that contradicts the model.
+    """
+    config = _config(config)
+    task_config = None
+    if _is_instance_of(backbone, "ViTImageClassifier"):
+        task_config = backbone.get_config()
+        inner = backbone.backbone
+    elif _is_instance_of(backbone, "ViTBackbone"):
+        inner = backbone
     else:
-        if _is_instance_of(source, "ViTImageClassifier"):
-            task_config = source.get_config()
-            backbone = source.backbone
-        elif _is_instance_of(source, "ViTBackbone"):
-            backbone = source
-        else:
-            raise ValueError(
-                "Expected a keras_hub ViTBackbone or ViTImageClassifier, a "
-                f"preset directory or a .weights.h5 file; received a "
-                f"{type(source).__name__}"
-            )
-        backbone_config = backbone.get_config()
-        name = f"keras-hub {type(source).__name__} {source.name!r}"
-        values = {
-            variable.path: np.asarray(variable.numpy(), np.float32)
-            for variable in source.weights
-        }
-        arrays, heads = _kh_canonical(values, _KH_OBJECT_RULES, name)
-    _kh_zero_biases(arrays, backbone_config)
+        raise ValueError(
+            "Expected a keras_hub ViTBackbone or ViTImageClassifier (presets "
+            "and .weights.h5 files go to read_vit_keras_hub); received a "
+            f"{type(backbone).__name__}"
+        )
+    name = f"keras-hub {type(backbone).__name__} {backbone.name!r}"
+    values = {
+        variable.path: io.variable_tensor(variable, name)
+        for variable in backbone.weights
+    }
+    arrays, heads = _kh_canonical(values, _KH_OBJECT_RULES, name)
+    return _kh_build(
+        arrays,
+        heads,
+        inner.get_config(),
+        task_config,
+        "the keras-hub config",
+        name,
+        config,
+    )
+
+
+def _kh_build(arrays, heads, backbone, task, origin, source, config):
+    """Builds the `ViT` of keras-hub canonical `arrays` and configs."""
+    _kh_zero_biases(arrays, backbone)
     claims = [
-        (origin, _kh_claims(backbone_config, task_config, origin)),
+        (origin, _kh_claims(backbone, task, origin)),
         ("the attention kernels", {"num_heads": heads}),
-        (
-            "the arguments",
-            {
-                "num_heads": num_heads,
-                "image_size": image_size,
-                "layer_norm_epsilon": overrides.get("layer_norm_epsilon"),
-            },
-        ),
     ]
-    if "head/kernel" in arrays:
-        claims.append(("the arguments", {"num_classes": num_classes}))
-    elif num_classes:
+    if "head/kernel" not in arrays and config.get("num_classes"):
         # A new head, zero-initialised as `ViT` initialises its own.
+        classes = config["num_classes"]
         dim = arrays["patch_embedding/kernel"].shape[-1]
-        arrays["head/kernel"] = np.zeros((dim, num_classes), np.float32)
-        arrays["head/bias"] = np.zeros((num_classes,), np.float32)
+        arrays["head/kernel"] = np.zeros((dim, classes), np.float32)
+        arrays["head/bias"] = np.zeros((classes,), np.float32)
     defaults = {"layer_norm_epsilon": 1e-6, "activation": "gelu"}
-    return _build(arrays, name, claims, defaults)
+    return _build(arrays, source, claims, defaults, config)
+
+
+# --------------------------------------------------------------------------
+# Any format.
+
+
+def read_vit_checkpoint(path, config=None):
+    """Reads a ViT checkpoint of any supported format, chosen from the path.
+
+    A keras-hub model object goes to `convert_vit_keras_hub_backbone`; a
+    `.safetensors` file or a directory with `model.safetensors[.index.json]`
+    to `read_vit_hf_safetensors`; a `.weights.h5` file or a directory with
+    `model.weights.h5` (a keras-hub preset) to `read_vit_keras_hub`; anything
+    else to `read_vit_model_garden_checkpoint`.
+
+    Args:
+        path: see the readers above.
+        config: passed to the reader.
+
+    Returns:
+        A built `ViT`.
+    """
+    kind = io.checkpoint_format(path)
+    if kind == "keras_hub_object":
+        return convert_vit_keras_hub_backbone(path, config)
+    if kind == "hf":
+        return read_vit_hf_safetensors(path, config)
+    if kind == "keras_hub":
+        return read_vit_keras_hub(path, config)
+    return read_vit_model_garden_checkpoint(path, config)

@@ -7,10 +7,13 @@ one its family is usually published in:
 * `ViT` -> a Hugging Face `save_pretrained` directory: `config.json` and
   `model.safetensors` (torch layouts: `Linear.weight` <[out, in]>,
   `Conv2d.weight` <[D, C, P, P]>), read back by
-  `keras_moe.checkpoints.vit.read_hf`;
+  `keras_moe.checkpoints.vit.read_vit_hf_safetensors`;
 * `T5` -> an original (Mesh TensorFlow) checkpoint,
   `model.ckpt-<step>.{index,data-00000-of-00001}` plus a `checkpoint` file,
   read back by `keras_moe.checkpoints.t5.read_t5_mtf_checkpoint`.
+
+The names come from the readers' own name maps (`vit.hf_name`,
+`t5.mtf_name`), so that what is written is what is read.
 
 `read_checkpoint(directory)` reads both. Only dense models can be written
 (MoE weights have no place in these formats; save those as `.keras`), and a
@@ -31,61 +34,20 @@ Example:
 
 import json
 import os
-import re
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from keras_moe.layers.moe import MoeLayer
+from keras_moe.checkpoints import t5
+from keras_moe.checkpoints import vit
+from keras_moe.models.moe_blocks import moe_layers
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
-
-_VIT_HF_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_tanh": "gelu_pytorch_tanh",
-    "relu": "relu",
-    "silu": "silu",
-}
-_VIT_FIXED = {
-    "class_token": "vit.embeddings.cls_token",
-    "position_embedding": "vit.embeddings.position_embeddings",
-    "patch_embedding/kernel": "vit.embeddings.patch_embeddings.projection."
-    "weight",
-    "patch_embedding/bias": "vit.embeddings.patch_embeddings.projection.bias",
-    "encoder/final_norm/gamma": "vit.layernorm.weight",
-    "encoder/final_norm/beta": "vit.layernorm.bias",
-    "head/kernel": "classifier.weight",
-    "head/bias": "classifier.bias",
-}
-_VIT_BLOCK = re.compile(r"^encoder/block_(\d+)/(.+)$")
-_VIT_BLOCK_PARTS = {
-    "attention_norm/gamma": "layernorm_before.weight",
-    "attention_norm/beta": "layernorm_before.bias",
-    "mlp_norm/gamma": "layernorm_after.weight",
-    "mlp_norm/beta": "layernorm_after.bias",
-    "attention/query/kernel": "attention.attention.query.weight",
-    "attention/query/bias": "attention.attention.query.bias",
-    "attention/key/kernel": "attention.attention.key.weight",
-    "attention/key/bias": "attention.attention.key.bias",
-    "attention/value/kernel": "attention.attention.value.weight",
-    "attention/value/bias": "attention.attention.value.bias",
-    "attention/output/kernel": "attention.output.dense.weight",
-    "attention/output/bias": "attention.output.dense.bias",
-    "mlp/wi": "intermediate.dense.weight",
-    "mlp/bi": "intermediate.dense.bias",
-    "mlp/wo": "output.dense.weight",
-    "mlp/bo": "output.dense.bias",
-}
+from keras_moe.utils.files import atomic_directory
 
 
 def _check_dense(model):
-    moe = [
-        layer.path
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, MoeLayer)
-    ]
+    moe = [layer.path for layer in moe_layers(model)]
     if moe:
         raise ValueError(
             f"only dense models can be written as dense checkpoints; "
@@ -97,55 +59,40 @@ def _check_dense(model):
 def vit_hf_arrays(model):
     """(config.json dict, {HF name: array}) of a dense `ViT`.
 
-    The inverse of `keras_moe.checkpoints.vit.read_hf`'s mapping, in the
-    layout `ViTForImageClassification.save_pretrained` writes.
+    The inverse of `keras_moe.checkpoints.vit.read_vit_hf_safetensors`'s
+    mapping (`vit.hf_name`), in the layout
+    `ViTForImageClassification.save_pretrained` writes.
     """
     if model.pooling != "token":
         raise ValueError(
             "A Hugging Face ViT checkpoint needs a class token; the model "
             f"has pooling={model.pooling!r}"
         )
-    if model.activation not in _VIT_HF_ACTIVATIONS:
+    if model.activation not in vit.HF_ACTIVATIONS:
         raise ValueError(
             f"activation {model.activation!r} has no Hugging Face ViT "
-            f"name; supported: {sorted(_VIT_HF_ACTIVATIONS)}"
+            f"name; supported: {sorted(vit.HF_ACTIVATIONS)}"
         )
     arrays = {}
     for name, variable in model.canonical_variables().items():
         value = np.asarray(variable.numpy(), dtype=np.float32)
-        if name in _VIT_FIXED:
-            hf_name = _VIT_FIXED[name]
-        else:
-            match = _VIT_BLOCK.match(name)
-            part = match and _VIT_BLOCK_PARTS.get(match[2])
-            if not part:
-                raise ValueError(f"no Hugging Face name for ViT weight {name}")
-            hf_name = f"vit.encoder.layer.{match[1]}.{part}"
-        if name == "patch_embedding/kernel":
-            value = value.transpose(3, 2, 0, 1)  # HWIO -> (D, C, P, P)
-        elif hf_name.endswith(".weight") and value.ndim == 2:
-            value = value.T  # x @ W -> torch Linear [out, in]
+        hf_name, axes = vit.hf_name(name)
+        if axes is not None:
+            value = value.transpose(axes)  # to torch's layout
         arrays[hf_name] = np.ascontiguousarray(value)
+    kwargs = {key: getattr(model, key) for key in vit.HF_CONFIG_KEYS}
+    # An int for square images; [height, width] otherwise (the transformers
+    # config takes either).
+    height, width = model.image_hw
+    kwargs["image_size"] = height if height == width else [height, width]
     config = {
         "model_type": "vit",
         "architectures": [
             "ViTForImageClassification" if model.num_classes else "ViTModel"
         ],
-        "hidden_size": model.model_dim,
-        "num_hidden_layers": model.num_layers,
-        "num_attention_heads": model.num_heads,
-        "intermediate_size": model.hidden_dim,
-        "hidden_act": _VIT_HF_ACTIVATIONS[model.activation],
-        "layer_norm_eps": model.layer_norm_epsilon,
-        # An int for square images; [height, width] otherwise (the
-        # transformers config takes either).
-        "image_size": (
-            model.image_hw[0]
-            if model.image_hw[0] == model.image_hw[1]
-            else list(model.image_hw)
-        ),
-        "patch_size": model.patch_size,
-        "num_channels": model.num_channels,
+        **{name: kwargs[key] for key, name in vit.HF_CONFIG_KEYS.items()},
+        # The first of the names the reader takes.
+        "hidden_act": vit.HF_ACTIVATIONS[model.activation][0],
         "qkv_bias": True,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
@@ -200,57 +147,25 @@ def write_dense_checkpoint(model, directory, overwrite=False):
             f"checkpoint directory {directory} exists; pass overwrite=True "
             "to replace it"
         )
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(
-        dir=parent, prefix=f".{os.path.basename(directory)}.tmp-"
-    )
-    try:
+    with atomic_directory(directory, overwrite=overwrite) as temp:
         if isinstance(model, ViT):
             _write_vit(model, temp)
         else:
             write_mtf_checkpoint(model, temp, optimizer_slots=False)
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(
-                dir=parent, prefix=f".{os.path.basename(directory)}.old-"
-            )
-            os.rename(directory, os.path.join(old, "checkpoint"))
-            os.rename(temp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(temp, directory)
-    finally:
-        if os.path.exists(temp):
-            shutil.rmtree(temp, ignore_errors=True)
     return directory
 
 
 # ---------------------------------------------------------------------------
 # Mesh TensorFlow (original T5) checkpoints.
 
-# Sub-layers of a block in the order Mesh TensorFlow numbers them.
-_ROLES = {
-    "encoder": ("self_attention", "mlp"),
-    "decoder": ("self_attention", "cross_attention", "mlp"),
-}
-_ATTENTIONS = {
-    "self_attention": "SelfAttention",
-    "cross_attention": "EncDecAttention",
-}
-_PROJECTIONS = {"query": "q", "key": "k", "value": "v", "output": "o"}
-_BLOCK_WEIGHT = re.compile(
-    r"^(?P<stack>encoder|decoder)/block_(?P<block>\d+)/"
-    r"(?P<role>self_attention|cross_attention|mlp)"
-    r"(?P<norm>_norm/scale)?(?:/(?P<weight>[^/]+))?$"
-)
-
 
 def mtf_arrays(model, optimizer_slots=True, seed=0):
     """A `T5`'s weights under the names of the released MTF checkpoints.
 
     The inverse of `keras_moe.checkpoints.t5.read_t5_mtf_checkpoint`'s name
-    mapping: `encoder/block_000/layer_001/DenseReluDense/wi/kernel` and so
-    on, with `layer_norm` (v1.0) or `rms_norm` (v1.1) norms and the relative
+    mapping (`t5.mtf_name`):
+    `encoder/block_000/layer_001/DenseReluDense/wi/kernel` and so on, with
+    `layer_norm` (v1.0) or `rms_norm` (v1.1) norms and the relative
     attention bias transposed to MTF's [heads, buckets].
 
     Args:
@@ -266,12 +181,11 @@ def mtf_arrays(model, optimizer_slots=True, seed=0):
     """
     variables = model.canonical_variables()
     v1_1 = "lm_head/kernel" in variables
-    norm = "rms_norm" if v1_1 else "layer_norm"
     out = {}
     for name, variable in variables.items():
         array = variable.numpy()
-        mtf_name, array = _mtf_name(name, norm, v1_1, array)
-        out[mtf_name] = np.ascontiguousarray(array)
+        mtf_name, transpose = t5.mtf_name(name, v1_1)
+        out[mtf_name] = np.ascontiguousarray(array.T if transpose else array)
     if optimizer_slots:
         rng = np.random.default_rng(seed)
         for name, array in list(out.items()):
@@ -282,34 +196,6 @@ def mtf_arrays(model, optimizer_slots=True, seed=0):
                 out[f"{name}_slot_v"] = rng.random(array.shape, "float32")
         out["global_step"] = np.int64(1_000_000)
     return out
-
-
-def _mtf_name(name, norm, v1_1, array):
-    """(MTF name, array in MTF layout) of canonical weight `name`."""
-    if name == "shared/embedding":
-        return name, array
-    if name == "lm_head/kernel":
-        return "decoder/logits/kernel", array
-    for stack in _ROLES:
-        if name == f"{stack}/final_norm/scale":
-            final = "rms_norm" if v1_1 else "final_layer_norm"
-            return f"{stack}/{final}/scale", array
-    match = _BLOCK_WEIGHT.match(name)
-    if match is None:
-        raise ValueError(f"no Mesh TensorFlow name for T5 weight {name!r}")
-    stack, role, weight = match["stack"], match["role"], match["weight"]
-    layer = (
-        f"{stack}/block_{int(match['block']):03d}/"
-        f"layer_{_ROLES[stack].index(role):03d}"
-    )
-    if match["norm"]:
-        return f"{layer}/{norm}/scale", array
-    if role == "mlp":
-        return f"{layer}/DenseReluDense/{weight}/kernel", array
-    if weight == "relative_attention_bias":
-        # keras_moe stores [buckets, heads], MTF [heads, buckets].
-        return f"{layer}/SelfAttention/{weight}", array.T
-    return f"{layer}/{_ATTENTIONS[role]}/{_PROJECTIONS[weight]}", array
 
 
 def write_mtf_checkpoint(model, directory, step=1_000_000, **options):

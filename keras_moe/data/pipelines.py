@@ -35,11 +35,25 @@ from keras_moe.data import registry
 from keras_moe.data import vocabulary
 from keras_moe.data.shuffle import reproducible_shuffle
 from keras_moe.data.text import LANGUAGES
-from keras_moe.utils.checks import check_positive_int
+from keras_moe.utils import checks
 
 SEQ2SEQ_DATASETS = ("number_words",)
 _SHUFFLE_BUFFER = 50_000
 _LENGTH_BATCH = 4096
+
+
+def check_positive_int(name, value):
+    """Raises ValueError unless `value` is an int >= 1 (bool excluded).
+
+    `keras_moe.utils.checks.check_positive_int`, in the words the data
+    pipelines' errors have always used ("X must be a positive int").
+    """
+    try:
+        return checks.check_positive_int(name, value)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a positive int; received {value!r}"
+        ) from None
 
 
 def finish(ds, batch_size, shuffle, seed, repeat, drop_remainder):

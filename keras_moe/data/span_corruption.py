@@ -31,9 +31,10 @@ import tensorflow as tf
 
 from keras_moe.data import registry
 from keras_moe.data import vocabulary
+from keras_moe.data.pipelines import check_positive_int
 from keras_moe.data.pipelines import finish
 from keras_moe.data.pipelines import t5_features
-from keras_moe.utils.checks import check_positive_int
+from keras_moe.utils.checks import check_int
 
 SPAN_CORRUPTION_DATASET = "pydoc_corpus"
 
@@ -131,8 +132,7 @@ def noise_span_mask(length, noise_density, mean_noise_span_length, seed):
         <bool>[n]: True on noise. Exactly `span_counts(n, ...)` noise tokens
         in that many spans; the first token is never noise.
     """
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an int >= 2; received {length!r}")
+    check_int("length", length, minimum=2)
     _check_noise(noise_density, mean_noise_span_length)
     num_noise, num_spans = span_counts(
         length, noise_density, mean_noise_span_length
@@ -228,8 +228,7 @@ def span_corruption_dataset(
         `span_corruption_lengths(T, ...)`).
     """
     check_positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int; received {seed!r}")
+    check_int("seed", seed, minimum=None)
     raw_length, target_length = span_corruption_lengths(
         input_length, noise_density, mean_noise_span_length
     )

@@ -43,6 +43,7 @@ import tensorflow as tf
 from num2words import num2words
 
 from keras_moe import data
+from keras_moe.utils.checks import check_int
 
 IMAGE_SHAPE = (8, 16, 1)
 LANGUAGES = tuple(data.LANGUAGES)
@@ -112,11 +113,6 @@ def check_rates(rates):
     return {task: rate / total for task, rate in rates.items() if rate > 0}
 
 
-def _check_length(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{name} must be an int >= 2; received {value!r}")
-
-
 def encode(texts, length, what, data_dir=None):
     """Token ids of `texts`, each with EOS, 0-padded to `length`.
 
@@ -132,7 +128,7 @@ def encode(texts, length, what, data_dir=None):
     Raises:
         ValueError: a text longer than `length` tokens with EOS, named.
     """
-    _check_length(f"{what} length", length)
+    check_int(f"{what} length", length, minimum=2)
     pieces = data.tokenizer(data_dir).tokenize(list(texts)).to_list()
     ids = np.zeros((len(texts), length), np.int32)
     for row, (text, tokens) in enumerate(zip(texts, pieces)):
@@ -339,10 +335,7 @@ def mixture_dataset(
             prompt or target longer than its length; raised before any
             batch is made.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise ValueError(f"batch_size must be an int; received {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; received {batch_size}")
+    check_int("batch_size", batch_size)
     rates = check_rates(DEFAULT_RATES if rates is None else rates)
     languages = check_languages(languages)
     datasets = []

@@ -22,9 +22,9 @@ directory's lock) to `sentencepiece_model_path(data_dir)`.
 import functools
 import operator
 import os
-import tempfile
 
 from keras_moe.data import registry
+from keras_moe.utils.files import write_bytes
 
 PAD_ID = 0
 EOS_ID = 1
@@ -136,16 +136,7 @@ def sentencepiece_model_path(data_dir=None):
     with registry.data_dir_lock(data_dir):
         if os.path.exists(path):  # Another process trained it meanwhile.
             return path
-        proto = train_sentencepiece(sentences)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(proto)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_bytes(path, train_sentencepiece(sentences))
     return path
 
 

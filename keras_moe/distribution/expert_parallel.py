@@ -96,7 +96,6 @@ import contextlib
 import io
 import json
 import os
-import uuid
 
 import keras
 import numpy as np
@@ -109,6 +108,8 @@ from keras_moe.layers.experts import Experts
 from keras_moe.layers.moe import RELAYOUT_TO_EXPERTS
 from keras_moe.layers.moe import RELAYOUT_TO_TOKENS
 from keras_moe.layers.moe import MoeLayer
+from keras_moe.models.moe_blocks import sublayers
+from keras_moe.utils.files import atomic_path
 
 CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v1"
 # Keras 3 optimizers whose update rule `DTensorOptimizer` implements.
@@ -418,7 +419,7 @@ class ExpertParallelTrainer:
         expert_size = mesh.dim_size(mesh_lib.EXPERT_AXIS)
         self._moe_layers = []
         expert_weights = set()
-        for layer in model._flatten_layers(include_self=False):
+        for layer in sublayers(model):
             if isinstance(layer, MoeLayer):
                 self._moe_layers.append(layer)
             if isinstance(layer, Experts):
@@ -693,22 +694,9 @@ class ExpertParallelTrainer:
         arrays[_META_KEY] = np.frombuffer(
             json.dumps(meta).encode("utf-8"), dtype=np.uint8
         )
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        temp_path = os.path.join(
-            directory,
-            f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp",
-        )
-        try:
-            with open(temp_path, "xb") as file:
+        with atomic_path(path) as temp:
+            with open(temp, "wb") as file:
                 np.savez(file, **arrays)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp_path, path)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.remove(temp_path)
-            raise
         return path
 
     def load(self, path):

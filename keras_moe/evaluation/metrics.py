@@ -36,6 +36,8 @@ computes it:
 import numpy as np
 from sklearn import metrics as sk_metrics
 
+from keras_moe.utils.checks import check_positive_int
+
 OOD_SCORES = ("max_prob", "entropy")
 
 
@@ -121,12 +123,7 @@ def expected_calibration_error(labels, probs, num_bins=15):
     >>> expected_calibration_error([0, 0], [[0.9, 0.1], [0.6, 0.4]])
     0.25
     """
-    if (
-        isinstance(num_bins, bool)
-        or not isinstance(num_bins, int)
-        or num_bins < 1
-    ):
-        raise ValueError(f"num_bins must be an int >= 1; received {num_bins!r}")
+    check_positive_int("num_bins", num_bins)
     labels, probs = _check(labels, probs)
     confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)

@@ -16,8 +16,8 @@ from keras_moe.data.specs import CLASSIFICATION
 from keras_moe.data.specs import batches
 from keras_moe.data.specs import check_model_fits_data
 from keras_moe.data.specs import describe_dataset
-from keras_moe.data.vocabulary import EOS_ID
 from keras_moe.evaluation import metrics as metrics_lib
+from keras_moe.evaluation.sequences import exact_matches
 from keras_moe.models.moe_blocks import moe_layers
 from keras_moe.models.moe_blocks import with_eval_capacity_factor
 
@@ -85,7 +85,8 @@ def score_translation(model, dataset):
     with teacher forcing; token accuracy the share of them the argmax
     predicts; exact match the share of examples whose greedy generation
     (`T5.generate`, as many tokens as the targets hold) equals the target
-    up to and including its end-of-sequence id.
+    up to and including its end-of-sequence id
+    (`keras_moe.evaluation.sequences.exact_matches`).
 
     Args:
         model: a keras_moe T5.
@@ -110,9 +111,8 @@ def score_translation(model, dataset):
         generated = keras.ops.convert_to_numpy(
             model.generate(inputs["encoder_token_ids"], targets.shape[1] + 1)
         )[:, 1:]
-        for row_generated, row_target in zip(generated, targets):
-            exact += _until_eos(row_generated) == _until_eos(row_target)
-            count += 1
+        exact += sum(exact_matches(generated, targets))
+        count += len(targets)
     return {
         "examples": count,
         "loss": total_loss / max(total_tokens, 1.0),
@@ -124,14 +124,6 @@ def score_translation(model, dataset):
 def _logsumexp(logits):
     peak = logits.max(-1, keepdims=True)
     return peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True))
-
-
-def _until_eos(ids):
-    """Token ids up to and including the first end-of-sequence id."""
-    ids = [int(i) for i in ids]
-    if EOS_ID in ids:
-        ids = ids[: ids.index(EOS_ID) + 1]
-    return ids
 
 
 def evaluate(

@@ -24,6 +24,8 @@ an experiment runs (`get`), so listing the names costs no TensorFlow import.
 
 import importlib
 
+from keras_moe.utils.checks import check_positive_int
+
 # name -> module under keras_moe.experiments
 EXPERIMENTS = {
     "e3": "keras_moe.experiments.e3",
@@ -212,11 +214,7 @@ def check_option_values(options):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     if "num_experts" in options:
-        value = options["num_experts"]
-        if not (isinstance(value, int) and not isinstance(value, bool)):
-            fail("num_experts", "an int >= 1")
-        if value < 1:
-            fail("num_experts", "an int >= 1")
+        check_positive_int("num_experts", options["num_experts"])
     if "capacity_factor" in options:
         value = options["capacity_factor"]
         if not (is_number(value) and value > 0):

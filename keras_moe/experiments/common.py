@@ -1,8 +1,8 @@
 """Helpers shared by the experiments: seeds, tables, aggregation, plots.
 
-Every file is written atomically: to a temporary file in the target
-directory, then renamed over the target, so a reader (or a run that is
-interrupted) never leaves half a file behind.
+Every file is written atomically (`keras_moe.utils.files`): to a temporary
+file in the target directory, then renamed over the target, so a reader (or
+a run that is interrupted) never leaves half a file behind.
 
 Example:
 
@@ -10,18 +10,21 @@ Example:
             {"model": "dense", "seed": 1, "nll": 0.35}]
     summary = aggregate(rows, by=("model",), metrics=("nll",))
     write_csv(os.path.join(out, "results.csv"), rows)
-    write_text(os.path.join(out, "results.md"),
-               markdown_table(summary, ("model", "nll")))
+    keras_moe.utils.files.write_text(
+        os.path.join(out, "results.md"),
+        markdown_table(summary, ("model", "nll")),
+    )
 """
 
-import contextlib
 import csv
 import io
 import os
-import tempfile
 import time
 
 import numpy as np
+
+from keras_moe.utils.files import atomic_path
+from keras_moe.utils.files import write_text
 
 
 def check_seeds(seeds):
@@ -67,33 +70,6 @@ def prepare_output_dir(output_dir):
         )
     os.makedirs(output_dir, exist_ok=True)
     return output_dir
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary path next to `path`; renames it to `path` when the
-    block succeeds, removes it when it fails."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    handle, temp = tempfile.mkstemp(
-        dir=directory, prefix=".tmp-", suffix=suffix
-    )
-    os.close(handle)
-    try:
-        yield temp
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-
-
-def write_text(path, text):
-    """Writes `text` to `path` atomically (UTF-8)."""
-    with atomic_path(path) as temp:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
 
 
 def write_csv(path, rows, columns=None):

@@ -32,9 +32,7 @@ experts, C expert capacity, T token positions (S here).
 
 import contextlib
 import dataclasses
-import json
 import os
-import tempfile
 import time
 
 import keras
@@ -46,11 +44,15 @@ from keras_moe.evaluation import metrics as metrics_lib
 from keras_moe.experiments import plots
 from keras_moe.models.flops import training_step_flops
 from keras_moe.models.moe_blocks import moe_layers
+from keras_moe.training.fit import compile_for_task
 from keras_moe.training.fit import dense_model
 from keras_moe.upcycling import summarize
 from keras_moe.upcycling import upcycle
 from keras_moe.upcycling import upcycle_optimizer
+from keras_moe.utils.checks import check_int
 from keras_moe.utils.files import save_keras
+from keras_moe.utils.files import write_json
+from keras_moe.utils.files import write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +96,7 @@ class DemoConfig:
             "num_experts",
             "eval_points",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int; received {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1; received {value}")
+            check_int(name, getattr(self, name))
         if self.num_layers < 2:
             raise ValueError(
                 "num_layers must be >= 2: upcycling converts every other "
@@ -180,10 +178,12 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def _compile(model, learning_rate, optimizer=None):
-    model.compile(
-        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+def _compile(model, learning_rate=None, optimizer=None):
+    compile_for_task(
+        model,
+        specs.CLASSIFICATION,
+        learning_rate,
+        optimizer,
         metrics=[
             "accuracy",
             # The loss of an MoE model includes its auxiliary losses; this
@@ -347,15 +347,6 @@ def _scores(model, images, labels):
     }
 
 
-def _write_text(path, text):
-    handle, temp = tempfile.mkstemp(
-        dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-"
-    )
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(temp, path)
-
-
 def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
     """Runs the main job (see the module docstring) into `output_dir`.
 
@@ -439,11 +430,7 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
 
     # -- Upcycling.
     moe = upcycle(dense, num_experts=config.num_experts, seed=seed)
-    _compile(
-        moe,
-        config.learning_rate,
-        optimizer=upcycle_optimizer(dense.optimizer, dense, moe),
-    )
+    _compile(moe, optimizer=upcycle_optimizer(dense.optimizer, dense, moe))
     summary = summarize(dense, moe)
     moe_step = config.batch_size * training_step_flops(moe)
     step(
@@ -574,12 +561,9 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
         },
     }
     files["results (JSON)"] = os.path.join(output_dir, "results.json")
-    _write_text(
-        files["results (JSON)"],
-        json.dumps(results, indent=2, sort_keys=True) + "\n",
-    )
+    write_json(files["results (JSON)"], results)
     files["results table"] = os.path.join(output_dir, "results.md")
-    _write_text(files["results table"], table + "\n")
+    write_text(files["results table"], table + "\n")
     seconds = time.perf_counter() - start
     step("done")
     return DemoResult(

@@ -52,6 +52,7 @@ import numpy as np
 
 from keras_moe.experiments import check_options
 from keras_moe.experiments import common
+from keras_moe.utils.files import write_text
 
 NAME = "e3"
 SUPPORTED_OPTIONS = ("num_experts", "capacity_factor")
@@ -213,17 +214,19 @@ class _Runner:
     """One compiled model of an architecture, re-initialised per seed."""
 
     def __init__(self, kind, config):
-        import keras
-
+        from keras_moe.data.specs import CLASSIFICATION
         from keras_moe.models.vit import ViT
+        from keras_moe.training.fit import compile_for_task
 
         self.kind = kind
         self.config = config
         self.kwargs = model_kwargs(kind, config)
         self.model = ViT(**self.kwargs)
-        self.model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        compile_for_task(
+            self.model,
+            CLASSIFICATION,
+            config.learning_rate,
+            metrics=[],
             jit_compile=False,
         )
         self.model.optimizer.build(self.model.trainable_variables)
@@ -481,9 +484,7 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
     ]
     columns = ("model", "seed", "flops", *METRICS, "wall_s")
     common.write_csv(files[0], rows, columns)
-    common.write_text(
-        files[1], results_markdown(summary, config, seeds, wall_s)
-    )
+    write_text(files[1], results_markdown(summary, config, seeds, wall_s))
     common.plot_bars(
         summary,
         "model",

@@ -16,9 +16,10 @@ Example:
 """
 
 import os
-import tempfile
 
 import numpy as np
+
+from keras_moe.utils.files import atomic_path
 
 
 def _pyplot():
@@ -32,19 +33,8 @@ def _pyplot():
 
 def _save(figure, path):
     """Writes `figure` to `path` (a .png) through a temporary file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temp = tempfile.mkstemp(
-        dir=directory, prefix=".plot-", suffix=".png"
-    )
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         figure.savefig(temp, dpi=110, bbox_inches="tight")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def _check_png(path):

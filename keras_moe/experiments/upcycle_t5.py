@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from keras_moe import data as data_lib
 from keras_moe.data.pipelines import t5_features
+from keras_moe.evaluation.sequences import exact_matches
 from keras_moe.experiments import common
 from keras_moe.experiments import upcycling_common
 from keras_moe.models import flops
@@ -357,8 +358,10 @@ def exact_match(model, inputs, targets):
         targets: <int>[B, U] target ids, EOS-terminated, 0-padded.
 
     Returns:
-        A float: generated ids (after the start id, zeros after EOS) equal
-        to the target row.
+        A float: the share of rows whose generated ids (after the start
+        id) equal the whole target row, the zeros after EOS included
+        (`exact_matches(..., compare_after_eos=True)`: a generation that
+        goes on after its end of sequence does not match).
     """
     length = targets.shape[1]
     generated = model.generate(
@@ -367,7 +370,9 @@ def exact_match(model, inputs, targets):
         encoder_padding_mask=inputs["encoder_padding_mask"],
     )
     generated = keras.ops.convert_to_numpy(generated)[:, 1:]
-    return float(np.mean(np.all(generated == targets, axis=1)))
+    return float(
+        np.mean(exact_matches(generated, targets, compare_after_eos=True))
+    )
 
 
 def token_accuracy(logits, targets):

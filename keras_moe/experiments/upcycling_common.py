@@ -63,6 +63,8 @@ from keras_moe.experiments import common
 from keras_moe.layers import routing
 from keras_moe.training.schedules import InverseSqrtWarmup
 from keras_moe.training.schedules import LinearWarmup
+from keras_moe.utils.checks import check_int
+from keras_moe.utils.files import write_text
 
 ARMS = ("dense", "upcycled", "moe_scratch", "dense_tiled")
 ARM_LABELS = {
@@ -184,15 +186,9 @@ def parse_options(experiment, options, stack_layers):
 def _check_option(name, value):
     """One option's value, validated and normalised."""
     if name == "num_experts":
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(
-                f"option num_experts must be an int; received {value!r}"
-            )
-        if value < 1:
-            raise ValueError(
-                f"option num_experts must be >= 1; received {value}"
-            )
-        return int(value)
+        if isinstance(value, np.integer):  # from a NumPy array of options
+            value = int(value)
+        return check_int("option num_experts", value)
     if name == "capacity_factor":
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(
@@ -1040,5 +1036,5 @@ def write_outputs(output_dir, name, rows, metrics, header, wall_seconds):
             f"![{name}]({plot})\n",
         ]
     )
-    common.write_text(paths[1], text)
+    write_text(paths[1], text)
     return paths, summary

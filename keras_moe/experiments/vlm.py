@@ -51,9 +51,15 @@ from keras_moe import data
 from keras_moe import upcycling
 from keras_moe.checkpoints import read_vlm_checkpoints
 from keras_moe.data import vlm_tasks
+from keras_moe.data.specs import CLASSIFICATION
+from keras_moe.evaluation.sequences import exact_matches
+from keras_moe.evaluation.sequences import until_eos
 from keras_moe.experiments import common
 from keras_moe.models.vlm import VisionLanguageModel
+from keras_moe.training.fit import compile_for_task
 from keras_moe.utils.checks import check_int
+from keras_moe.utils.files import save_keras
+from keras_moe.utils.files import write_text
 
 NAME = "vlm"
 SUPPORTED_OPTIONS = ("num_experts",)
@@ -232,9 +238,14 @@ def _compile(model, config, steps, optimizer=None):
             warmup_steps=warmup,
         )
         optimizer = keras.optimizers.Adam(schedule)
-    model.compile(
+    # CLASSIFICATION's loss per target token: the mean over all B x U
+    # positions, padding weighted 0 (not TRANSLATION's mean over the real
+    # tokens); no metric, the progress lines print the loss only.
+    compile_for_task(
+        model,
+        CLASSIFICATION,
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[],
         jit_compile=config.jit_compile,
     )
 
@@ -294,16 +305,6 @@ def train(model, dataset, steps, config, label="", optimizer=None):
     return progress.losses
 
 
-def _generated_ids(tokens):
-    """Rows of generated ids (start id dropped), cut after the first EOS."""
-    rows = []
-    for row in tokens[:, 1:].tolist():
-        rows.append(
-            row[: row.index(data.EOS_ID) + 1] if data.EOS_ID in row else row
-        )
-    return rows
-
-
 def exact_match(model, dataset, max_length, blank=False):
     """(exact-match rate, examples, one (generated, target) id pair).
 
@@ -327,12 +328,11 @@ def exact_match(model, dataset, max_length, blank=False):
                 inputs["image_mask"],
             )
         )
-        for generated, target in zip(_generated_ids(tokens), targets.tolist()):
-            target = target[: target.index(data.EOS_ID) + 1]
-            hits += generated == target
-            total += 1
-            if sample is None:
-                sample = (generated, target)
+        generated = tokens[:, 1:]  # the start id dropped
+        hits += sum(exact_matches(generated, targets))
+        total += len(targets)
+        if sample is None:
+            sample = (until_eos(generated[0]), until_eos(targets[0]))
     return hits / max(total, 1), total, sample
 
 
@@ -495,9 +495,7 @@ def write_results(output_dir, rows, losses_by_seed, extra_lines=()):
         common.markdown_table(summary, columns, headers),
         *extra_lines,
     ]
-    common.write_text(
-        os.path.join(output_dir, "results.md"), "\n".join(lines) + "\n"
-    )
+    write_text(os.path.join(output_dir, "results.md"), "\n".join(lines) + "\n")
     for row in summary:
         row["label"] = f"{row['model']} {row['task']} {row['language']}"
     metrics = ["real"] + (["blank"] if blank else [])
@@ -566,8 +564,7 @@ def train_vlm(output_dir, config):
     )
     for name, model in result.models.items():
         path = os.path.join(output_dir, f"vlm_{name}.keras")
-        with common.atomic_path(path) as temp:
-            model.save(temp)
+        save_keras(model, path)
     print(f"Done in {wall:.0f} s; results in {output_dir}", flush=True)
     return result
 

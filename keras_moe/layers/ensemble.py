@@ -109,20 +109,12 @@ class _EnsembleRouting:
         self.ensemble_size = ensemble_size
         self.experts_per_member = self.num_experts // ensemble_size
 
-    def compute_logits(self, inputs, training=False):
-        """<[M*G, S, D]> -> (clean, noisy) logits <float32>[M*G, S, E/M]."""
+    def _project(self, x):
+        """<float32>[M*G, S, D] -> member logits <float32>[M*G, S, E/M]."""
         if self.ensemble_size == 1:
             # The plain router, bit for bit.
-            return super().compute_logits(inputs, training)
+            return super()._project(x)
         members, per_member = self.ensemble_size, self.experts_per_member
-        x = ops.cast(inputs, "float32")
-        if training and self.jitter_noise > 0:
-            x = x * keras.random.uniform(
-                ops.shape(x),
-                1.0 - self.jitter_noise,
-                1.0 + self.jitter_noise,
-                seed=self.seed_generator,
-            )
         num_tokens, model_dim = x.shape[1], x.shape[2]
         # (M*G, S, D) -> (M, G*S, D)
         x = ops.reshape(x, (members, -1, model_dim))
@@ -132,17 +124,9 @@ class _EnsembleRouting:
             (1, 0, 2),
         )
         # (M, G*S, D) @ (M, D, E/M) -> (M, G*S, E/M) -> (M*G, S, E/M)
-        logits = ops.reshape(
-            ops.matmul(x, kernel), (-1, num_tokens, per_member)
-        )
-        noisy = logits
-        if training and self.noise_std > 0:
-            noisy = logits + self.noise_std * keras.random.normal(
-                ops.shape(logits), seed=self.seed_generator
-            )
-        return logits, noisy
+        return ops.reshape(ops.matmul(x, kernel), (-1, num_tokens, per_member))
 
-    def route(self, inputs, expert_capacity, training=False, token_mask=None):
+    def call(self, inputs, expert_capacity, training=False, token_mask=None):
         """Routes member-major groups <[M*G, S, D]> among E/M experts each.
 
         Returns a `RouterOutput` whose instructions, probabilities, logits
@@ -158,7 +142,7 @@ class _EnsembleRouting:
                 f"D]>; received {num_groups} groups, not a multiple of "
                 f"{self.ensemble_size}"
             )
-        return super().route(inputs, expert_capacity, training, token_mask)
+        return super().call(inputs, expert_capacity, training, token_mask)
 
     def _ensemble_config(self, config):
         config["ensemble_size"] = self.ensemble_size
@@ -181,7 +165,7 @@ class EnsembleTokensChooseRouter(_EnsembleRouting, TokensChooseRouter):
     Example:
 
     >>> router = EnsembleTokensChooseRouter(num_experts=4, ensemble_size=2)
-    >>> out = router.route(keras.random.normal((2, 8, 16)), expert_capacity=4)
+    >>> out = router(keras.random.normal((2, 8, 16)), expert_capacity=4)
     >>> tuple(out.router_probs.shape)
     (2, 8, 2)
     """
@@ -221,7 +205,7 @@ class EnsembleExpertsChooseRouter(_EnsembleRouting, ExpertsChooseRouter):
     Example:
 
     >>> router = EnsembleExpertsChooseRouter(num_experts=4, ensemble_size=2)
-    >>> out = router.route(keras.random.normal((2, 8, 16)), expert_capacity=2)
+    >>> out = router(keras.random.normal((2, 8, 16)), expert_capacity=2)
     >>> tuple(out.instructions.token_index.shape)
     (2, 2, 2)
     """
@@ -301,9 +285,8 @@ class EnsembleMoeLayer(MoeLayer):
                 f"{num_experts // ensemble_size}; received "
                 f"num_selected_experts={k}"
             )
-        # Read by _make_router while MoeLayer.__init__ builds the router.
-        self.ensemble_size = ensemble_size
         super().__init__(num_experts, hidden_dim, **kwargs)
+        self.ensemble_size = ensemble_size
 
     def _make_router(self, router_type, router_kwargs):
         return _ENSEMBLE_ROUTERS[router_type](
@@ -311,13 +294,13 @@ class EnsembleMoeLayer(MoeLayer):
         )
 
     @property
-    def experts_per_member(self):
-        return self.num_experts // self.ensemble_size
+    def _num_members(self):
+        return self.ensemble_size
 
     @property
-    def experts_per_router(self):
-        """Member groups of S/M tokens route among E/M experts."""
-        return self.experts_per_member
+    def experts_per_member(self):
+        """E/M, the experts of one member."""
+        return self.experts_per_router
 
     def routing_weights(self, inputs, training=False, token_mask=None):
         """Per-token gates over all E experts, for inspection and tests.
@@ -332,10 +315,16 @@ class EnsembleMoeLayer(MoeLayer):
         inputs = ops.convert_to_tensor(inputs)
         if not self.built:
             self.build(inputs.shape)
-        inputs = self._check_inputs(inputs)
-        groups, mask, num_real = self._group(inputs, token_mask)
-        capacity = self.capacity(groups.shape[1], bool(training))
-        routed = self.router.route(groups, capacity, bool(training), mask)
+        training = bool(training)
+        inputs, groups, mask, num_real, capacity = self._grouped(
+            inputs, token_mask, training
+        )
+        routed = self.router(
+            groups,
+            expert_capacity=capacity,
+            training=training,
+            token_mask=mask,
+        )
         combine = ops.sum(routed.instructions.combine_array(), axis=-1)
         shape = (*ops.shape(inputs)[:-1], self.num_experts)
         return {
@@ -373,114 +362,6 @@ class EnsembleMoeLayer(MoeLayer):
         )
         with tf.control_dependencies([check]):
             return tf.identity(inputs)
-
-    def _group(self, inputs, token_mask):
-        """Returns member-major groups <[M*G, S/M, D]>, their mask
-        <bool>[M*G, S/M] and the real token count of one member."""
-        members = self.ensemble_size
-        model_dim = inputs.shape[-1]
-        # (M*B, ..., D) -> (M, B*..., D): member m's tokens in row m.
-        flat = ops.reshape(inputs, (members, -1, model_dim))
-        num_real = ops.shape(flat)[1]
-        if token_mask is None:
-            mask = ops.ones((members, num_real), dtype="bool")
-        else:
-            if tuple(token_mask.shape) != tuple(inputs.shape[:-1]):
-                raise ValueError(
-                    "token_mask must have the shape of the inputs without "
-                    f"the last axis, {tuple(inputs.shape[:-1])}; received "
-                    f"{tuple(token_mask.shape)}"
-                )
-            mask = ops.reshape(ops.cast(token_mask, "bool"), (members, -1))
-        if self.group_size is None:
-            group_size = inputs.shape[-2]
-        else:
-            group_size = self.group_size // members
-            # Each member is padded on its own: a group never mixes members.
-            pad = (-num_real) % group_size
-            flat = ops.pad(flat, ((0, 0), (0, pad), (0, 0)))
-            mask = ops.pad(mask, ((0, 0), (0, pad)), constant_values=False)
-        # (M, G*S, D) -> (M*G, S, D)
-        groups = ops.reshape(flat, (-1, group_size, model_dim))
-        return groups, ops.reshape(mask, (-1, group_size)), num_real
-
-    def _ungroup(self, values, num_real):
-        """<[M*G, S, ...]> member groups -> <[M*n, ...]> without padding."""
-        # (M*G, S, ...) -> (M, G*S, ...) -> (M, n, ...) -> (M*n, ...)
-        members = ops.reshape(
-            values, (self.ensemble_size, -1, *values.shape[2:])
-        )
-        return ops.reshape(members[:, :num_real], (-1, *values.shape[2:]))
-
-    def _route_and_dispatch(self, groups, mask, capacity, training):
-        """Routing and dispatch: member groups -> rows of all E experts."""
-        model_dim = groups.shape[-1]
-        routed = self.router.route(groups, capacity, training, token_mask=mask)
-        slots = self._dispatcher_cls(routed.instructions).dispatch(groups)
-        # (M*G, E/M, C, D) -> (M, G, E/M, C, D) -> (M, E/M, G, C, D)
-        #   -> (E, G*C, D): expert m*E/M + j gets member m's slots of j.
-        slots = ops.reshape(
-            slots,
-            (
-                self.ensemble_size,
-                -1,
-                self.experts_per_member,
-                capacity,
-                model_dim,
-            ),
-        )
-        expert_inputs = ops.reshape(
-            ops.transpose(slots, (0, 2, 1, 3, 4)),
-            (self.num_experts, -1, model_dim),
-        )
-        info = routed.instructions
-        routing_tensors = (
-            info.token_index,
-            info.combine_weights,
-            info.dispatch_mask,
-        )
-        stats = self._stats(routed, mask)
-        return expert_inputs, routing_tensors, routed.aux_losses, stats
-
-    def _combine(self, expert_outputs, routing_tensors, num_tokens):
-        """Combine: rows of all E experts -> member groups <[M*G, S, D]>."""
-        token_index, combine_weights, dispatch_mask = routing_tensors
-        capacity = token_index.shape[-1]
-        model_dim = expert_outputs.shape[-1]
-        # (E, G*C, D) -> (M, E/M, G, C, D) -> (M, G, E/M, C, D)
-        #   -> (M*G, E/M, C, D)
-        expert_outputs = ops.reshape(
-            expert_outputs,
-            (
-                self.ensemble_size,
-                self.experts_per_member,
-                -1,
-                capacity,
-                model_dim,
-            ),
-        )
-        expert_outputs = ops.reshape(
-            ops.transpose(expert_outputs, (0, 2, 1, 3, 4)),
-            (-1, self.experts_per_member, capacity, model_dim),
-        )
-        instructions = routing.RoutingInstructions(
-            token_index=token_index,
-            combine_weights=combine_weights,
-            dispatch_mask=dispatch_mask,
-            num_tokens=num_tokens,
-        )
-        return self._dispatcher_cls(instructions).combine(expert_outputs)
-
-    def _stats(self, routed, mask):
-        stats = super()._stats(routed, mask)
-        # Filled slots (M*G, E/M) -> (M, G, E/M) -> (M, E/M) -> (E,)
-        load = ops.reshape(
-            routed.instructions.tokens_per_expert(),
-            (self.ensemble_size, -1, self.experts_per_member),
-        )
-        load = ops.reshape(ops.sum(load, axis=1), (self.num_experts,))
-        stats["expert_usage"] = load / ops.maximum(ops.sum(load), 1.0)
-        return stats
 
     def get_config(self):
         config = super().get_config()

@@ -1,7 +1,8 @@
 """MoeLayer: a sparse Mixture-of-Experts replacement for the transformer MLP.
 
 Shape letters: G groups, S tokens per group (`group_size`), E experts,
-K experts per token, C expert capacity, D model dimension, H hidden dimension.
+K experts per token, C expert capacity, D model dimension, H hidden dimension,
+M ensemble members (1 here; see `EnsembleMoeLayer`).
 
 Data flow of one call, for inputs <[..., D]>:
 
@@ -10,6 +11,11 @@ Data flow of one call, for inputs <[..., D]>:
     dispatcher        -> slots <[G, E, C, D]> -> <[E, G*C, D]>
     experts           -> <[E, G*C, D]> -> <[G, E, C, D]>
     dispatcher        -> combined <[G, S, D]> -> outputs <[..., D]>
+
+The router and the experts are sublayers called through Keras' `__call__`.
+An E^3 ensemble (`EnsembleMoeLayer`) runs the same steps with M member-major
+groups <[M*G, S, D]>, each member routing among its E/M experts; the steps
+here are written for any M.
 
 With `jit_compile=True`, routing + dispatch and the combine each run inside
 a `tf.function(jit_compile=True)` (XLA), so that they compile even when the
@@ -29,8 +35,11 @@ from keras import ops
 from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe.layers import routing
 from keras_moe.layers.experts import Experts
+from keras_moe.layers.mlp import get_activation
 from keras_moe.layers.routers import ExpertsChooseRouter
 from keras_moe.layers.routers import TokensChooseRouter
+from keras_moe.layers.routers import check_router_arguments
+from keras_moe.utils.checks import check_positive_int
 
 
 def _use_xla(jit_compile):
@@ -159,6 +168,10 @@ class MoeLayer(keras.layers.Layer):
         seed: seed of the router noise.
         **kwargs: passed to `keras.layers.Layer`.
 
+    Sublayers, made in `build`: `router` (a `TokensChooseRouter` or
+    `ExpertsChooseRouter` named "router", float32 whatever the dtype
+    policy) and `experts` (`Experts`, named "experts").
+
     `relayout_hook` (not a constructor argument, not serialised): None, or
     a callable `hook(rows, to)` applied to the expert rows <[E, G*C, D]>
     just before the experts (`to="experts"`) and just after them
@@ -227,6 +240,15 @@ class MoeLayer(keras.layers.Layer):
             )
         if dispatcher != "auto":
             dispatch_lib.get_dispatcher(dispatcher)
+        # The router and the experts are made in `build`; their arguments
+        # are checked here so that a bad layer fails when it is constructed.
+        check_router_arguments(num_experts, jitter_noise, noise_std)
+        check_positive_int("hidden_dim", hidden_dim)
+        get_activation(activation)
+        if not 0.0 <= dropout_rate <= 1.0:
+            raise ValueError(
+                f"dropout_rate must be in [0, 1]; received {dropout_rate!r}"
+            )
         # Validates E, K, both capacity factors and min_expert_capacity.
         for factor in (train_capacity_factor, eval_capacity_factor):
             routing.expert_capacity(
@@ -257,12 +279,10 @@ class MoeLayer(keras.layers.Layer):
         )
         self.jitter_noise = float(jitter_noise)
         self.noise_std = float(noise_std)
-        self.loss_weights = {
-            "router_z_loss": float(router_z_loss_weight),
-            "load_balancing_loss": float(load_balancing_loss_weight),
-            "importance_loss": float(importance_loss_weight),
-            "load_loss": float(load_loss_weight),
-        }
+        self.router_z_loss_weight = float(router_z_loss_weight)
+        self.load_balancing_loss_weight = float(load_balancing_loss_weight)
+        self.importance_loss_weight = float(importance_loss_weight)
+        self.load_loss_weight = float(load_loss_weight)
         for name, weight in self.loss_weights.items():
             if not weight >= 0:
                 raise ValueError(
@@ -278,33 +298,6 @@ class MoeLayer(keras.layers.Layer):
         self.check_numerics = bool(check_numerics)
         self.seed = seed
 
-        router_kwargs = dict(
-            num_experts=num_experts,
-            kernel_initializer=self.router_kernel_initializer,
-            jitter_noise=jitter_noise,
-            noise_std=noise_std,
-            normalize_combine_weights=normalize_combine_weights,
-            seed=seed,
-            dtype="float32",
-            name="router",
-        )
-        if router == routing.TOKENS_CHOOSE:
-            router_kwargs.update(
-                num_selected_experts=num_selected_experts,
-                batch_priority=batch_priority,
-            )
-        self.router = self._make_router(router, router_kwargs)
-        self.experts = Experts(
-            num_experts=num_experts,
-            hidden_dim=hidden_dim,
-            activation=activation,
-            use_bias=use_bias,
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
-            dropout_rate=dropout_rate,
-            dtype=self.dtype_policy,
-            name="experts",
-        )
         self.dropped_tracker = keras.metrics.Mean(name=f"{self.name}_dropped")
         self.confidence_tracker = keras.metrics.Mean(
             name=f"{self.name}_confidence"
@@ -335,7 +328,40 @@ class MoeLayer(keras.layers.Layer):
                 "With group_size=None the sequence axis (-2) is the group and "
                 f"must be known; received input_shape={input_shape}"
             )
+        router_kwargs = dict(
+            num_experts=self.num_experts,
+            kernel_initializer=self.router_kernel_initializer,
+            jitter_noise=self.jitter_noise,
+            noise_std=self.noise_std,
+            normalize_combine_weights=self.normalize_combine_weights,
+            seed=self.seed,
+            # Not the layer's policy: under mixed precision Keras would then
+            # cast the router's inputs and kernel to the compute dtype, and
+            # router maths must stay in float32.
+            dtype="float32",
+            name="router",
+        )
+        if self.router_type == routing.TOKENS_CHOOSE:
+            router_kwargs.update(
+                num_selected_experts=self.num_selected_experts,
+                batch_priority=self.batch_priority,
+            )
+        self.router = self._make_router(self.router_type, router_kwargs)
+        # Built here, not on its first call: that call may be traced inside
+        # the XLA function of `_route_and_dispatch`, where no variable may
+        # be created.
         self.router.build((None, None, model_dim))
+        self.experts = Experts(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            activation=self.activation,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
         self.experts.build((self.num_experts, None, model_dim))
         name = self.dispatcher
         self._dispatcher_cls = dispatch_lib.get_dispatcher(
@@ -359,9 +385,30 @@ class MoeLayer(keras.layers.Layer):
         return ExpertsChooseRouter(**router_kwargs)
 
     @property
+    def loss_weights(self):
+        """{auxiliary loss name: its weight}, the names routers report."""
+        return {
+            "router_z_loss": self.router_z_loss_weight,
+            "load_balancing_loss": self.load_balancing_loss_weight,
+            "importance_loss": self.importance_loss_weight,
+            "load_loss": self.load_loss_weight,
+        }
+
+    @property
+    def _num_members(self):
+        """M, the ensemble members whose tokens are routed apart (1 here).
+
+        `EnsembleMoeLayer` returns its `ensemble_size`: its inputs
+        <[M*B, ..., D]> hold member m's tokens in rows [m*B, (m+1)*B), and
+        member m's groups are routed among experts [m*E/M, (m+1)*E/M). A
+        plain layer is the one-member case of every step below.
+        """
+        return 1
+
+    @property
     def experts_per_router(self):
-        """Experts one token's router chooses among (E here)."""
-        return self.num_experts
+        """E/M: the experts that one token's router chooses among."""
+        return self.num_experts // self._num_members
 
     def capacity(self, tokens_per_group, training):
         """C for groups of S tokens (`training` picks the factor)."""
@@ -380,15 +427,9 @@ class MoeLayer(keras.layers.Layer):
 
     def call(self, inputs, training=False, token_mask=None):
         training = bool(training)
-        if inputs.shape[-1] != self.experts.wo.shape[-1]:
-            raise ValueError(
-                f"{type(self).__name__} was built for "
-                f"D={self.experts.wo.shape[-1]}; received inputs of shape "
-                f"{inputs.shape}"
-            )
-        inputs = self._check_inputs(inputs)
-        groups, mask, num_real = self._group(inputs, token_mask)
-        capacity = self.capacity(groups.shape[1], training)
+        inputs, groups, mask, num_real, capacity = self._grouped(
+            inputs, token_mask, training
+        )
         outputs, aux_losses, stats = self._moe(groups, mask, capacity, training)
         self._check_finite(stats.pop("logits_finite"))
         self.dropped_tracker.update_state(stats["dropped"])
@@ -400,22 +441,43 @@ class MoeLayer(keras.layers.Layer):
                 self.add_loss(weight * value)
         return ops.reshape(self._ungroup(outputs, num_real), ops.shape(inputs))
 
+    def _grouped(self, inputs, token_mask, training):
+        """Checks inputs <[..., D]> and splits them into routing groups.
+
+        Returns the checked inputs, member-major groups <[M*G, S, D]>, their
+        mask <bool>[M*G, S], the real token count n of one member and C.
+        """
+        if inputs.shape[-1] != self.experts.wo.shape[-1]:
+            raise ValueError(
+                f"{type(self).__name__} was built for "
+                f"D={self.experts.wo.shape[-1]}; received inputs of shape "
+                f"{inputs.shape}"
+            )
+        inputs = self._check_inputs(inputs)
+        groups, mask, num_real = self._group(inputs, token_mask)
+        capacity = self.capacity(groups.shape[1], training)
+        return inputs, groups, mask, num_real, capacity
+
     def _check_inputs(self, inputs):
         """Hook for input checks beyond the shape (identity here)."""
         return inputs
 
-    def _ungroup(self, values, num_real):
-        """<[G, S, ...]> groups -> <[n, ...]> tokens without the padding."""
-        # (G, S, ...) -> (G*S, ...) -> drop padding
-        return ops.reshape(values, (-1, *values.shape[2:]))[:num_real]
-
     def _group(self, inputs, token_mask):
-        """Returns groups <[G, S, D]>, mask <bool>[G, S], real token count."""
+        """Returns groups <[M*G, S, D]>, mask <bool>[M*G, S], n.
+
+        Groups are member-major (groups [m*G, (m+1)*G) are member m's) and
+        n is the real token count of one member. With `group_size` each
+        member's n tokens are padded on their own to a multiple of S, so
+        that a group never mixes members; S is `group_size / M`, the
+        `group_size` counting the tokens of all M members.
+        """
+        members = self._num_members
         model_dim = inputs.shape[-1]
-        flat = ops.reshape(inputs, (-1, model_dim))
-        num_real = ops.shape(flat)[0]
+        # (M*B, ..., D) -> (M, n, D): member m's tokens in row m.
+        flat = ops.reshape(inputs, (members, -1, model_dim))
+        num_real = ops.shape(flat)[1]
         if token_mask is None:
-            mask = ops.ones((num_real,), dtype="bool")
+            mask = ops.ones((members, num_real), dtype="bool")
         else:
             if tuple(token_mask.shape) != tuple(inputs.shape[:-1]):
                 raise ValueError(
@@ -423,29 +485,34 @@ class MoeLayer(keras.layers.Layer):
                     f"the last axis, {tuple(inputs.shape[:-1])}; received "
                     f"{tuple(token_mask.shape)}"
                 )
-            mask = ops.reshape(ops.cast(token_mask, "bool"), (-1,))
+            mask = ops.reshape(ops.cast(token_mask, "bool"), (members, -1))
         if self.group_size is None:
             group_size = inputs.shape[-2]
-            pad = 0
         else:
-            group_size = self.group_size
+            group_size = self.group_size // members
             pad = (-num_real) % group_size
-            flat = ops.pad(flat, ((0, pad), (0, 0)))
-            mask = ops.pad(mask, ((0, pad),), constant_values=False)
-        # (G*S, D) -> (G, S, D)
+            flat = ops.pad(flat, ((0, 0), (0, pad), (0, 0)))
+            mask = ops.pad(mask, ((0, 0), (0, pad)), constant_values=False)
+        # (M, G*S, D) -> (M*G, S, D)
         groups = ops.reshape(flat, (-1, group_size, model_dim))
         return groups, ops.reshape(mask, (-1, group_size)), num_real
 
+    def _ungroup(self, values, num_real):
+        """<[M*G, S, ...]> member groups -> <[M*n, ...]> without padding."""
+        trailing = values.shape[2:]
+        # (M*G, S, ...) -> (M, G*S, ...) -> (M, n, ...) -> (M*n, ...)
+        members = ops.reshape(values, (self._num_members, -1, *trailing))
+        return ops.reshape(members[:, :num_real], (-1, *trailing))
+
     def _route_and_dispatch(self, groups, mask, capacity, training):
         """Routing and dispatch (compiled with XLA): groups -> expert rows."""
-        model_dim = groups.shape[-1]
-        routed = self.router.route(groups, capacity, training, token_mask=mask)
-        slots = self._dispatcher_cls(routed.instructions).dispatch(groups)
-        # (G, E, C, D) -> (E, G, C, D) -> (E, G*C, D)
-        expert_inputs = ops.reshape(
-            ops.transpose(slots, (1, 0, 2, 3)),
-            (self.num_experts, -1, model_dim),
+        routed = self.router(
+            groups,
+            expert_capacity=capacity,
+            training=training,
+            token_mask=mask,
         )
+        slots = self._dispatcher_cls(routed.instructions).dispatch(groups)
         info = routed.instructions
         routing_tensors = (
             info.token_index,
@@ -453,29 +520,63 @@ class MoeLayer(keras.layers.Layer):
             info.dispatch_mask,
         )
         stats = self._stats(routed, mask)
+        expert_inputs = self._slots_to_rows(slots)
         return expert_inputs, routing_tensors, routed.aux_losses, stats
 
     def _combine(self, expert_outputs, routing_tensors, num_tokens):
-        """Combine (compiled with XLA): expert rows -> <[G, S, D]> tokens."""
+        """Combine (compiled with XLA): expert rows -> <[M*G, S, D]>."""
         token_index, combine_weights, dispatch_mask = routing_tensors
-        num_groups = ops.shape(token_index)[0]
-        capacity = token_index.shape[-1]
-        model_dim = expert_outputs.shape[-1]
-        # (E, G*C, D) -> (E, G, C, D) -> (G, E, C, D)
-        expert_outputs = ops.transpose(
-            ops.reshape(
-                expert_outputs,
-                (self.num_experts, num_groups, capacity, model_dim),
-            ),
-            (1, 0, 2, 3),
-        )
+        slots = self._rows_to_slots(expert_outputs, token_index.shape[-1])
         instructions = routing.RoutingInstructions(
             token_index=token_index,
             combine_weights=combine_weights,
             dispatch_mask=dispatch_mask,
             num_tokens=num_tokens,
         )
-        return self._dispatcher_cls(instructions).combine(expert_outputs)
+        return self._dispatcher_cls(instructions).combine(slots)
+
+    def _slots_to_rows(self, slots):
+        """Slots <[M*G, E/M, C, D]> -> expert rows <[E, G*C, D]>.
+
+        Expert m*E/M + j gets member m's slots of its expert j.
+        """
+        capacity, model_dim = slots.shape[2], slots.shape[3]
+        # (M*G, E/M, C, D) -> (M, G, E/M, C, D) -> (M, E/M, G, C, D)
+        #   -> (E, G*C, D)
+        slots = ops.reshape(
+            slots,
+            (
+                self._num_members,
+                -1,
+                self.experts_per_router,
+                capacity,
+                model_dim,
+            ),
+        )
+        return ops.reshape(
+            ops.transpose(slots, (0, 2, 1, 3, 4)),
+            (self.num_experts, -1, model_dim),
+        )
+
+    def _rows_to_slots(self, rows, capacity):
+        """Expert rows <[E, G*C, D]> -> slots <[M*G, E/M, C, D]>."""
+        model_dim = rows.shape[-1]
+        # (E, G*C, D) -> (M, E/M, G, C, D) -> (M, G, E/M, C, D)
+        #   -> (M*G, E/M, C, D)
+        rows = ops.reshape(
+            rows,
+            (
+                self._num_members,
+                self.experts_per_router,
+                -1,
+                capacity,
+                model_dim,
+            ),
+        )
+        return ops.reshape(
+            ops.transpose(rows, (0, 2, 1, 3, 4)),
+            (-1, self.experts_per_router, capacity, model_dim),
+        )
 
     def _moe(self, groups, mask, capacity, training):
         """Route, dispatch, run the experts, combine."""
@@ -522,7 +623,12 @@ class MoeLayer(keras.layers.Layer):
         confidence = (
             ops.sum(ops.max(routed.router_probs, -1) * valid) / num_valid
         )
-        load = ops.sum(routed.instructions.tokens_per_expert(), axis=0)  # (E,)
+        # Filled slots (M*G, E/M) -> (M, G, E/M) -> (M, E/M) -> (E,)
+        load = ops.reshape(
+            routed.instructions.tokens_per_expert(),
+            (self._num_members, -1, self.experts_per_router),
+        )
+        load = ops.reshape(ops.sum(load, axis=1), (self.num_experts,))
         usage = load / ops.maximum(ops.sum(load), 1.0)
         return {
             "dropped": dropped,
@@ -583,12 +689,10 @@ class MoeLayer(keras.layers.Layer):
                 ),
                 "jitter_noise": self.jitter_noise,
                 "noise_std": self.noise_std,
-                "router_z_loss_weight": self.loss_weights["router_z_loss"],
-                "load_balancing_loss_weight": self.loss_weights[
-                    "load_balancing_loss"
-                ],
-                "importance_loss_weight": self.loss_weights["importance_loss"],
-                "load_loss_weight": self.loss_weights["load_loss"],
+                "router_z_loss_weight": self.router_z_loss_weight,
+                "load_balancing_loss_weight": self.load_balancing_loss_weight,
+                "importance_loss_weight": self.importance_loss_weight,
+                "load_loss_weight": self.load_loss_weight,
                 "dispatcher": self.dispatcher,
                 "jit_compile": self.jit_compile,
                 "check_numerics": self.check_numerics,

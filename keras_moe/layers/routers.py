@@ -8,6 +8,11 @@ probabilities, routes with `routing.tokens_choose` or `routing.experts_choose`
 and reports its auxiliary losses (unweighted, so that the caller decides how
 to add them). Router maths runs in float32 whatever the dtype policy, so the
 layers are built with `dtype="float32"` by default.
+
+A router is called like any Keras layer,
+`router(groups, expert_capacity=C, training=..., token_mask=...)`, and is
+built by Keras from the shape of `groups`; `route` is the same call with
+the capacity allowed positionally.
 """
 
 import dataclasses
@@ -34,6 +39,28 @@ class RouterOutput:
     router_probs: object
     router_logits: object
     aux_losses: dict
+
+
+def check_router_arguments(num_experts, jitter_noise, noise_std):
+    """Raises a ValueError for a bad E or noise level of a `Router`.
+
+    Also called by `MoeLayer.__init__`, which makes its router only in
+    `build` but should refuse bad arguments when it is constructed.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise ValueError(
+            f"num_experts must be an int >= 1; received {num_experts!r}"
+        )
+    if num_experts < 1:
+        raise ValueError(
+            f"num_experts must be an int >= 1; received {num_experts}"
+        )
+    if not 0.0 <= jitter_noise < 1.0:
+        raise ValueError(
+            f"jitter_noise must be in [0, 1); received {jitter_noise!r}"
+        )
+    if not noise_std >= 0.0:
+        raise ValueError(f"noise_std must be >= 0; received {noise_std!r}")
 
 
 class Router(keras.layers.Layer):
@@ -63,20 +90,7 @@ class Router(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int):
-            raise ValueError(
-                f"num_experts must be an int >= 1; received {num_experts!r}"
-            )
-        if num_experts < 1:
-            raise ValueError(
-                f"num_experts must be an int >= 1; received {num_experts}"
-            )
-        if not 0.0 <= jitter_noise < 1.0:
-            raise ValueError(
-                f"jitter_noise must be in [0, 1); received {jitter_noise!r}"
-            )
-        if not noise_std >= 0.0:
-            raise ValueError(f"noise_std must be >= 0; received {noise_std!r}")
+        check_router_arguments(num_experts, jitter_noise, noise_std)
         self.num_experts = num_experts
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.jitter_noise = float(jitter_noise)
@@ -108,7 +122,7 @@ class Router(keras.layers.Layer):
                 1.0 + self.jitter_noise,
                 seed=self.seed_generator,
             )
-        logits = ops.matmul(x, self.kernel)
+        logits = self._project(x)
         noisy = logits
         if training and self.noise_std > 0:
             noisy = logits + self.noise_std * keras.random.normal(
@@ -116,19 +130,39 @@ class Router(keras.layers.Layer):
             )
         return logits, noisy
 
-    def call(self, inputs, expert_capacity, training=False, token_mask=None):
-        return self.route(inputs, expert_capacity, training, token_mask)
+    def _project(self, x):
+        """Tokens <float32>[G, S, D] -> logits <float32>[G, S, E]."""
+        return ops.matmul(x, self.kernel)
 
-    def route(self, inputs, expert_capacity, training=False, token_mask=None):
-        """Routes <[G, S, D]> tokens; returns a `RouterOutput`."""
-        if not self.built:
-            self.build(inputs.shape)
+    def call(self, inputs, expert_capacity, training=False, token_mask=None):
+        """Routes <[G, S, D]> tokens; returns a `RouterOutput`.
+
+        Args:
+            inputs: groups of tokens <[G, S, D]>.
+            expert_capacity: C, a Python int.
+            training: whether to add the router noise.
+            token_mask: optional <bool>[G, S]; False tokens (padding) are
+                never routed.
+        """
         logits, noisy = self.compute_logits(inputs, training)
         probs = ops.softmax(noisy, axis=-1)
         instructions = self._route(probs, expert_capacity, token_mask)
         aux = {"router_z_loss": losses.router_z_loss(noisy)}
         aux.update(self._aux_losses(logits, noisy, probs, training))
         return RouterOutput(instructions, probs, logits, aux)
+
+    def route(self, inputs, expert_capacity, training=False, token_mask=None):
+        """`self(inputs, expert_capacity=...)`: the layer call (see `call`).
+
+        Keras' `__call__` takes only tensors positionally; this spelling
+        also takes the capacity as the second positional argument.
+        """
+        return self(
+            inputs,
+            expert_capacity=expert_capacity,
+            training=training,
+            token_mask=token_mask,
+        )
 
     def _route(self, probs, expert_capacity, token_mask):
         raise NotImplementedError
@@ -170,7 +204,7 @@ class TokensChooseRouter(Router):
     Example:
 
     >>> router = TokensChooseRouter(num_experts=4, num_selected_experts=2)
-    >>> out = router.route(keras.random.normal((2, 8, 16)), expert_capacity=4)
+    >>> out = router(keras.random.normal((2, 8, 16)), expert_capacity=4)
     >>> tuple(out.instructions.combine_array().shape)
     (2, 8, 4, 4)
     """
@@ -249,7 +283,7 @@ class ExpertsChooseRouter(Router):
     Example:
 
     >>> router = ExpertsChooseRouter(num_experts=4)
-    >>> out = router.route(keras.random.normal((2, 8, 16)), expert_capacity=2)
+    >>> out = router(keras.random.normal((2, 8, 16)), expert_capacity=2)
     >>> tuple(out.instructions.token_index.shape)
     (2, 4, 2)
     """

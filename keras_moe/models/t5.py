@@ -32,6 +32,8 @@ from keras import ops
 
 from keras_moe.layers.mlp import ACTIVATIONS
 from keras_moe.layers.moe import MoeLayer
+from keras_moe.models.moe_blocks import LANGUAGE
+from keras_moe.models.moe_blocks import MoeStack
 from keras_moe.models.t5_layers import T5Stack
 from keras_moe.models.t5_layers import moe_blocks_config
 from keras_moe.models.t5_layers import plain_config
@@ -174,6 +176,25 @@ class T5(keras.Model):
     >>> tuple(model.generate(keras.ops.array([[5, 6, 7, 1]]), 4).shape)
     (1, 4)
     """
+
+    # The stacks whose MLP blocks can be MoE blocks (see `MoeStack`).
+    MOE_STACKS = (
+        MoeStack(
+            "encoder",
+            "encoder_moe_blocks",
+            "num_encoder_layers",
+            blocks="encoder.blocks",
+            modality=LANGUAGE,
+        ),
+        MoeStack(
+            "decoder",
+            "decoder_moe_blocks",
+            "num_decoder_layers",
+            blocks="decoder.blocks",
+            modality=LANGUAGE,
+            causal=True,
+        ),
+    )
 
     def __init__(
         self,
@@ -454,55 +475,10 @@ class T5(keras.Model):
         return tokens
 
     def _greedy_search(self, encoder_ids, encoder_mask, max_length):
-        batch = ops.shape(encoder_ids)[0]
         encoded = self.encoder(
             self.shared(encoder_ids), padding_mask=encoder_mask
         )
-        cross_caches = tuple(
-            block.cross_attention.key_value(encoded)
-            for block in self.decoder.blocks
-        )
-        self_caches = tuple(
-            ops.zeros(
-                (batch, 2, max_length, self.num_heads, self.head_dim),
-                dtype=encoded.dtype,
-            )
-            for _ in self.decoder.blocks
-        )
-        tokens = ops.full((batch, max_length), DECODER_START_ID, "int32")
-        finished = ops.zeros((batch,), dtype="bool")
-        positions = ops.arange(max_length, dtype="int32")[None, :]
-
-        def condition(index, tokens, finished, caches):
-            return ops.logical_and(
-                index < max_length - 1, ops.logical_not(ops.all(finished))
-            )
-
-        def body(index, tokens, finished, caches):
-            current = ops.take(tokens, ops.reshape(index, (1,)), axis=1)
-            hidden, caches = self.decoder(
-                self.shared(current),
-                context=encoded,
-                context_padding_mask=encoder_mask,
-                self_attention_caches=caches,
-                cross_attention_caches=cross_caches,
-                cache_index=index,
-            )
-            logits = self.logits(hidden)[:, 0]
-            next_token = ops.cast(ops.argmax(logits, axis=-1), "int32")
-            next_token = ops.where(finished, PAD_ID, next_token)
-            tokens = ops.where(
-                positions == index + 1, next_token[:, None], tokens
-            )
-            finished = ops.logical_or(finished, next_token == EOS_ID)
-            return index + 1, tokens, finished, tuple(caches)
-
-        _, tokens, _, _ = tf.while_loop(
-            condition,
-            body,
-            (ops.convert_to_tensor(0, "int32"), tokens, finished, self_caches),
-        )
-        return tokens
+        return greedy_decode(self, encoded, encoder_mask, max_length)
 
     def canonical_variables(self):
         """Canonical name -> variable (see the module and MODELS.md)."""
@@ -566,3 +542,77 @@ class T5(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def greedy_decode(language_model, encoded, encoder_mask, max_length):
+    """Greedy decoding of a `T5` decoder from given encoder outputs.
+
+    The loop of `T5.generate` after its encoder, and of
+    `VisionLanguageModel.generate` after its ViT and T5 encoder: the
+    decoder runs one token at a time on its self-attention caches
+    <[B, 2, L, N, Dh]> (one per block), with the cross-attention keys and
+    values of `encoded` computed once, inside a `tf.while_loop` that stops
+    when every sequence has produced the end-of-sequence id. `generate`
+    runs it in a `tf.function`; eagerly it runs as a Python loop.
+
+    Args:
+        language_model: a `T5`.
+        encoded: <[B, S, D]> encoder outputs.
+        encoder_mask: <bool>[B, S] real encoder positions.
+        max_length: L, the length of the returned sequences.
+
+    Returns:
+        <int32>[B, L] token ids, column 0 the start id, 0 after the end.
+
+    Example:
+
+    >>> model = T5.from_preset("t5_tiny")
+    >>> ids = keras.ops.array([[5, 6, 7, 1]])
+    >>> tokens = greedy_decode(model, model.encode(ids), ids != 0, 4)
+    >>> tuple(tokens.shape)
+    (1, 4)
+    """
+    lm = language_model
+    batch = ops.shape(encoded)[0]
+    cross_caches = tuple(
+        block.cross_attention.key_value(encoded) for block in lm.decoder.blocks
+    )
+    self_caches = tuple(
+        ops.zeros(
+            (batch, 2, max_length, lm.num_heads, lm.head_dim),
+            dtype=encoded.dtype,
+        )
+        for _ in lm.decoder.blocks
+    )
+    tokens = ops.full((batch, max_length), DECODER_START_ID, "int32")
+    finished = ops.zeros((batch,), dtype="bool")
+    positions = ops.arange(max_length, dtype="int32")[None, :]
+
+    def condition(index, tokens, finished, caches):
+        return ops.logical_and(
+            index < max_length - 1, ops.logical_not(ops.all(finished))
+        )
+
+    def body(index, tokens, finished, caches):
+        current = ops.take(tokens, ops.reshape(index, (1,)), axis=1)
+        hidden, caches = lm.decoder(
+            lm.shared(current),
+            context=encoded,
+            context_padding_mask=encoder_mask,
+            self_attention_caches=caches,
+            cross_attention_caches=cross_caches,
+            cache_index=index,
+        )
+        logits = lm.logits(hidden)[:, 0]
+        next_token = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        next_token = ops.where(finished, PAD_ID, next_token)
+        tokens = ops.where(positions == index + 1, next_token[:, None], tokens)
+        finished = ops.logical_or(finished, next_token == EOS_ID)
+        return index + 1, tokens, finished, tuple(caches)
+
+    _, tokens, _, _ = tf.while_loop(
+        condition,
+        body,
+        (ops.convert_to_tensor(0, "int32"), tokens, finished, self_caches),
+    )
+    return tokens

@@ -58,6 +58,8 @@ from keras_moe.layers.ensemble import match_member_rows
 from keras_moe.layers.mlp import Mlp
 from keras_moe.layers.mlp import get_activation
 from keras_moe.layers.moe import MoeLayer
+from keras_moe.models.moe_blocks import VISION
+from keras_moe.models.moe_blocks import MoeStack
 
 POOLINGS = ("token", "gap")
 
@@ -530,6 +532,17 @@ class ViT(keras.Model):
     >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape)
     (2, 10)
     """
+
+    # The stack whose MLP blocks can be MoE blocks (see `MoeStack`).
+    MOE_STACKS = (
+        MoeStack(
+            "encoder",
+            "encoder_moe_blocks",
+            "num_layers",
+            blocks="blocks",
+            modality=VISION,
+        ),
+    )
 
     def __init__(
         self,

@@ -40,7 +40,8 @@ an image.
 
 The MoE blocks of the three stacks are the constructor's
 `vision_moe_blocks` (ViT blocks), `encoder_moe_blocks` and
-`decoder_moe_blocks` (T5 blocks); `keras_moe.upcycle` fills them.
+`decoder_moe_blocks` (T5 blocks), declared in the class's `MOE_STACKS`;
+`keras_moe.upcycle` fills them.
 
 Token id 0 is padding and the decoder start token; id 1 is end of sequence.
 """
@@ -49,28 +50,28 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_moe.models.t5 import DECODER_START_ID
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.t5 import T5
+from keras_moe.models.t5 import greedy_decode
 from keras_moe.models.t5 import t5_config
 from keras_moe.models.t5_layers import plain_config
 from keras_moe.models.vit import ViT
 from keras_moe.models.vit import vit_config
 from keras_moe.utils.checks import check_int
 
-# Keys the model sets itself in its ViT and T5 configs.
+# Keys the model sets itself in its ViT and T5 configs (the sub-models'
+# MoE blocks are this model's arguments).
 _VISION_RESERVED = (
     "num_classes",
-    "encoder_moe_blocks",
+    *(stack.moe_key for stack in ViT.MOE_STACKS),
     "ensemble_size",
     "name",
     "dtype",
     "trainable",
 )
 _TEXT_RESERVED = (
-    "encoder_moe_blocks",
-    "decoder_moe_blocks",
+    *(stack.moe_key for stack in T5.MOE_STACKS),
     "name",
     "dtype",
     "trainable",
@@ -223,6 +224,21 @@ class VisionLanguageModel(keras.Model):
     (2, 4)
     """
 
+    # The ViT's stack, then the T5's (see `MoeStack`): their MoE blocks are
+    # this model's arguments, their block counts in the sub-configs.
+    MOE_STACKS = (
+        ViT.MOE_STACKS[0].within(
+            "vision_encoder",
+            "vision_config",
+            name="vision",
+            moe_key="vision_moe_blocks",
+        ),
+        *(
+            stack.within("language_model", "text_config")
+            for stack in T5.MOE_STACKS
+        ),
+    )
+
     def __init__(
         self,
         vision_config,
@@ -339,10 +355,7 @@ class VisionLanguageModel(keras.Model):
                 "The vision encoder cannot be an E^3 ensemble; received a ViT "
                 f"with ensemble_size={vit.ensemble_size}"
             )
-        taken = sorted(
-            {"vision_moe_blocks", "encoder_moe_blocks", "decoder_moe_blocks"}
-            & set(kwargs)
-        )
+        taken = sorted({s.moe_key for s in cls.MOE_STACKS} & set(kwargs))
         if taken:
             raise ValueError(
                 f"from_models takes the MoE blocks from the models; do not "
@@ -673,67 +686,3 @@ class VisionLanguageModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def greedy_decode(language_model, encoded, encoder_mask, max_length):
-    """Greedy decoding of a `T5` decoder from given encoder outputs.
-
-    The loop of `T5.generate` after its encoder: the decoder runs one token
-    at a time on its self-attention caches <[B, 2, L, N, Dh]> (one per
-    block), with the cross-attention keys and values of `encoded` computed
-    once, inside a `tf.while_loop` that stops when every sequence has
-    produced the end-of-sequence id.
-
-    Args:
-        language_model: a `T5`.
-        encoded: <[B, S, D]> encoder outputs.
-        encoder_mask: <bool>[B, S] real encoder positions.
-        max_length: L, the length of the returned sequences.
-
-    Returns:
-        <int32>[B, L] token ids, column 0 the start id, 0 after the end.
-    """
-    lm = language_model
-    batch = ops.shape(encoded)[0]
-    cross_caches = tuple(
-        block.cross_attention.key_value(encoded) for block in lm.decoder.blocks
-    )
-    self_caches = tuple(
-        ops.zeros(
-            (batch, 2, max_length, lm.num_heads, lm.head_dim),
-            dtype=encoded.dtype,
-        )
-        for _ in lm.decoder.blocks
-    )
-    tokens = ops.full((batch, max_length), DECODER_START_ID, "int32")
-    finished = ops.zeros((batch,), dtype="bool")
-    positions = ops.arange(max_length, dtype="int32")[None, :]
-
-    def condition(index, tokens, finished, caches):
-        return ops.logical_and(
-            index < max_length - 1, ops.logical_not(ops.all(finished))
-        )
-
-    def body(index, tokens, finished, caches):
-        current = ops.take(tokens, ops.reshape(index, (1,)), axis=1)
-        hidden, caches = lm.decoder(
-            lm.shared(current),
-            context=encoded,
-            context_padding_mask=encoder_mask,
-            self_attention_caches=caches,
-            cross_attention_caches=cross_caches,
-            cache_index=index,
-        )
-        logits = lm.logits(hidden)[:, 0]
-        next_token = ops.cast(ops.argmax(logits, axis=-1), "int32")
-        next_token = ops.where(finished, PAD_ID, next_token)
-        tokens = ops.where(positions == index + 1, next_token[:, None], tokens)
-        finished = ops.logical_or(finished, next_token == EOS_ID)
-        return index + 1, tokens, finished, tuple(caches)
-
-    _, tokens, _, _ = tf.while_loop(
-        condition,
-        body,
-        (ops.convert_to_tensor(0, "int32"), tokens, finished, self_caches),
-    )
-    return tokens

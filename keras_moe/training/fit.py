@@ -43,29 +43,75 @@ ARCHITECTURES = ("vit", "t5")
 T5_MAX_DISTANCE = 128
 
 
-def compile_for_task(model, spec, learning_rate, strategy=None):
-    """Adam, cross-entropy from logits, accuracy (masked for T5)."""
-    jit = "auto"
+def compile_for_task(
+    model,
+    task,
+    learning_rate=None,
+    optimizer=None,
+    metrics=None,
+    strategy=None,
+    jit_compile="auto",
+):
+    """Compiles `model` with cross-entropy from logits for `task`.
+
+    Args:
+        model: a Keras model returning logits.
+        task: `CLASSIFICATION` (the kind of a `DataSpec`): the loss is the
+            mean over the batch's examples (Keras' default reduction; a
+            sample weight scales an example's loss, the divisor stays the
+            batch size); metric "accuracy". `TRANSLATION`: the loss is the
+            mean over the real target tokens (weight 1:
+            `reduction="mean_with_sample_weight"`); weighted metric
+            "token_accuracy".
+        learning_rate: Adam's learning rate (a float or a schedule);
+            exactly one of `learning_rate` and `optimizer` is given.
+        optimizer: the optimizer, e.g. one continuing another model's
+            state (`keras_moe.upcycle_optimizer`).
+        metrics: metrics in place of the task's unweighted ones (None: the
+            task's).
+        strategy: the `tf.distribute` strategy the model is built under,
+            or None.
+        jit_compile: `model.compile`'s; False whatever is passed under a
+            strategy with more than one replica, whose step Keras cannot
+            XLA-compile.
+
+    Raises:
+        ValueError: an unknown task, or not exactly one of `learning_rate`
+            and `optimizer`.
+    """
+    if task not in (CLASSIFICATION, TRANSLATION):
+        raise ValueError(
+            f"task must be {CLASSIFICATION!r} or {TRANSLATION!r}; received "
+            f"{task!r}"
+        )
+    if (learning_rate is None) == (optimizer is None):
+        raise ValueError(
+            "pass exactly one of learning_rate and optimizer; received "
+            f"learning_rate={learning_rate!r}, optimizer={optimizer!r}"
+        )
+    if optimizer is None:
+        optimizer = keras.optimizers.Adam(learning_rate)
     if strategy is not None and strategy.num_replicas_in_sync > 1:
-        jit = False  # Keras cannot XLA-compile a multi-replica step.
-    if spec.kind == CLASSIFICATION:
+        jit_compile = False
+    if task == CLASSIFICATION:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        metrics = ["accuracy"]
+        default_metrics = ["accuracy"]
+        weighted_metrics = None
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="mean_with_sample_weight"
         )
-        metrics = []
+        default_metrics = []
+        weighted_metrics = [
+            keras.metrics.SparseCategoricalAccuracy(name="token_accuracy")
+        ]
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=loss,
-        metrics=metrics,
-        weighted_metrics=(
-            [keras.metrics.SparseCategoricalAccuracy(name="token_accuracy")]
-            if spec.kind == TRANSLATION
-            else None
-        ),
-        jit_compile=jit,
+        # None rather than []: Keras then builds no metric container.
+        metrics=(default_metrics if metrics is None else list(metrics)) or None,
+        weighted_metrics=weighted_metrics,
+        jit_compile=jit_compile,
     )
 
 
@@ -164,7 +210,7 @@ def pretrain_dense(
         )
     spec = describe_dataset(dataset, data_dir)
     model = dense_model(architecture, spec, size, seed)
-    compile_for_task(model, spec, learning_rate)
+    compile_for_task(model, spec.kind, learning_rate)
     history = model.fit(
         batches(spec, "train", batch_size, seed=seed, training=True),
         epochs=epochs,
@@ -255,7 +301,7 @@ def train(
     with distribution.scope():
         model = load_model(model_path)
         check_model_fits_data(model, spec)
-        compile_for_task(model, spec, learning_rate, distribution)
+        compile_for_task(model, spec.kind, learning_rate, strategy=distribution)
     dataset = batches(spec, "train", batch_size, seed, training=True)
     steps = steps_per_epoch or steps_per_pass(spec, "train", batch_size)
     backup_dir = os.path.join(output_dir, "backup")

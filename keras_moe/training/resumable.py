@@ -59,10 +59,14 @@ import tensorflow as tf
 from keras_moe.distribution.strategies import build_for_fit
 from keras_moe.distribution.strategies import fit_distributed
 from keras_moe.utils.checks import check_int
+from keras_moe.utils.files import TEMP_PREFIX
+from keras_moe.utils.files import atomic_path
+from keras_moe.utils.files import fsync_path
 
 CHECKPOINT_PREFIX = "ckpt-"
 CHECKPOINT_SUFFIX = ".weights.h5"
-TEMP_PREFIX = ".tmp-"
+# TEMP_PREFIX (from keras_moe.utils.files) starts the name of a checkpoint
+# being written; `restore_checkpoint` removes those a killed save left.
 _RNG_GROUP = "keras_moe_seed_generator_states"
 # Arguments fit_resumable sets itself: a caller passing them would break the
 # step <-> data element correspondence.
@@ -120,14 +124,6 @@ def _build_optimizer(model):
             model.optimizer.build(model.trainable_variables)
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(model, backup_dir, step, max_to_keep=2):
     """Atomically saves the training state after global step `step`.
 
@@ -143,13 +139,9 @@ def save_checkpoint(model, backup_dir, step, max_to_keep=2):
     check_int("step", step, minimum=0)
     check_int("max_to_keep", max_to_keep)
     _build_optimizer(model)  # so that a checkpoint always holds its slots
-    os.makedirs(backup_dir, exist_ok=True)
     final = checkpoint_path(backup_dir, step)
-    temp = os.path.join(
-        backup_dir,
-        f"{TEMP_PREFIX}{os.getpid()}-{os.path.basename(final)}",
-    )
-    try:
+    # `save_weights` takes only names ending in ".weights.h5".
+    with atomic_path(final, suffix=CHECKPOINT_SUFFIX) as temp:
         model.save_weights(temp, overwrite=True)
         with h5py.File(temp, "a") as f:
             group = f.create_group(_RNG_GROUP)
@@ -158,12 +150,7 @@ def save_checkpoint(model, backup_dir, step, max_to_keep=2):
                     str(i), data=keras.ops.convert_to_numpy(variable.value)
                 )
             f.attrs["keras_moe_step"] = step
-        _fsync(temp)
-        os.replace(temp, final)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    _fsync(backup_dir)  # the rename itself reaches the disk
+    fsync_path(backup_dir)  # the rename itself reaches the disk
     for _, old in list_checkpoints(backup_dir)[:-max_to_keep]:
         os.remove(old)
     return final

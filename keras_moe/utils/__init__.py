@@ -6,6 +6,7 @@ standard library (and TensorFlow's file API is not needed yet).
 
 from keras_moe.utils.checks import check_int
 from keras_moe.utils.checks import check_positive_int
+from keras_moe.utils.files import atomic_directory
 from keras_moe.utils.files import atomic_path
 from keras_moe.utils.files import fsync_path
 from keras_moe.utils.files import save_keras

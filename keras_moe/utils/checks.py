@@ -11,7 +11,8 @@ def check_int(name, value, minimum=1):
     Args:
         name: the argument's name, for the message.
         value: what the caller passed.
-        minimum: the smallest value accepted.
+        minimum: the smallest value accepted; None accepts any int (a
+            seed, say).
 
     Returns:
         `value`, so that a check can sit inside an expression.
@@ -27,7 +28,7 @@ def check_int(name, value, minimum=1):
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int; received {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; received {value}")
     return value
 

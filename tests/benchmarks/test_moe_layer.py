@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import moe_layer as benchmarks
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 RECORD_KEYS = {
     "name",

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from keras_moe.checkpoints.common import CheckpointMismatchError
-from keras_moe.checkpoints.vit import read_hf
-from keras_moe.checkpoints.vit import read_keras_hub
-from keras_moe.checkpoints.vit import read_model_garden
+from keras_moe.checkpoints.vit import convert_vit_keras_hub_backbone
+from keras_moe.checkpoints.vit import read_vit_hf_safetensors
+from keras_moe.checkpoints.vit import read_vit_keras_hub
+from keras_moe.checkpoints.vit import read_vit_model_garden_checkpoint
 from keras_moe.models.vit import ViT
 
 TOLERANCE = 1e-4
@@ -117,7 +118,7 @@ def hf_dir(tmp_path_factory):
 
 def test_hf_logits_match_transformers(hf_dir):
     path, reference = hf_dir
-    model = read_hf(path)
+    model = read_vit_hf_safetensors(path)
     assert isinstance(model, ViT)
     config = model.get_config()
     assert (config["num_layers"], config["num_heads"]) == (LAYERS, HEADS)
@@ -126,14 +127,14 @@ def test_hf_logits_match_transformers(hf_dir):
     assert config["layer_norm_epsilon"] == 1e-12  # HF's, from config.json
     _max_diff(model(_images()), reference, "HF ViTForImageClassification")
     # The safetensors file alone works too (config.json beside it).
-    single = read_hf(os.path.join(path, "model.safetensors"))
+    single = read_vit_hf_safetensors(os.path.join(path, "model.safetensors"))
     _max_diff(single(_images()), reference, "HF model.safetensors path")
 
 
 def test_hf_vit_model_without_head(tmp_path):
     hf = _hf_model("backbone")
     hf.save_pretrained(str(tmp_path), safe_serialization=True)
-    model = read_hf(str(tmp_path))
+    model = read_vit_hf_safetensors(str(tmp_path))
     assert model.num_classes == 0
     _max_diff(
         model.encode(_images()),
@@ -145,7 +146,7 @@ def test_hf_vit_model_without_head(tmp_path):
 def test_hf_without_qkv_bias(tmp_path):
     hf = _hf_model(qkv_bias=False)
     hf.save_pretrained(str(tmp_path), safe_serialization=True)
-    model = read_hf(str(tmp_path))
+    model = read_vit_hf_safetensors(str(tmp_path))
     _max_diff(model(_images()), _hf_reference(hf, _images()), "HF no qkv bias")
 
 
@@ -192,7 +193,7 @@ def test_hf_config_contradicting_the_weights(
     shutil.copytree(hf_dir[0], path)
     _edit_config(path, **changes)
     with pytest.raises(ValueError, match=message):
-        read_hf(path)
+        read_vit_hf_safetensors(path)
 
 
 def test_hf_num_heads_argument_is_checked(hf_dir):
@@ -200,8 +201,13 @@ def test_hf_num_heads_argument_is_checked(hf_dir):
         CheckpointMismatchError,
         match="num_heads: 4 in config.json, 2 in the arguments",
     ):
-        read_hf(hf_dir[0], num_heads=2)
-    assert read_hf(hf_dir[0], num_heads=HEADS).num_heads == HEADS
+        read_vit_hf_safetensors(hf_dir[0], config={"num_heads": 2})
+    assert (
+        read_vit_hf_safetensors(
+            hf_dir[0], config={"num_heads": HEADS}
+        ).num_heads
+        == HEADS
+    )
 
 
 def test_hf_rejects_checkpoints_of_other_models(hf_dir, tmp_path):
@@ -213,18 +219,18 @@ def test_hf_rejects_checkpoints_of_other_models(hf_dir, tmp_path):
         json.dumps({"model_type": "t5", "architectures": ["T5Model"]})
     )
     with pytest.raises(ValueError, match="describes a 't5' model"):
-        read_hf(str(t5))
+        read_vit_hf_safetensors(str(t5))
     # The same weights under a ViT config.
     shutil.copy(os.path.join(hf_dir[0], "config.json"), str(t5))
     with pytest.raises(
         CheckpointMismatchError, match="holds no ViT weights.*shared.weight"
     ):
-        read_hf(str(t5))
+        read_vit_hf_safetensors(str(t5))
     # ViTModel's pooler has no keras_moe equivalent.
     pooled = str(tmp_path / "pooled")
     _hf_model("with_pooler").save_pretrained(pooled, safe_serialization=True)
     with pytest.raises(CheckpointMismatchError, match="pooler.dense.weight"):
-        read_hf(pooled)
+        read_vit_hf_safetensors(pooled)
 
 
 def test_hf_rejects_truncated_and_missing_files(hf_dir, tmp_path):
@@ -232,9 +238,9 @@ def test_hf_rejects_truncated_and_missing_files(hf_dir, tmp_path):
     shutil.copytree(hf_dir[0], path)
     _truncate(os.path.join(path, "model.safetensors"))
     with pytest.raises(ValueError, match="model.safetensors is truncated"):
-        read_hf(path)
+        read_vit_hf_safetensors(path)
     with pytest.raises(ValueError, match="holds no model.safetensors"):
-        read_hf(str(tmp_path))
+        read_vit_hf_safetensors(str(tmp_path))
 
 
 # --------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def model_garden_token(tmp_path_factory):
 
 def test_model_garden_logits_match(model_garden_token):
     path, reference = model_garden_token
-    model = read_model_garden(path)
+    model = read_vit_model_garden_checkpoint(path)
     assert model.activation == "gelu_tanh"  # Model Garden's GELU
     assert (model.num_heads, model.num_classes, model.pooling) == (
         HEADS,
@@ -306,7 +312,7 @@ def test_model_garden_logits_match(model_garden_token):
     _max_diff(model(_images()), reference, "Model Garden ViT, token")
     # A directory reads its latest checkpoint.
     _max_diff(
-        read_model_garden(os.path.dirname(path))(_images()),
+        read_vit_model_garden_checkpoint(os.path.dirname(path))(_images()),
         reference,
         "Model Garden ViT, directory",
     )
@@ -314,13 +320,13 @@ def test_model_garden_logits_match(model_garden_token):
 
 def test_model_garden_gap_and_backbone_only(tmp_path):
     path, reference = _model_garden_checkpoint(str(tmp_path / "gap"), "gap")
-    model = read_model_garden(path)
+    model = read_vit_model_garden_checkpoint(path)
     assert model.pooling == "gap"
     _max_diff(model(_images()), reference, "Model Garden ViT, gap")
     path, reference = _model_garden_checkpoint(
         str(tmp_path / "backbone"), head=False
     )
-    model = read_model_garden(path)
+    model = read_vit_model_garden_checkpoint(path)
     assert model.num_classes == 0
     _max_diff(model(_images()), reference, "Model Garden backbone pre_logits")
 
@@ -331,12 +337,14 @@ def test_model_garden_arguments_are_checked(model_garden_token):
         CheckpointMismatchError,
         match="num_heads: 4 in the attention kernels, 2 in the arguments",
     ):
-        read_model_garden(path, num_heads=2)
+        read_vit_model_garden_checkpoint(path, config={"num_heads": 2})
     with pytest.raises(
         CheckpointMismatchError, match="image_size: 32 in the arguments"
     ):
-        read_model_garden(path, image_size=32)
-    assert read_model_garden(path, num_heads=HEADS, image_size=IMAGE)
+        read_vit_model_garden_checkpoint(path, config={"image_size": 32})
+    assert read_vit_model_garden_checkpoint(
+        path, config={"num_heads": HEADS, "image_size": IMAGE}
+    )
 
 
 def test_model_garden_rejects_other_models(tmp_path):
@@ -352,11 +360,11 @@ def test_model_garden_rejects_other_models(tmp_path):
         CheckpointMismatchError,
         match="holds no Model Garden ViT variables.*SelfAttention/q",
     ):
-        read_model_garden(path)
+        read_vit_model_garden_checkpoint(path)
     safetensors = str(tmp_path / "model.safetensors")
     _write_t5_like_safetensors(safetensors)
     with pytest.raises(ValueError, match="Cannot read Model Garden checkpoint"):
-        read_model_garden(safetensors)
+        read_vit_model_garden_checkpoint(safetensors)
 
 
 def test_model_garden_rejects_truncated_checkpoints(
@@ -369,9 +377,9 @@ def test_model_garden_rejects_truncated_checkpoints(
     prefix = os.path.join(copy, os.path.basename(path))
     _truncate(prefix + ".data-00000-of-00001")
     with pytest.raises(ValueError, match="Cannot read Model Garden checkpoint"):
-        read_model_garden(prefix)
+        read_vit_model_garden_checkpoint(prefix)
     with pytest.raises(ValueError, match="holds no tf.train checkpoint"):
-        read_model_garden(str(tmp_path))
+        read_vit_model_garden_checkpoint(str(tmp_path))
 
 
 # --------------------------------------------------------------------------
@@ -415,10 +423,10 @@ def keras_hub_vit():
 
 
 def test_keras_hub_objects(keras_hub_vit):
-    model = read_keras_hub(keras_hub_vit["classifier"])
+    model = convert_vit_keras_hub_backbone(keras_hub_vit["classifier"])
     assert model.layer_norm_epsilon == 1e-5 and model.num_classes == CLASSES
     _max_diff(model(_images()), keras_hub_vit["logits"], "keras-hub classifier")
-    backbone = read_keras_hub(keras_hub_vit["backbone"])
+    backbone = convert_vit_keras_hub_backbone(keras_hub_vit["backbone"])
     assert backbone.num_classes == 0
     _max_diff(
         backbone.encode(_images()),
@@ -431,7 +439,9 @@ def test_keras_hub_objects(keras_hub_vit):
         "keras-hub ViTBackbone class token",
     )
     # A backbone can get a new (zero) head.
-    headed = read_keras_hub(keras_hub_vit["backbone"], num_classes=3)
+    headed = convert_vit_keras_hub_backbone(
+        keras_hub_vit["backbone"], config={"num_classes": 3}
+    )
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(headed(_images())), np.zeros((3, 3))
     )
@@ -440,12 +450,12 @@ def test_keras_hub_objects(keras_hub_vit):
 def test_keras_hub_preset_and_weights_files(keras_hub_vit, tmp_path):
     preset = str(tmp_path / "preset")
     keras_hub_vit["classifier"].save_to_preset(preset)
-    model = read_keras_hub(preset)
+    model = read_vit_keras_hub(preset)
     assert model.layer_norm_epsilon == 1e-5
     _max_diff(model(_images()), keras_hub_vit["logits"], "keras-hub preset")
     weights = str(tmp_path / "backbone.weights.h5")
     keras_hub_vit["backbone"].save_weights(weights)
-    model = read_keras_hub(weights, layer_norm_epsilon=1e-5)
+    model = read_vit_keras_hub(weights, config={"layer_norm_epsilon": 1e-5})
     _max_diff(
         model.encode(_images()),
         keras_hub_vit["features"],
@@ -453,7 +463,7 @@ def test_keras_hub_preset_and_weights_files(keras_hub_vit, tmp_path):
     )
     weights = str(tmp_path / "classifier.weights.h5")
     keras_hub_vit["classifier"].save_weights(weights)
-    model = read_keras_hub(weights, layer_norm_epsilon=1e-5)
+    model = read_vit_keras_hub(weights, config={"layer_norm_epsilon": 1e-5})
     _max_diff(
         model(_images()), keras_hub_vit["logits"], "keras-hub classifier .h5"
     )
@@ -462,20 +472,22 @@ def test_keras_hub_preset_and_weights_files(keras_hub_vit, tmp_path):
 def test_keras_hub_gap_without_class_token(tmp_path):
     _, classifier = _keras_hub_models(use_class_token=False, pooling="gap")
     reference = keras.ops.convert_to_numpy(classifier(_images()))
-    model = read_keras_hub(classifier)
+    model = convert_vit_keras_hub_backbone(classifier)
     assert model.pooling == "gap"
     _max_diff(model(_images()), reference, "keras-hub classifier, gap")
     preset = str(tmp_path / "preset")
     classifier.save_to_preset(preset)
     _max_diff(
-        read_keras_hub(preset)(_images()), reference, "keras-hub preset, gap"
+        read_vit_keras_hub(preset)(_images()),
+        reference,
+        "keras-hub preset, gap",
     )
 
 
 def test_keras_hub_unsupported_pooling():
     _, classifier = _keras_hub_models(pooling="gap")
     with pytest.raises(ValueError, match="pooling='gap' with use_class_token"):
-        read_keras_hub(classifier)
+        convert_vit_keras_hub_backbone(classifier)
 
 
 @pytest.fixture()
@@ -515,7 +527,7 @@ def test_keras_hub_config_contradicting_the_weights(
 ):
     _edit_json(os.path.join(keras_hub_preset, "config.json"), **changes)
     with pytest.raises(ValueError, match=message):
-        read_keras_hub(keras_hub_preset)
+        read_vit_keras_hub(keras_hub_preset)
 
 
 def test_keras_hub_arguments_are_checked(keras_hub_vit):
@@ -523,11 +535,17 @@ def test_keras_hub_arguments_are_checked(keras_hub_vit):
         CheckpointMismatchError,
         match="num_heads: 4 in the keras-hub config, 3 in the arguments",
     ):
-        read_keras_hub(keras_hub_vit["classifier"], num_heads=3)
+        convert_vit_keras_hub_backbone(
+            keras_hub_vit["classifier"], config={"num_heads": 3}
+        )
     with pytest.raises(CheckpointMismatchError, match="num_classes"):
-        read_keras_hub(keras_hub_vit["classifier"], num_classes=7)
+        convert_vit_keras_hub_backbone(
+            keras_hub_vit["classifier"], config={"num_classes": 7}
+        )
     with pytest.raises(ValueError, match="Expected a keras_hub ViTBackbone"):
-        read_keras_hub(keras.Sequential([keras.layers.Dense(2)]))
+        convert_vit_keras_hub_backbone(
+            keras.Sequential([keras.layers.Dense(2)])
+        )
 
 
 def test_keras_hub_rejects_other_models_and_truncated_files(
@@ -537,19 +555,19 @@ def test_keras_hub_rejects_other_models_and_truncated_files(
         os.path.join(keras_hub_preset, "config.json"), class_name="T5Backbone"
     )
     with pytest.raises(ValueError, match="describes a 'T5Backbone'"):
-        read_keras_hub(keras_hub_preset)
+        read_vit_keras_hub(keras_hub_preset)
     other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     other_path = str(tmp_path / "other.weights.h5")
     other.save_weights(other_path)
     with pytest.raises(CheckpointMismatchError, match="not a ViT checkpoint"):
-        read_keras_hub(other_path)
+        read_vit_keras_hub(other_path)
     safetensors = str(tmp_path / "model.safetensors")
     _write_t5_like_safetensors(safetensors)
     with pytest.raises(ValueError, match="not an HDF5 weights file"):
-        read_keras_hub(safetensors)
+        read_vit_keras_hub(safetensors)
     _edit_json(
         os.path.join(keras_hub_preset, "config.json"), class_name="ViTBackbone"
     )
     _truncate(os.path.join(keras_hub_preset, "model.weights.h5"))
     with pytest.raises(ValueError, match="truncated, corrupt"):
-        read_keras_hub(keras_hub_preset)
+        read_vit_keras_hub(keras_hub_preset)

@@ -1,6 +1,7 @@
 """Tests of keras_moe.checkpoints.writers: written checkpoints read back by
-keras_moe.checkpoints (a reader written independently of the writer) give
-the same model, and the files follow the source formats' layouts."""
+keras_moe.checkpoints give the same model, the files follow the source
+formats' layouts (the released T5 checkpoints' names, torch layouts), and
+the writers' names are the inverses of the readers' name maps."""
 
 import json
 import os
@@ -8,12 +9,18 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from safetensors.numpy import load_file
 
 import keras_moe
 from keras_moe.checkpoints import read_checkpoint
+from keras_moe.checkpoints import t5 as t5_names
+from keras_moe.checkpoints import vit as vit_names
+from keras_moe.checkpoints.t5 import read_t5_mtf_checkpoint
 from keras_moe.checkpoints.writers import write_dense_checkpoint
+from keras_moe.checkpoints.writers import write_mtf_checkpoint
 from keras_moe.models.t5 import T5
+from keras_moe.models.t5 import t5_config
 from keras_moe.models.vit import ViT
 
 
@@ -113,3 +120,62 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         write_dense_checkpoint(dense, tmp_path / "file", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.parametrize("preset", ["t5_tiny", "t5_v1_1_tiny"])
+def test_mtf_checkpoint_reads_back_exactly(preset, tmp_path):
+    keras.utils.set_random_seed(1)
+    model = T5.from_preset(preset)
+    prefix = write_mtf_checkpoint(model, tmp_path)
+    listed = dict(tf.train.list_variables(prefix))
+    # The released checkpoints' names, Adafactor slots and step included.
+    assert listed["global_step"] == []
+    assert listed["encoder/block_001/layer_001/DenseReluDense/wo/kernel"] == [
+        64,
+        32,
+    ]
+    # Relative bias: [heads, buckets] in MTF.
+    name = "decoder/block_000/layer_000/SelfAttention/relative_attention_bias"
+    assert listed[name] == [4, 8]
+    assert listed[f"{name}_slot_vr"] == [4]
+    assert listed[f"{name}_slot_vc"] == [8]
+    norm = "rms_norm" if "v1_1" in preset else "layer_norm"
+    assert f"decoder/block_001/layer_002/{norm}/scale_slot_v" in listed
+    assert ("decoder/logits/kernel" in listed) == ("v1_1" in preset)
+
+    read = read_t5_mtf_checkpoint(tmp_path, config=preset)
+    config = read.get_config()
+    assert {k: config[k] for k in t5_config(preset)} == t5_config(preset)
+    expected = model.canonical_variables()
+    got = read.canonical_variables()
+    assert set(got) == set(expected)
+    for name, variable in expected.items():
+        np.testing.assert_array_equal(
+            got[name].numpy(), variable.numpy(), err_msg=name
+        )
+
+
+@pytest.mark.parametrize("preset", ["t5_tiny", "t5_v1_1_tiny"])
+def test_mtf_names_invert_the_readers_map(preset):
+    variables = T5.from_preset(preset).canonical_variables()
+    v1_1 = "lm_head/kernel" in variables
+    for name in variables:
+        mtf_name, transpose = t5_names.mtf_name(name, v1_1)
+        assert t5_names._mtf_canonical_name(mtf_name) == (name, transpose)
+    with pytest.raises(ValueError, match="no Mesh TensorFlow name"):
+        t5_names.mtf_name("encoder/block_0/mlp/router/kernel", v1_1)
+
+
+def test_vit_hf_names_invert_the_readers_map():
+    variables = ViT.from_preset("vit_tiny").canonical_variables()
+    for name in variables:
+        hf_name, axes = vit_names.hf_name(name)
+        canonical, back = vit_names._hf_canonical_name(hf_name)
+        assert canonical == name
+        if axes is None:
+            assert back is None
+        else:
+            order = np.arange(len(axes))
+            assert list(order[list(axes)][list(back)]) == list(order)
+    with pytest.raises(ValueError, match="no Hugging Face name"):
+        vit_names.hf_name("encoder/block_0/mlp/router/kernel")

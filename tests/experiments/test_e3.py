@@ -15,6 +15,7 @@ from keras_moe.layers.ensemble import EnsembleMoeLayer
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models import flops
 from keras_moe.models.vit import ViT
+from keras_moe.utils import files
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +238,7 @@ def test_writes_are_atomic(tmp_path):
     common.write_csv(path, [{"a": 1, "b": 2}, {"a": 3}])
     assert path.read_text() == "a,b\n1,2\n3,\n"
     with pytest.raises(RuntimeError):
-        with common.atomic_path(path) as temp:
+        with files.atomic_path(path) as temp:
             with open(temp, "w") as f:
                 f.write("half")
             raise RuntimeError("interrupted")

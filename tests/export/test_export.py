@@ -6,6 +6,11 @@ called there (directly, through `PredictRequest` protos built by
 `export.client`, through decoded REST bodies, from 8 threads at once, and
 with bad inputs) and the outputs are compared here with the in-process Keras
 model: probabilities within 1e-5, generated token ids and text identical.
+
+Each export is also run the way TensorFlow Serving runs it, by TensorFlow's
+C API loader in a process with no Python at all (`export.native_loader`):
+`serving_default`, `serving_xla` and the byte/text signatures, with the
+tensor names read from the SavedModel's own SignatureDefs.
 """
 
 import base64
@@ -23,9 +28,11 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 import keras_moe
 from export import client
+from export import native_loader
 from export import saved_model
 from export import signature_names as names
 from export.adapters import ServingOptions
+from keras_moe import models
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
@@ -357,6 +364,30 @@ def test_vit_signatures_match_keras(vit_served):
     _assert_classified(outputs["after_bad"], model, normalised, k)
 
 
+def test_vit_signatures_through_the_c_api(vit_served):
+    kind, result, ctx, _ = vit_served
+    model, options = result.model, VIT_OPTIONS[kind]
+    k = options.top_k
+    normalised = _pixels(ctx["pixels"], options)
+    default = normalised if options.image_dtype == "uint8" else ctx["floats"]
+    pngs = [tf.io.encode_png(image).numpy() for image in ctx["pixels"][:2]]
+    for signature, inputs, expected in (
+        (names.SERVING_DEFAULT, ctx["default_images"], default),
+        (names.SERVING_XLA, ctx["xla_images"], default[:4]),
+        (names.PREDICT_IMAGES_UINT8, ctx["pixels"], normalised),
+    ):
+        outputs = native_loader.run_signature(
+            result.path, signature, {names.IMAGES: inputs}
+        )
+        _assert_classified(outputs, model, expected, k)
+    outputs = native_loader.run_signature(
+        result.path,
+        names.PREDICT_IMAGE_BYTES,
+        {names.IMAGE_BYTES: np.array(pngs, dtype=object)},
+    )
+    _assert_classified(outputs, model, normalised[:2], k)
+
+
 def test_vit_resizes_other_sizes(vit_served):
     kind, result, ctx, served = vit_served
     k = VIT_OPTIONS[kind].top_k
@@ -452,7 +483,7 @@ def test_vit_bad_inputs_fail_in_the_signature(vit_served):
 
 def test_vit_moe_export_drops_no_token_by_default(vit_models, vit_served):
     kind, result, ctx, served = vit_served
-    layers = saved_model.moe_layers(result.model)
+    layers = models.moe_layers(result.model)
     if kind == "dense":
         assert result.model is vit_models["dense"] and not layers
         return
@@ -460,7 +491,7 @@ def test_vit_moe_export_drops_no_token_by_default(vit_models, vit_served):
         layer.eval_capacity_factor is None for layer in layers
     )
     # The original model (capacity factor 2, 4 experts) drops tokens.
-    original = saved_model.moe_layers(vit_models["moe"])
+    original = models.moe_layers(vit_models["moe"])
     assert [layer.eval_capacity_factor for layer in original] == [2.0]
     dropped, _ = _classify(vit_models["moe"], ctx["floats"], 3)
     assert (
@@ -509,20 +540,20 @@ def test_vit_moe_export_can_keep_the_capacity_factor(
 
 def test_with_eval_capacity_factor_rebuilds_and_copies(vit_models):
     moe = vit_models["moe"]
-    rebuilt = saved_model.with_eval_capacity_factor(moe, 1.5)
+    rebuilt = models.with_eval_capacity_factor(moe, 1.5)
     assert rebuilt is not moe
     assert [
-        layer.eval_capacity_factor for layer in saved_model.moe_layers(rebuilt)
+        layer.eval_capacity_factor for layer in models.moe_layers(rebuilt)
     ] == [1.5]
-    assert [
-        layer.eval_capacity_factor for layer in saved_model.moe_layers(moe)
-    ] == [2.0]
+    assert [layer.eval_capacity_factor for layer in models.moe_layers(moe)] == [
+        2.0
+    ]
     for source, target in zip(moe.weights, rebuilt.weights):
         assert source.path == target.path
         np.testing.assert_array_equal(source.numpy(), target.numpy())
-    assert saved_model.with_eval_capacity_factor(moe, 2.0) is moe
+    assert models.with_eval_capacity_factor(moe, 2.0) is moe
     with pytest.raises(ValueError):
-        saved_model.with_eval_capacity_factor(moe, -1.0)
+        models.with_eval_capacity_factor(moe, -1.0)
 
 
 def test_saved_model_cli_show_and_run(vit_served, tmp_path):
@@ -745,7 +776,7 @@ def test_t5_generation_matches_keras(t5_served):
 
 def test_t5_moe_export_has_no_capacity_limit(t5_served, t5_models):
     kind, result, _, _ = t5_served
-    layers = saved_model.moe_layers(result.model)
+    layers = models.moe_layers(result.model)
     if kind == "dense":
         assert not layers
     else:
@@ -765,6 +796,37 @@ def test_t5_text_signature_matches_keras(t5_served, sentencepiece_model):
         assert list(served["outputs"][key][names.OUTPUT_TEXT]) == list(
             expected
         ), key
+
+
+def test_t5_signatures_through_the_c_api(t5_served, sentencepiece_model):
+    _, result, ctx, _ = t5_served
+    # The export's text signature uses tf-text's SentencePiece ops; a
+    # server built with those ops has them linked in: load their libraries
+    # (the whole graph is loaded whichever signature runs).
+    libraries = native_loader.tf_text_libraries()
+    for signature, ids in (
+        (names.SERVING_DEFAULT, ctx["ids"]),
+        (names.SERVING_XLA, ctx["xla_ids"]),
+    ):
+        outputs = native_loader.run_signature(
+            result.path,
+            signature,
+            {names.ENCODER_TOKEN_IDS: ids},
+            libraries=libraries,
+        )
+        tokens = outputs[names.OUTPUT_TOKEN_IDS]
+        assert tokens.dtype == np.int32, signature
+        np.testing.assert_array_equal(
+            tokens, _generate(result.model, ids), err_msg=signature
+        )
+    outputs = native_loader.run_signature(
+        result.path,
+        names.GENERATE_TEXT,
+        {names.TEXT: np.array(TEXTS, dtype=object)},
+        libraries=libraries,
+    )
+    expected = _reference_text(result.model, sentencepiece_model, TEXTS)
+    assert list(outputs[names.OUTPUT_TEXT]) == list(expected)
 
 
 def test_t5_warmup_and_concurrency(t5_served):

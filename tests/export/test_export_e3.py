@@ -7,6 +7,8 @@ K=1, weights randomised so that the members disagree) is exported with
 `probabilities` must equal the mean of the members' softmax, computed here
 from the in-process model's per-member logits, within 1e-5. The ViT
 adapter serves the ensemble's prediction only; it has no per-member output.
+The same signatures also run through TensorFlow's C API loader, with no
+Python in the process (`export.native_loader`).
 """
 
 import keras
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 import keras_moe
+from export import native_loader
 from export import saved_model
 from export import signature_names as names
 from export.adapters import ServingOptions
@@ -125,3 +128,19 @@ def test_top_k_follows_the_averaged_probabilities(e3_served):
         rtol=0,
         atol=TOLERANCE,
     )
+
+
+def test_signatures_through_the_c_api(e3_served):
+    result, floats, _ = e3_served
+    expected = _member_softmax(result.model, floats).mean(axis=0)
+    for signature in (names.SERVING_DEFAULT, names.SERVING_XLA):
+        outputs = native_loader.run_signature(
+            result.path, signature, {names.IMAGES: floats}
+        )
+        np.testing.assert_allclose(
+            outputs[names.PROBABILITIES],
+            expected,
+            rtol=0,
+            atol=TOLERANCE,
+            err_msg=signature,
+        )

@@ -183,7 +183,10 @@ def test_killed_export_leaves_no_version_and_rerun_succeeds(vit_file, tmp_path):
     assert serving_config.served_models(base) == {"vit": [7]}
     assert (base / serving_config.MODEL_CONFIG_FILE).is_file()
     batching = (base / serving_config.BATCHING_PARAMETERS_FILE).read_text()
-    assert "max_batch_size { value: 32 }" in batching
+    # serving_xla takes batches of exactly --xla_batch_size (2): every
+    # merged batch is padded to it.
+    assert "max_batch_size { value: 2 }" in batching
+    assert "allowed_batch_sizes: 2" in batching
     # A second run of the same version is refused by the launcher.
     again = subprocess.run(
         _launcher_command(vit_file, base, 7),

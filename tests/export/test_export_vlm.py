@@ -6,7 +6,9 @@ loaded); its `caption`, `serving_default` and `serving_xla` signatures are
 called there, directly and through `PredictRequest` protos, with good and
 bad inputs. Here, the same images are prepared with NumPy and the prompts
 tokenised with the `sentencepiece` package, the in-process Keras model
-generates, and the texts and token ids must be identical.
+generates, and the texts and token ids must be identical. The signatures
+also run through TensorFlow's C API loader, with no Python in the process
+and tf-text's op libraries loaded (`export.native_loader`).
 """
 
 import keras
@@ -16,10 +18,12 @@ import sentencepiece
 import tensorflow as tf
 
 from export import client
+from export import native_loader
 from export import saved_model
 from export import signature_names as names
 from export import vlm_serving
 from export.adapters import ServingOptions
+from keras_moe import models
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import t5_config
 from keras_moe.models.vlm import VisionLanguageModel
@@ -219,6 +223,46 @@ def test_token_signatures_match_the_model(served, model):
     assert "warmup_0" in outputs
 
 
+def test_signatures_through_the_c_api(served, model, sentencepiece_model):
+    result, ctx, _ = served
+    libraries = native_loader.tf_text_libraries()
+    ids_key = vlm_serving.PROMPT_TOKEN_IDS
+    for signature, images, ids in (
+        (names.SERVING_DEFAULT, ctx["images"], ctx["ids"]),
+        (names.SERVING_XLA, ctx["images"][:XLA_BATCH], ctx["xla_ids"]),
+    ):
+        outputs = native_loader.run_signature(
+            result.path,
+            signature,
+            {names.IMAGES: images, ids_key: ids},
+            libraries=libraries,
+        )
+        np.testing.assert_array_equal(
+            outputs[names.OUTPUT_TOKEN_IDS],
+            keras.ops.convert_to_numpy(model.generate(images, ids, MAX_LENGTH)),
+            err_msg=signature,
+        )
+    encoded, _ = _pixels()
+    outputs = native_loader.run_signature(
+        result.path,
+        vlm_serving.CAPTION,
+        {
+            names.IMAGE_BYTES: encoded,
+            vlm_serving.PROMPT: np.array(PROMPTS, dtype=object),
+        },
+        libraries=libraries,
+    )
+    ids, processor = _prompt_ids(sentencepiece_model, PROMPTS)
+    expected = _text(
+        processor,
+        keras.ops.convert_to_numpy(
+            model.generate(ctx["images"], ids, MAX_LENGTH)
+        ),
+    )
+    texts = [text.decode("utf-8") for text in outputs[names.OUTPUT_TEXT]]
+    assert texts == expected
+
+
 def test_bad_requests_fail_with_clear_errors(served):
     _, _, served_outputs = served
     errors = served_outputs["errors"]
@@ -261,8 +305,8 @@ def test_upcycled_model_exports_without_token_drops(model):
     import keras_moe
 
     moe = keras_moe.upcycle(model, num_experts=4)
-    rebuilt = saved_model.with_eval_capacity_factor(moe, None)
-    layers = saved_model.moe_layers(rebuilt)
+    rebuilt = models.with_eval_capacity_factor(moe, None)
+    layers = models.moe_layers(rebuilt)
     assert len(layers) == 3
     assert all(layer.eval_capacity_factor is None for layer in layers)
     adapter = vlm_serving.VlmAdapter(rebuilt, ServingOptions())

@@ -190,3 +190,55 @@ def test_sentencepiece_model_checks():
         )
     with pytest.raises(ValueError, match="Not a SentencePiece model"):
         check_sentencepiece_model(b"garbage", 128)
+
+
+def test_batching_parameters_follow_the_xla_batch():
+    text = serving_config.batching_parameters_text(
+        xla_batch_size=4, num_batch_threads=2
+    )
+    assert "max_batch_size { value: 4 }" in text
+    assert text.count("allowed_batch_sizes") == 1
+    assert "allowed_batch_sizes: 4" in text
+    for kwargs in (
+        {"max_batch_size": 8},
+        {"max_batch_size": 8, "allowed_batch_sizes": (4, 8)},
+        {"allowed_batch_sizes": (2, 4)},
+    ):
+        with pytest.raises(ValueError, match="serving_xla takes batches of"):
+            serving_config.batching_parameters_text(xla_batch_size=4, **kwargs)
+
+
+def test_batching_parameters_parse_as_the_documented_schema():
+    # Independent of the writer: the field numbers and types of
+    # session_bundle_config.proto's BatchingParameters, read off the wire.
+    message = serving_config.batching_parameters(
+        xla_batch_size=4, num_batch_threads=3, batch_timeout_micros=250
+    )
+    wire = message.SerializeToString()
+    # Field 1 (max_batch_size), an Int64Value {1: 4}: tag 0x0a, length 2.
+    assert wire.startswith(b"\x0a\x02\x08\x04")
+    assert b"\x12\x03\x08\xfa\x01" in wire  # 2: batch_timeout_micros 250
+    assert b"\x22\x02\x08\x03" in wire  # 4: num_batch_threads 3
+    assert b"\x32\x01\x04" in wire  # 6: allowed_batch_sizes [4], packed
+
+
+def test_exports_disagreeing_on_the_xla_batch_are_refused(tmp_path):
+    for name, size in (("a", 2), ("b", 4)):
+        version = tmp_path / name / "1"
+        (version / "assets.extra").mkdir(parents=True)
+        (version / "saved_model.pb").write_bytes(b"")
+        (version / serving_config.METADATA_FILE).write_text(
+            json.dumps(
+                {
+                    "signatures": {"serving_xla": {}},
+                    "options": {"xla_batch_size": size},
+                }
+            )
+        )
+    with pytest.raises(ValueError, match="different batch sizes"):
+        serving_config.write_batching_parameters(tmp_path)
+    assert not (tmp_path / serving_config.BATCHING_PARAMETERS_FILE).exists()
+    path = serving_config.write_batching_parameters(
+        tmp_path, xla_batch_size=None, max_batch_size=16
+    )
+    assert "max_batch_size { value: 16 }" in open(path).read()

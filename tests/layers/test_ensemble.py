@@ -527,3 +527,26 @@ def test_tile_and_average_bad_arguments():
         EnsembleAverage(2, mode="mean")
     with pytest.raises(ValueError, match="3 rows is not a multiple of 2"):
         EnsembleAverage(2)(np.full((3, 2), 0.5, "float32"))
+
+
+def test_the_moe_steps_are_moe_layers_own():
+    """E^3 changes the router, the member count and the input check only:
+    grouping, routing, dispatch, experts and combine are MoeLayer's."""
+    for name in (
+        "call",
+        "build",
+        "_group",
+        "_ungroup",
+        "_route_and_dispatch",
+        "_combine",
+        "_moe",
+        "_stats",
+        "capacity",
+        "experts_per_router",
+    ):
+        assert name not in vars(EnsembleMoeLayer), name
+    # Ensemble routers are called like any Keras layer and built by Keras.
+    router = EnsembleExpertsChooseRouter(8, ensemble_size=2)
+    assert not router.built
+    router(np.zeros((4, 6, 8), "float32"), expert_capacity=2)
+    assert router.built and tuple(router.kernel.shape) == (8, 8)

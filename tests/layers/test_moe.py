@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_moe import upcycling
 from keras_moe.layers import losses
 from keras_moe.layers.mlp import Mlp
 from keras_moe.layers.moe import MoeLayer
+from keras_moe.layers.routers import TokensChooseRouter
+from keras_moe.models.vit import ViT
 from tests.layer_test_case import run_layer_test
 
 try:
@@ -381,3 +384,172 @@ def test_nan_logits_fail_the_step_in_graph_mode_with_check_numerics():
     x[0, 0, 0] = np.nan
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
         tf.function(layer)(x)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_sublayers_are_made_in_build_and_called_through_keras(
+    jit_compile, monkeypatch
+):
+    layer = MoeLayer(4, 16, num_selected_experts=2, jit_compile=jit_compile)
+    assert not hasattr(layer, "router") and not hasattr(layer, "experts")
+    called = []
+    keras_call = keras.layers.Layer.__call__
+
+    def spy(self, *args, **kwargs):
+        called.append(self)
+        return keras_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", spy)
+    layer(np.ones((2, 8, 8), "float32"), training=True)
+    # Built by MoeLayer.build (Keras' build wrapper), before their calls.
+    assert layer.router.built and layer.experts.built
+    assert [layer.router.name, layer.experts.name] == ["router", "experts"]
+    assert layer.router.dtype_policy.name == "float32"
+    assert layer.experts.dtype_policy.name == layer.dtype_policy.name
+    assert any(c is layer.router for c in called)
+    assert any(c is layer.experts for c in called)
+    # The auxiliary losses are the MoE layer's, weighted; not the router's.
+    assert layer.router.losses == [] and len(layer.losses) == 2
+
+
+def test_router_alone_is_built_by_its_first_call():
+    x = np.random.default_rng(7).normal(size=(2, 8, 16)).astype("float32")
+    router = TokensChooseRouter(4, num_selected_experts=2)
+    assert not router.built
+    out = router(x, expert_capacity=4)
+    assert router.built
+    assert [tuple(w.shape) for w in router.weights] == [(16, 4)]
+    assert router.weights[0] is router.kernel
+    # `route` is the same call, with the capacity allowed positionally.
+    again = router.route(x, 4)
+    np.testing.assert_array_equal(
+        _np(again.router_probs), _np(out.router_probs)
+    )
+    np.testing.assert_array_equal(
+        _np(again.instructions.token_index), _np(out.instructions.token_index)
+    )
+
+
+def test_mixed_precision_router_reads_its_kernel_in_float32():
+    """The float32 router is not autocast to the MoE layer's bfloat16."""
+    x = np.random.default_rng(8).normal(size=(2, 8, 8)).astype("float32")
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = MoeLayer(
+            4,
+            16,
+            router_z_loss_weight=1.0,
+            load_balancing_loss_weight=0.0,
+            router_kernel_initializer=keras.initializers.RandomNormal(
+                stddev=1.0, seed=2
+            ),
+        )
+        layer(x)
+        # The layer casts its inputs to bfloat16; the router then computes
+        # in float32 with its float32 kernel.
+        tokens = _np(keras.ops.cast(keras.ops.cast(x, "bfloat16"), "float32"))
+        logits = tokens @ _np(layer.router.kernel)
+        expected = float(losses.router_z_loss(logits))
+        rounded = tokens @ _np(
+            keras.ops.cast(
+                keras.ops.cast(layer.router.kernel.value, "bfloat16"),
+                "float32",
+            )
+        )
+        assert abs(float(losses.router_z_loss(rounded)) - expected) > (
+            1e-4 * expected
+        )  # the case tells a float32 kernel from a bfloat16 one
+        np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-5)
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"hidden_dim": 0}, "hidden_dim must be an int >= 1"),
+        ({"jitter_noise": 1.5}, "jitter_noise must be in"),
+        ({"noise_std": -1.0}, "noise_std must be >= 0"),
+        ({"activation": "swish_glu"}, "activation must be one of"),
+        ({"dropout_rate": 2.0}, "dropout_rate must be in"),
+    ],
+)
+def test_sublayer_arguments_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoeLayer(**{"num_experts": 2, "hidden_dim": 4, **kwargs})
+
+
+def test_weight_paths():
+    layer = MoeLayer(
+        4, 16, activation="gated_gelu", use_bias=True, name="moe_paths"
+    )
+    layer.build((2, 6, 8))
+    assert [w.path for w in layer.weights] == [
+        "moe_paths/router/kernel",
+        "moe_paths/experts/wi_0",
+        "moe_paths/experts/wi_1",
+        "moe_paths/experts/wo",
+        "moe_paths/experts/bi_0",
+        "moe_paths/experts/bi_1",
+        "moe_paths/experts/bo",
+    ]
+
+
+# Weight paths of upcycled ViTs: `keras_moe.upcycling` matches them by
+# regex, and .keras files and checkpoints name the weights by them.
+_UPCYCLED_VIT_WEIGHTS = [
+    "vit/class_token",
+    "vit/position_embedding",
+    "vit/patch_embedding/kernel",
+    "vit/patch_embedding/bias",
+    "vit/block_0/attention_norm/gamma",
+    "vit/block_0/attention_norm/beta",
+    "vit/block_0/attention/query/kernel",
+    "vit/block_0/attention/query/bias",
+    "vit/block_0/attention/key/kernel",
+    "vit/block_0/attention/key/bias",
+    "vit/block_0/attention/value/kernel",
+    "vit/block_0/attention/value/bias",
+    "vit/block_0/attention/output/kernel",
+    "vit/block_0/attention/output/bias",
+    "vit/block_0/mlp_norm/gamma",
+    "vit/block_0/mlp_norm/beta",
+    "vit/block_0/mlp/wi",
+    "vit/block_0/mlp/wo",
+    "vit/block_0/mlp/bi",
+    "vit/block_0/mlp/bo",
+    "vit/block_1/attention_norm/gamma",
+    "vit/block_1/attention_norm/beta",
+    "vit/block_1/attention/query/kernel",
+    "vit/block_1/attention/query/bias",
+    "vit/block_1/attention/key/kernel",
+    "vit/block_1/attention/key/bias",
+    "vit/block_1/attention/value/kernel",
+    "vit/block_1/attention/value/bias",
+    "vit/block_1/attention/output/kernel",
+    "vit/block_1/attention/output/bias",
+    "vit/block_1/mlp_norm/gamma",
+    "vit/block_1/mlp_norm/beta",
+    "vit/block_1/mlp/router/kernel",
+    "vit/block_1/mlp/experts/wi",
+    "vit/block_1/mlp/experts/wo",
+    "vit/block_1/mlp/experts/bi",
+    "vit/block_1/mlp/experts/bo",
+    "vit/final_norm/gamma",
+    "vit/final_norm/beta",
+    "vit/head/kernel",
+    "vit/head/bias",
+]
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 2])
+def test_upcycled_vit_weight_paths(ensemble_size):
+    vit = ViT.from_preset("vit_tiny", num_layers=2)
+    moe = upcycling.upcycle(
+        vit,
+        num_experts=4,
+        encoder_router="tokens_choose",
+        ensemble_size=ensemble_size,
+    )
+    assert [w.path for w in moe.weights] == _UPCYCLED_VIT_WEIGHTS

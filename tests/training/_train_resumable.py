@@ -1,8 +1,8 @@
 """A small training run with `fit_resumable`, to be killed and restarted.
 
-Run by tests/distribution/test_crash_safety.py:
+Run by tests/training/test_resumable.py:
 
-    python tests/distribution/_train_resumable.py --backup_dir DIR --out OUT
+    python tests/training/_train_resumable.py --backup_dir DIR --out OUT
 
 trains a tiny MoE model (with dropout and router jitter noise, so that the
 random seed states matter) for 3 epochs of 7 steps, saving every 4 steps,
@@ -20,6 +20,7 @@ renamed, and prints "hanging <temporary file>": the test kills it there.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -81,19 +82,21 @@ def main(argv):
     from keras_moe.training import resumable as fault_tolerance
 
     if args.hang_in_save is not None:
-        fsync = fault_tolerance._fsync
+        atomic_path = fault_tolerance.atomic_path
         name = os.path.basename(
             fault_tolerance.checkpoint_path("", args.hang_in_save)
         )
 
-        def hanging_fsync(path):
-            fsync(path)
-            base = os.path.basename(path)
-            if base.startswith(fault_tolerance.TEMP_PREFIX) and name in base:
-                print(f"hanging {path}", flush=True)
-                time.sleep(600)
+        @contextlib.contextmanager
+        def hanging_atomic_path(path, **kwargs):
+            with atomic_path(path, **kwargs) as temp:
+                yield temp
+                # The temporary file is complete; the rename comes next.
+                if os.path.basename(path) == name:
+                    print(f"hanging {temp}", flush=True)
+                    time.sleep(600)
 
-        fault_tolerance._fsync = hanging_fsync
+        fault_tolerance.atomic_path = hanging_atomic_path
 
     model = _model()
 
