@@ -74,6 +74,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=_PACKAGES),
+    # The C program that loads exports through TensorFlow's C API.
+    package_data={"export": ["native/*.c"]},
     install_requires=_INSTALL_REQUIRES,
     extras_require=_EXTRAS_REQUIRE,
     classifiers=[

@@ -26,6 +26,7 @@ Usage:
 import json
 import pathlib
 
+import tensorflow as tf
 from absl import app
 from absl import flags
 from absl import logging
@@ -153,12 +154,11 @@ def _floats(values, name):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    model_path = pathlib.Path(_MODEL.value)
+    model_path = pathlib.PurePosixPath(_MODEL.value)  # for its stem only
     sentencepiece_model = None
     if _SENTENCEPIECE_MODEL.value:
-        sentencepiece_model = pathlib.Path(
-            _SENTENCEPIECE_MODEL.value
-        ).read_bytes()
+        with tf.io.gfile.GFile(_SENTENCEPIECE_MODEL.value, "rb") as f:
+            sentencepiece_model = f.read()
     options = ServingOptions(
         top_k=_TOP_K.value,
         image_dtype=_IMAGE_DTYPE.value,
@@ -170,17 +170,27 @@ def main(argv):
         xla_batch_size=_XLA_BATCH_SIZE.value,
     )
     factor = parse_capacity_factor(_EVAL_CAPACITY_FACTOR.value)
-    model = saved_model.load_model(model_path)
-    result = saved_model.export_saved_model(
-        model,
-        _EXPORT_BASE.value,
-        _MODEL_NAME.value or model_path.stem,
-        version=_VERSION.value,
-        options=options,
-        eval_capacity_factor=factor,
-        overwrite=_OVERWRITE.value,
-        warmup=not _NO_WARMUP.value,
+    # Checked before anything is written: a batching setting that
+    # serving_xla cannot take must not leave a version behind.
+    serving_config.batching_parameters(
+        max_batch_size=_MAX_BATCH_SIZE.value,
+        batch_timeout_micros=_BATCH_TIMEOUT_MICROS.value,
+        xla_batch_size=options.xla_batch_size,
     )
+    model = saved_model.load_model(_MODEL.value)
+    try:
+        result = saved_model.export_saved_model(
+            model,
+            _EXPORT_BASE.value,
+            _MODEL_NAME.value or model_path.stem,
+            version=_VERSION.value,
+            options=options,
+            eval_capacity_factor=factor,
+            overwrite=_OVERWRITE.value,
+            warmup=not _NO_WARMUP.value,
+        )
+    except saved_model.VersionExistsError as e:
+        raise app.UsageError(f"{e} (--overwrite)") from None
     logging.info("Exported %s", result.path)
     for name, doc in result.signatures.items():
         logging.info("  %s: %s", name, doc)

@@ -39,7 +39,6 @@ Example:
 import dataclasses
 import json
 import os
-import pathlib
 import re
 import time
 
@@ -56,6 +55,7 @@ from export.adapters import adapter_class
 from export.adapters import make_adapter
 from keras_moe.models import moe_layers
 from keras_moe.models import with_eval_capacity_factor
+from keras_moe.utils import files
 from keras_moe.utils.files import atomic_directory
 
 # Adapters of the models keras_moe defines; importing them registers them.
@@ -98,11 +98,12 @@ class ExportResult:
 
 
 def load_model(path):
-    """Loads a keras_moe model from a `.keras` file (no compile)."""
+    """Loads a keras_moe model from a `.keras` file (no compile); the path
+    may have a scheme (`gs://...`)."""
     path = os.fspath(path)
     if not path.endswith(".keras"):
-        raise ValueError(f"--model must be a .keras file; received {path!r}")
-    if not os.path.isfile(path):
+        raise ValueError(f"model must be a .keras file; received {path!r}")
+    if not files.exists(path):
         raise FileNotFoundError(f"No model file at {path!r}")
     try:
         return keras.saving.load_model(path, compile=False)
@@ -144,10 +145,15 @@ def _check_layout_parts(model_name, version):
         raise ValueError(f"version must be >= 0; received {version}")
 
 
+class VersionExistsError(FileExistsError, ValueError):
+    """The version directory exists and overwrite was not asked for (both a
+    FileExistsError and a ValueError: a bad argument)."""
+
+
 def _existing_version_error(version_dir):
-    return FileExistsError(
+    return VersionExistsError(
         f"Version directory {version_dir} exists; pass overwrite=True "
-        "(--overwrite) to replace it, or export another version"
+        "to replace it, or export another version"
     )
 
 
@@ -166,11 +172,11 @@ def _write_archive(adapter, directory):
 
 
 def _write_extras(adapter, directory, metadata, warmup):
-    extra = pathlib.Path(directory) / "assets.extra"
-    extra.mkdir()
-    (extra / METADATA_FILE).write_text(
-        json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    # `directory` is always local: atomic_directory stages remote exports.
+    extra = os.path.join(directory, "assets.extra")
+    os.mkdir(extra)
+    with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     if warmup:
         # TF Serving runs these requests when it loads the version, so the
         # first real request does not pay for graph optimisation.
@@ -178,7 +184,9 @@ def _write_extras(adapter, directory, metadata, warmup):
         request = client.predict_request(
             metadata["model_name"], names.SERVING_DEFAULT, inputs
         )
-        client.write_warmup_requests(extra / WARMUP_FILE, [request])
+        client.write_warmup_requests(
+            os.path.join(extra, WARMUP_FILE), [request]
+        )
 
 
 def _signature_specs(function):
@@ -235,9 +243,10 @@ def export_saved_model(
     version = int(time.time()) if version is None else version
     _check_layout_parts(model_name, version)
     options = options or ServingOptions()
-    model_dir = pathlib.Path(export_base).absolute() / model_name
-    version_dir = model_dir / str(version)
-    if version_dir.exists() and not overwrite:
+    version_dir = files.join(
+        files.absolute(export_base), model_name, str(version)
+    )
+    if files.exists(version_dir) and not overwrite:
         raise _existing_version_error(version_dir)
     if eval_capacity_factor != KEEP:
         model = with_eval_capacity_factor(model, eval_capacity_factor)
@@ -266,11 +275,10 @@ def export_saved_model(
     }
     # The hidden directory, its clean-up and the rename: see the module doc.
     with atomic_directory(version_dir, overwrite=overwrite) as temp:
-        temp_dir = pathlib.Path(temp)
-        _write_archive(adapter, temp_dir)
-        _write_extras(adapter, temp_dir, metadata, warmup)
+        _write_archive(adapter, temp)
+        _write_extras(adapter, temp, metadata, warmup)
         if before_commit_hook is not None:
-            before_commit_hook(temp_dir)
+            before_commit_hook(temp)
     return ExportResult(
         path=os.fspath(version_dir),
         model_name=model_name,
@@ -285,5 +293,5 @@ def export_saved_model(
 
 def read_metadata(version_dir):
     """The `keras_moe_export.json` of an exported version, as a dict."""
-    path = pathlib.Path(version_dir) / "assets.extra" / METADATA_FILE
-    return json.loads(path.read_text(encoding="utf-8"))
+    path = files.join(version_dir, "assets.extra", METADATA_FILE)
+    return json.loads(files.read_text(path))

@@ -40,7 +40,6 @@ export base may be a `gs://`, `s3://` or `ram://` path.
 
 import json
 import os
-import posixpath
 
 import tensorflow as tf
 from google.protobuf import descriptor_pb2
@@ -50,6 +49,7 @@ from google.protobuf import text_format
 from google.protobuf import wrappers_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from keras_moe.utils import files
 from keras_moe.utils.files import write_text
 
 MODEL_CONFIG_FILE = "models.config"
@@ -57,11 +57,6 @@ BATCHING_PARAMETERS_FILE = "batching_parameters.txt"
 
 
 METADATA_FILE = "assets.extra/keras_moe_export.json"
-
-
-def _join(*parts):
-    # os.path.join would use "\\" on Windows, which object stores reject.
-    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
 
 
 def _entries(directory):
@@ -73,23 +68,18 @@ def _versions(model_dir):
         int(name)
         for name in _entries(model_dir)
         if name.isdigit()
-        and tf.io.gfile.exists(_join(model_dir, name, "saved_model.pb"))
+        and tf.io.gfile.exists(files.join(model_dir, name, "saved_model.pb"))
     )
-
-
-def _absolute(path):
-    path = os.fspath(path)
-    return path if "://" in path else os.path.abspath(path)
 
 
 def served_models(export_base):
     """{model name: [versions]} of the complete exports under a base."""
-    base = _absolute(export_base)
+    base = files.absolute(export_base)
     models = {}
     if not tf.io.gfile.isdir(base):
         return models
     for name in _entries(base):
-        entry = _join(base, name)
+        entry = files.join(base, name)
         if not name.startswith(".") and tf.io.gfile.isdir(entry):
             versions = _versions(entry)
             if versions:
@@ -130,7 +120,7 @@ def write_model_config(export_base, serving_base_path=None, num_versions=1):
     Returns:
         The path written.
     """
-    base = _absolute(export_base)
+    base = files.absolute(export_base)
     models = served_models(base)
     if not models:
         raise ValueError(f"No exported model under {base}")
@@ -138,7 +128,7 @@ def write_model_config(export_base, serving_base_path=None, num_versions=1):
     text = model_config_text(
         {name: f"{root.rstrip('/')}/{name}" for name in models}, num_versions
     )
-    return write_text(_join(base, MODEL_CONFIG_FILE), text)
+    return write_text(files.join(base, MODEL_CONFIG_FILE), text)
 
 
 def _batching_parameters_class():
@@ -302,7 +292,7 @@ def batching_parameters_text(**kwargs):
 
 def export_metadata(export_dir):
     """The `keras_moe_export.json` an export wrote next to its SavedModel."""
-    with tf.io.gfile.GFile(_join(export_dir, METADATA_FILE), "r") as f:
+    with tf.io.gfile.GFile(files.join(export_dir, METADATA_FILE), "r") as f:
         return json.load(f)
 
 
@@ -314,11 +304,11 @@ def xla_batch_size(export_base):
         ValueError: exports with different sizes (one batching file cannot
             serve both), naming them.
     """
-    base = _absolute(export_base)
+    base = files.absolute(export_base)
     sizes = {}
     for name, versions in served_models(base).items():
-        export_dir = _join(base, name, str(versions[-1]))
-        if not tf.io.gfile.exists(_join(export_dir, METADATA_FILE)):
+        export_dir = files.join(base, name, str(versions[-1]))
+        if not tf.io.gfile.exists(files.join(export_dir, METADATA_FILE)):
             continue
         metadata = export_metadata(export_dir)
         if "serving_xla" in metadata.get("signatures", {}):
@@ -340,10 +330,10 @@ def write_batching_parameters(export_base, **kwargs):
     kwargs as `batching_parameters`; `xla_batch_size` defaults to the one
     the exports under `export_base` share (`xla_batch_size`).
     """
-    base = _absolute(export_base)
+    base = files.absolute(export_base)
     if "xla_batch_size" not in kwargs:
         kwargs["xla_batch_size"] = xla_batch_size(base)
     return write_text(
-        _join(base, BATCHING_PARAMETERS_FILE),
+        files.join(base, BATCHING_PARAMETERS_FILE),
         batching_parameters_text(**kwargs),
     )

@@ -64,8 +64,8 @@ so loading holds the model and one source tensor at a time. A read that
 fails half way (a truncated data file) raises a `ValueError` and the
 half-loaded model is never returned.
 
-Measured with `python -m apps.benchmark_upcycle` (2 CPU cores, TensorFlow
-2.20, float32, each measurement in a fresh process) on a random
+Measured with `benchmarks/upcycle.py` (docs/BENCHMARKS.md; 2 CPU cores,
+TensorFlow 2.20, float32, each measurement in a fresh process) on a random
 T5-small-sized checkpoint in Mesh TensorFlow format (60.5M parameters, a
 231 MiB data file): `read_t5_mtf_checkpoint` takes 1.8 s, of which 0.3 s is
 the reader's own (the rest builds the model), and grows peak RSS by 453 MiB,

@@ -12,7 +12,8 @@ Both dispatchers implement the same two maps of a `RoutingInstructions`:
   them: O(G * S * E * C * D) work, all matmuls, the usual choice on TPU.
 * `IndicesDispatcher` gathers token rows into slots and adds slot rows back
   with a segment sum: O(G * E * C * D) work, independent of the one-hot size,
-  the faster choice on CPU and GPU (see `apps/benchmark.py`).
+  the faster choice on CPU and GPU (see `benchmarks/moe_layer.py` and
+  docs/BENCHMARKS.md).
 
 Their outputs and gradients agree to float tolerance (tests/layers).
 """

@@ -162,7 +162,7 @@ class MoeLayer(keras.layers.Layer):
         jit_compile: True to run routing, dispatch and combine in their own
             XLA functions, False for none, "auto" (default) for XLA on GPU
             and TPU only: on CPU, TensorFlow's kernels ran the layer faster
-            than XLA's CPU backend (see `apps/benchmark.py`).
+            than XLA's CPU backend (see docs/BENCHMARKS.md).
         check_numerics: in graph mode, fail the step when router logits are
             not finite (eager calls always raise a ValueError for them).
         seed: seed of the router noise.

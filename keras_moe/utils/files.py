@@ -11,6 +11,17 @@ error the temporary file is removed and the target is left as it was.
 SavedModel version): written to a hidden directory beside the target,
 renamed into place when complete, an existing target moved aside first
 when it is replaced.
+
+Paths with a scheme (`gs://`, `s3://`, `hdfs://`, TensorFlow's in-memory
+`ram://`) go through `tf.io.gfile`: the block writes to a local temporary
+file or directory, which is then copied to the target. Object stores have
+no rename, so the guarantees there are weaker and stated plainly: a single
+file is uploaded as one object (readers see the old object or the new
+one, never half of it); a directory's files are copied one by one into the
+target with the largest file first and `saved_model.pb` (the file
+TF Serving and `tf.saved_model.load` look for) last, so a reader may see
+the directory incomplete but not a `saved_model.pb` without its
+variables. TF Serving skips a version whose load fails and retries it.
 """
 
 import contextlib
@@ -22,6 +33,52 @@ import socket
 import tempfile
 
 TEMP_PREFIX = ".tmp-"
+
+
+def is_url(path):
+    """True for a path with a scheme (`gs://...`, `ram://...`): such paths
+    go through `tf.io.gfile`, not the local file system."""
+    return "://" in os.fspath(path)
+
+
+def join(*parts):
+    """`os.path.join`, with "/" for paths with a scheme (object stores
+    reject Windows separators)."""
+    parts = [os.fspath(p) for p in parts]
+    if is_url(parts[0]):
+        return "/".join(
+            [parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]]
+        )
+    return os.path.join(*parts)
+
+
+def absolute(path):
+    """The absolute form of a local path; a path with a scheme as is."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def _gfile():
+    # Imported here: local writes need no TensorFlow.
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def exists(path):
+    """Whether `path` exists, local or with a scheme."""
+    if is_url(path):
+        return _gfile().exists(os.fspath(path))
+    return os.path.exists(path)
+
+
+def read_text(path):
+    """The UTF-8 text of a file, local or with a scheme."""
+    if is_url(path):
+        with _gfile().GFile(os.fspath(path), "rb") as f:
+            return f.read().decode("utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _umask():
@@ -64,6 +121,10 @@ def atomic_path(path, suffix=None):
     >>> open(target).read()
     'hello'
     """
+    if is_url(path):
+        with _remote_path(os.fspath(path), suffix) as temp:
+            yield temp
+        return
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -81,6 +142,23 @@ def atomic_path(path, suffix=None):
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+@contextlib.contextmanager
+def _remote_path(path, suffix):
+    """`atomic_path` for a path with a scheme: a local temporary file,
+    uploaded as one object when the block returns."""
+    gfile = _gfile()
+    if suffix is None:
+        suffix = os.path.splitext(path)[1]
+    local = tempfile.mkdtemp(prefix="keras_moe-")
+    try:
+        temp = os.path.join(local, "file" + suffix)
+        yield temp
+        gfile.makedirs(path.rsplit("/", 1)[0])
+        gfile.copy(temp, path, overwrite=True)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def write_bytes(path, data):
@@ -108,7 +186,7 @@ def write_json(path, value):
 def save_keras(model, path):
     """`model.save(path)` through a temporary `.keras` file; returns the
     absolute path."""
-    path = os.path.abspath(os.fspath(path))
+    path = absolute(path)
     with atomic_path(path, suffix=".keras") as temp:
         model.save(temp)
     return path
@@ -200,6 +278,10 @@ def atomic_directory(path, overwrite=False):
     >>> os.listdir(target)
     ['a.txt']
     """
+    if is_url(path):
+        with _remote_directory(os.fspath(path).rstrip("/"), overwrite) as temp:
+            yield temp
+        return
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     _check_directory_target(path, overwrite)
@@ -229,6 +311,87 @@ def atomic_directory(path, overwrite=False):
     finally:
         if os.path.lexists(temp):
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _upload_order(local):
+    """The files under `local` as (relative path, size), largest first and
+    any `saved_model.pb` last: see the module docstring."""
+    entries = []
+    for root, _, names in os.walk(local):
+        for name in names:
+            full = os.path.join(root, name)
+            relative = os.path.relpath(full, local).replace(os.sep, "/")
+            entries.append((relative, os.path.getsize(full)))
+    return sorted(
+        entries,
+        key=lambda e: (e[0].endswith("saved_model.pb"), -e[1], e[0]),
+    )
+
+
+def remove_tree(path):
+    """Removes a directory tree, local or with a scheme."""
+    if is_url(path):
+        _remove_remote_tree(os.fspath(path))
+    else:
+        shutil.rmtree(path)
+
+
+def _remove_remote_tree(path):
+    """Removes a directory tree through tf.io.gfile: files first, then the
+    directories (`rmtree` is not implemented alike by every file system;
+    object stores have no directories to remove)."""
+    import tensorflow as tf
+
+    gfile = _gfile()
+    for directory, _, names in gfile.walk(path, topdown=False):
+        for name in names:
+            try:
+                gfile.remove(join(directory, name))
+            except tf.errors.NotFoundError:
+                pass  # listed twice: ram:// lists by name prefix
+        try:
+            gfile.remove(directory)
+        except tf.errors.OpError:
+            pass  # an implicit directory: gone with its last file
+    if gfile.exists(path) and gfile.listdir(path):
+        raise OSError(f"could not remove {path}")
+
+
+@contextlib.contextmanager
+def _remote_directory(path, overwrite):
+    """`atomic_directory` for a path with a scheme: a local temporary
+    directory, copied file by file into `path` when the block returns (see
+    the module docstring for what a reader may see meanwhile)."""
+    gfile = _gfile()
+    if gfile.exists(path):
+        if not gfile.isdir(path):
+            raise NotADirectoryError(f"{path} exists and is not a directory")
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} exists; pass overwrite=True to replace it"
+            )
+    local = tempfile.mkdtemp(prefix="keras_moe-")
+    try:
+        yield local
+        if gfile.exists(path):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{path} exists; pass overwrite=True to replace it"
+                )
+            _remove_remote_tree(path)
+        gfile.makedirs(path)
+        for root, dirs, _ in os.walk(local):
+            for name in dirs:
+                relative = os.path.relpath(os.path.join(root, name), local)
+                gfile.makedirs(join(path, relative.replace(os.sep, "/")))
+        for relative, _ in _upload_order(local):
+            gfile.copy(
+                os.path.join(local, relative),
+                join(path, relative),
+                overwrite=True,
+            )
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _check_directory_target(path, overwrite):

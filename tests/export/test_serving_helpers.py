@@ -93,6 +93,66 @@ def test_rest_bodies():
     assert np.float32(floats["inputs"]["x"][0][0]) == np.float32(0.1)
 
 
+# Request bodies in the form TF Serving's REST API documentation gives for
+# :predict (tensorflow.org/tfx/serving/api_rest, "Specifying input tensors
+# in row format" / "in column format" / "Encoding binary values"): three
+# named inputs of a batch of two - a string, a vector and a matrix per
+# example - and a binary input sent as {"b64": <standard base64>}. Written
+# out by hand from that format, not produced by export.client.
+DOCUMENTED_ROW_BODY = """
+{
+  "instances": [
+    {"tag": "foo", "signal": [1, 2, 3, 4, 5], "sensor": [[1, 2], [3, 4]]},
+    {"tag": "bar", "signal": [3, 4, 1, 2, 5], "sensor": [[4, 5], [6, 8]]}
+  ]
+}
+"""
+DOCUMENTED_COLUMNAR_BODY = """
+{
+  "inputs": {
+    "tag": ["foo", "bar"],
+    "signal": [[1, 2, 3, 4, 5], [3, 4, 1, 2, 5]],
+    "sensor": [[[1, 2], [3, 4]], [[4, 5], [6, 8]]]
+  }
+}
+"""
+DOCUMENTED_BINARY_BODY = """
+{
+  "signature_name": "classify_objects",
+  "instances": [
+    {"image": {"b64": "aW1hZ2UgYnl0ZXM="}, "caption": "seaside"},
+    {"image": {"b64": "YXdlc29tZSBpbWFnZSBieXRlcw=="}, "caption": "mountains"}
+  ]
+}
+"""
+DOCUMENTED_TENSORS = {
+    "tag": ["foo", "bar"],
+    "signal": np.array([[1, 2, 3, 4, 5], [3, 4, 1, 2, 5]], np.int32),
+    "sensor": np.array([[[1, 2], [3, 4]], [[4, 5], [6, 8]]], np.int32),
+}
+
+
+@pytest.mark.parametrize(
+    "golden, format",
+    [
+        (DOCUMENTED_ROW_BODY, client.ROW_FORMAT),
+        (DOCUMENTED_COLUMNAR_BODY, client.COLUMNAR_FORMAT),
+    ],
+)
+def test_rest_bodies_match_the_documented_format(golden, format):
+    body = client.rest_body(DOCUMENTED_TENSORS, format=format)
+    assert body == json.loads(golden)
+
+
+def test_rest_bytes_match_the_documented_b64_form():
+    images = [b"image bytes", b"awesome image bytes"]
+    body = client.rest_body(
+        {"image": images, "caption": ["seaside", "mountains"]},
+        "classify_objects",
+    )
+    assert body == json.loads(DOCUMENTED_BINARY_BODY)
+
+
 def test_warmup_requests_round_trip(tmp_path):
     requests = [
         client.text_request("t5", ["a", "b"]),

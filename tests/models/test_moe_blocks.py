@@ -13,6 +13,8 @@ from keras_moe import models
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models import moe_blocks
 from keras_moe.models.t5 import t5_config
+from keras_moe.models.vit import ViT
+from tests import tiny_models
 
 VISION = dict(
     image_size=16,
@@ -153,3 +155,51 @@ def test_moe_layers_of_a_plain_keras_model():
 def test_docstring_examples_run():
     result = doctest.testmod(moe_blocks, extraglobs={"keras": keras})
     assert result.attempted >= 8 and result.failed == 0
+
+
+def _rebuilt_by_hand(vit, eval_capacity_factor):
+    """`vit` rebuilt from its config with the factor in every MoE block's
+    kwargs, weights copied in order."""
+    config = vit.get_config()
+    config["encoder_moe_blocks"] = {
+        index: dict(kwargs, eval_capacity_factor=eval_capacity_factor)
+        for index, kwargs in config["encoder_moe_blocks"].items()
+    }
+    rebuilt = ViT.from_config(config)
+    for target, source in zip(rebuilt.weights, vit.weights, strict=True):
+        target.assign(source.numpy())
+    return rebuilt
+
+
+def test_with_eval_capacity_factor_matches_a_rebuild_by_hand():
+    moe = keras_moe.upcycle(
+        tiny_models.tiny_vit(),
+        num_experts=4,
+        eval_capacity_factor=0.5,
+        expert_noise=0.2,  # experts that differ
+        moe_kwargs={"min_expert_capacity": 1},
+        seed=3,
+    )
+    images = tiny_models.images()
+    rebuilt = moe_blocks.with_eval_capacity_factor(moe, None)
+    assert [
+        layer.eval_capacity_factor for layer in moe_blocks.moe_layers(rebuilt)
+    ] == [None]
+    assert moe.blocks[1].mlp.eval_capacity_factor == 0.5  # left untouched
+    for a, b in zip(moe.weights, rebuilt.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The same model built by hand from the config gives the same outputs.
+    np.testing.assert_allclose(
+        rebuilt(images), _rebuilt_by_hand(moe, None)(images), atol=1e-6
+    )
+    # Capacity 0.5 drops tokens that no-drop keeps: the outputs differ.
+    assert not np.allclose(moe(images), rebuilt(images), atol=1e-4)
+    assert moe_blocks.with_eval_capacity_factor(rebuilt, None) is rebuilt
+    dense = tiny_models.tiny_vit()
+    assert moe_blocks.with_eval_capacity_factor(dense, 2.0) is dense
+
+
+def test_with_eval_capacity_factor_rejects_a_bad_factor():
+    moe = keras_moe.upcycle(tiny_models.tiny_vit(), num_experts=4)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe_blocks.with_eval_capacity_factor(moe, -1.0)

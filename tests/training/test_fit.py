@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_moe.data import specs
 from keras_moe.data.specs import CLASSIFICATION
 from keras_moe.data.specs import TRANSLATION
+from keras_moe.training import fit
 from keras_moe.training.fit import compile_for_task
 
 
@@ -87,3 +89,20 @@ def test_given_optimizer_metrics_and_jit_policy():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         compile_for_task(_model(), **kwargs)
+
+
+def test_dense_model_fits_its_dataset():
+    spec = specs.DataSpec(
+        "composed_digits",
+        specs.CLASSIFICATION,
+        "/unused",
+        image_shape=(8, 16, 1),
+        num_classes=100,
+    )
+    model = fit.dense_model("vit", spec, {"model_dim": 16, "num_heads": 2})
+    specs.check_model_fits_data(model, spec)
+    assert model.image_hw == (8, 16) and model.num_layers == 4
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        fit.dense_model("bert", spec)
+    with pytest.raises(ValueError, match="T5 trains on 'number_words'"):
+        fit.dense_model("t5", spec)
