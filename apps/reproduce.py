@@ -18,10 +18,10 @@ Usage:
         --capacity_factor=2 --moe_blocks=last_n:2 --budgets=0.1,0.5,1.0
 
 Flags `--num_experts`, `--capacity_factor`, `--router`, `--moe_blocks`,
-`--expert_noise`, `--reinit_fraction`, `--reuse_optimizer_state` and
-`--budgets` are passed to the experiment only when given on the command
-line; an experiment that does not support one of them stops with an error
-naming it. Every flag is checked before any work starts.
+`--expert_noise`, `--reinit_fraction`, `--reuse_optimizer_state`,
+`--optimizer_state` and `--budgets` are passed to the experiment only when
+given on the command line; an experiment that does not support one of them
+stops with an error naming it. Every flag is checked before any work starts.
 """
 
 import os
@@ -80,6 +80,13 @@ _REUSE_OPTIMIZER_STATE = flags.DEFINE_boolean(
     None,
     "Ablation: continue the dense optimizer's state after upcycling.",
 )
+_OPTIMIZER_STATE = flags.DEFINE_enum(
+    "optimizer_state",
+    None,
+    ["rescale", "copy", "reset"],
+    "Ablation: how a reused dense optimizer state starts the upcycled model "
+    "(keras_moe.upcycle_optimizer's state).",
+)
 _BUDGETS = flags.DEFINE_list(
     "budgets",
     None,
@@ -95,6 +102,7 @@ _OPTION_FLAGS = {
     "expert_noise": _EXPERT_NOISE,
     "reinit_fraction": _REINIT_FRACTION,
     "reuse_optimizer_state": _REUSE_OPTIMIZER_STATE,
+    "optimizer_state": _OPTIMIZER_STATE,
     "budgets": _BUDGETS,
 }
 flags.mark_flag_as_required("experiment")

@@ -15,7 +15,7 @@ import keras
 import pytest
 
 from keras_moe.experiments import vlm
-from keras_moe.layers.moe import MoeLayer
+from keras_moe.models import moe_layers
 from keras_moe.models.vlm import VisionLanguageModel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,11 +65,7 @@ def test_small_run_trains_upcycles_and_reports(tmp_path):
     assert "dense caption de real: exact match" in process.stdout
     model = keras.models.load_model(out / "vlm_upcycled.keras")
     assert isinstance(model, VisionLanguageModel)
-    moe = [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, MoeLayer)
-    ]
+    moe = moe_layers(model)
     assert len(moe) == 3 and {layer.num_experts for layer in moe} == {4}
 
 

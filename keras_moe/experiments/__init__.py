@@ -43,6 +43,7 @@ OPTION_NAMES = (
     "expert_noise",
     "reinit_fraction",
     "reuse_optimizer_state",
+    "optimizer_state",
     "budgets",
 )
 
@@ -238,6 +239,12 @@ def check_option_values(options):
         options["reuse_optimizer_state"], bool
     ):
         fail("reuse_optimizer_state", "a bool")
+    if "optimizer_state" in options and options["optimizer_state"] not in (
+        "rescale",
+        "copy",
+        "reset",
+    ):
+        fail("optimizer_state", "one of rescale, copy, reset")
     if "budgets" in options:
         values = options["budgets"]
         if isinstance(values, str):

@@ -40,9 +40,9 @@ architecture (`TrainerPool`); the loss adds the MoE auxiliary losses
 
 Options (`SUPPORTED_OPTIONS`, see `parse_options`) change the MoE arms:
 num_experts, capacity_factor, router and moe_blocks change both MoE arms
-(and so the tiled depth); expert_noise, reinit_fraction and
-reuse_optimizer_state change how the upcycled arm starts; budgets the
-extra budgets.
+(and so the tiled depth); expert_noise, reinit_fraction,
+reuse_optimizer_state and optimizer_state change how the upcycled arm
+starts; budgets the extra budgets.
 """
 
 import dataclasses
@@ -100,6 +100,8 @@ class Settings:
             re-drawn (Drop-Upcycling).
         reuse_optimizer_state: whether the upcycled arm continues the dense
             optimizer's state (`keras_moe.upcycle_optimizer`).
+        optimizer_state: how it continues it: `upcycle_optimizer`'s
+            `state` ("rescale", "copy" or "reset").
         budgets: sorted extra budgets, fractions of the dense pre-training
             FLOPs.
     """
@@ -111,6 +113,7 @@ class Settings:
     expert_noise: float = 0.0
     reinit_fraction: float = 0.0
     reuse_optimizer_state: bool = True
+    optimizer_state: str = "rescale"
     budgets: tuple = DEFAULT_BUDGETS
 
     def upcycle_kwargs(self, seed, moe_kwargs=None):
@@ -138,7 +141,8 @@ class Settings:
             f"router {self.router}, MoE blocks {self.moe_blocks}, expert "
             f"noise {self.expert_noise:g}, re-initialised fraction "
             f"{self.reinit_fraction:g}, optimizer state "
-            f"{'reused' if self.reuse_optimizer_state else 'fresh'}, "
+            f"{self.optimizer_state if self.reuse_optimizer_state else 'fresh'}"
+            ", "
             f"budgets {budgets}"
         )
 
@@ -223,6 +227,13 @@ def _check_option(name, value):
                 f"{value!r}"
             )
         return bool(value)
+    if name == "optimizer_state":
+        if value not in ("rescale", "copy", "reset"):
+            raise ValueError(
+                "option optimizer_state must be one of rescale, copy, reset; "
+                f"received {value!r}"
+            )
+        return value
     if name == "budgets":
         return _check_budgets(value)
     raise ValueError(f"unknown option {name!r}")  # check_options stops it.
@@ -706,7 +717,9 @@ def run_seed(task, settings, seed, cache):
         dense, **settings.upcycle_kwargs(seed, task.moe_kwargs)
     )
     if settings.reuse_optimizer_state:
-        moe_optimizer = upcycling.upcycle_optimizer(dense_optimizer, dense, moe)
+        moe_optimizer = upcycling.upcycle_optimizer(
+            dense_optimizer, dense, moe, state=settings.optimizer_state
+        )
     else:
         moe_optimizer = make_optimizer(task.learning_rate, task.warmup_steps)
     moe_config = moe.get_config()

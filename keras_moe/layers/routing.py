@@ -24,6 +24,13 @@ Two families of routers:
   tokens (Zhou et al., 2022). A token sees its whole group, so expert choice
   must not be used in causal decoders: a token's routing would depend on
   tokens that come after it.
+
+Token choice also routes without capacity (`tokens_choose_dropless`, or
+`tokens_choose(..., expert_capacity=None)`): every token keeps its K choices
+(dropless MoE, as in MegaBlocks), and the result is a
+`DroplessRoutingInstructions` in token form, <[G, S, K]>, instead of slots.
+Expert choice has no dropless form: an expert taking its C best tokens is
+the definition of the router.
 """
 
 import dataclasses
@@ -154,6 +161,69 @@ class RoutingInstructions:
             self.dispatch_mask, self.token_index, self.num_tokens
         )
 
+    def expert_weights(self):
+        """<float32>[G, S, E]: combine weight of token s for expert e."""
+        return ops.sum(self.combine_array(), axis=-1)
+
+
+@dataclasses.dataclass
+class DroplessRoutingInstructions:
+    """Token-choice routing without capacity, in token (choice) form.
+
+    No slot exists and no choice is dropped: token s of group g is sent to
+    each of its K experts. A dispatcher (`dispatch.DroplessDispatcher`) sorts
+    the choices by expert and serves each expert exactly its tokens.
+
+    Attributes:
+        expert_index: <int32>[G, S, K] the experts each token chose, best
+            first (ties: lower expert id).
+        combine_weights: <float32>[G, S, K] weight of each choice's expert
+            output in the token's output (0 for masked tokens).
+        token_mask: <bool>[G, S] tokens that are routed (False: padding,
+            never sent to an expert).
+        service_order: <int32>[G, S] the token served i-th in each round;
+            `range(S)` unless batch priority sorts tokens by their top
+            router probability. Without capacity the order changes no
+            output: it only orders each expert's rows.
+        num_experts: E, a Python int.
+    """
+
+    expert_index: object
+    combine_weights: object
+    token_mask: object
+    service_order: object
+    num_experts: int
+
+    @property
+    def num_tokens(self):
+        return self.expert_index.shape[1]
+
+    @property
+    def num_selected_experts(self):
+        return self.expert_index.shape[2]
+
+    def _choice_one_hot(self):
+        """<float32>[G, S, K, E]: 1.0 where a routed choice picks expert e."""
+        one_hot = ops.one_hot(self.expert_index, self.num_experts)
+        valid = ops.cast(self.token_mask, "float32")
+        return one_hot * valid[..., None, None]
+
+    def tokens_per_expert(self):
+        """<float32>[G, E]: tokens each expert receives."""
+        return ops.sum(self._choice_one_hot(), axis=(1, 2))
+
+    def token_coverage(self):
+        """<float32>[G, S]: experts each token is sent to (K, 0 if masked)."""
+        return ops.cast(self.token_mask, "float32") * float(
+            self.num_selected_experts
+        )
+
+    def expert_weights(self):
+        """<float32>[G, S, E]: combine weight of token s for expert e."""
+        return ops.einsum(
+            "gske,gsk->gse", self._choice_one_hot(), self.combine_weights
+        )
+
 
 def tokens_choose(
     router_probs,
@@ -174,7 +244,8 @@ def tokens_choose(
     Args:
         router_probs: <float32>[G, S, E] router probabilities.
         num_selected_experts: K.
-        expert_capacity: C, a Python int.
+        expert_capacity: C, a Python int; None routes without capacity and
+            returns `tokens_choose_dropless(...)` instead.
         batch_priority: serve confident tokens first.
         normalize_combine_weights: divide each token's combine weights by the
             sum of its kept weights (a token with no kept choice gets zeros).
@@ -182,7 +253,8 @@ def tokens_choose(
             take no capacity (padding).
 
     Returns:
-        `RoutingInstructions`.
+        `RoutingInstructions` (`DroplessRoutingInstructions` when
+        `expert_capacity` is None).
 
     Example:
 
@@ -192,6 +264,14 @@ def tokens_choose(
     >>> tuple(routing.combine_array().shape)
     (2, 16, 4, 8)
     """
+    if expert_capacity is None:
+        return tokens_choose_dropless(
+            router_probs,
+            num_selected_experts,
+            batch_priority=batch_priority,
+            normalize_combine_weights=normalize_combine_weights,
+            token_mask=token_mask,
+        )
     probs = _check_router_probs(router_probs)
     num_groups = ops.shape(probs)[0]
     num_tokens, num_experts = probs.shape[1], probs.shape[2]
@@ -301,6 +381,75 @@ def tokens_choose(
     )
 
 
+def tokens_choose_dropless(
+    router_probs,
+    num_selected_experts,
+    batch_priority=False,
+    normalize_combine_weights=False,
+    token_mask=None,
+):
+    """Token-choice routing without capacity: every token keeps its top K.
+
+    The dropless counterpart of `tokens_choose` (MegaBlocks, Gale et al.,
+    2022): what `tokens_choose` returns when no expert can overflow, written
+    per token instead of per slot, so that a dispatcher computes only the
+    routed tokens (K per real token) instead of E * C slots. With
+    `batch_priority=True` the service order is V-MoE's (descending top
+    router probability, ties in token order); without a capacity it drops
+    nothing and only orders each expert's work.
+
+    Args:
+        router_probs: <float32>[G, S, E] router probabilities.
+        num_selected_experts: K.
+        batch_priority: serve confident tokens first.
+        normalize_combine_weights: divide each token's K weights by their
+            sum.
+        token_mask: optional <bool>[G, S]; False tokens are never routed
+            (their combine weights are 0).
+
+    Returns:
+        `DroplessRoutingInstructions`.
+
+    Example:
+
+    >>> probs = keras.ops.softmax(keras.random.normal((2, 16, 4), seed=1))
+    >>> routing = tokens_choose_dropless(probs, num_selected_experts=2)
+    >>> tuple(routing.expert_index.shape)
+    (2, 16, 2)
+    """
+    probs = _check_router_probs(router_probs)
+    num_groups = ops.shape(probs)[0]
+    num_tokens, num_experts = probs.shape[1], probs.shape[2]
+    k = num_selected_experts
+    check_positive_int("num_selected_experts", k)
+    if k > num_experts:
+        raise ValueError(
+            "num_selected_experts must be at most the number of experts; "
+            f"received num_selected_experts={k}, num_experts={num_experts}"
+        )
+    valid = _token_mask(token_mask, probs)
+    # gates, experts: (G, S, K); ties go to the lower expert id.
+    gates, experts = ops.top_k(probs, k)
+    weights = gates * ops.cast(valid, "float32")[..., None]
+    if normalize_combine_weights:
+        weights = _normalize(weights, axis=-1)
+    if batch_priority:
+        # service_order[g, i] = token served i-th; stable for equal gates.
+        service_order = tf.argsort(-gates[..., 0], axis=-1, stable=True)
+    else:
+        service_order = ops.broadcast_to(
+            ops.arange(num_tokens, dtype="int32")[None],
+            (num_groups, num_tokens),
+        )
+    return DroplessRoutingInstructions(
+        expert_index=ops.cast(experts, "int32"),
+        combine_weights=weights,
+        token_mask=valid,
+        service_order=ops.cast(service_order, "int32"),
+        num_experts=num_experts,
+    )
+
+
 def experts_choose(
     router_probs,
     expert_capacity,
@@ -330,6 +479,12 @@ def experts_choose(
     >>> tuple(routing.token_index.shape)
     (2, 4, 4)
     """
+    if expert_capacity is None:
+        raise ValueError(
+            "expert choice has no dropless form: each expert takes exactly "
+            "its expert_capacity best tokens, that is the router; pass an "
+            "int expert_capacity (dropless routing is token choice only)"
+        )
     probs = _check_router_probs(router_probs)
     num_tokens = probs.shape[1]
     check_positive_int("expert_capacity", expert_capacity)

@@ -86,15 +86,11 @@ def _check_grouping(model, name, per_replica_batch):
     fixed S, a replica groups the tokens of its own slice, which matches the
     single-device groups only if the slice holds a whole number of groups.
     """
-    from keras_moe.layers.moe import MoeLayer
+    from keras_moe.models import moe_layers
 
-    moe_layers = [
-        layer
-        for layer in model._flatten_layers()
-        if isinstance(layer, MoeLayer)
-    ]
-    assert moe_layers, "the upcycled model has no MoE block"
-    for layer in moe_layers:
+    layers = moe_layers(model)
+    assert layers, "the upcycled model has no MoE block"
+    for layer in layers:
         if layer.group_size is None:
             continue
         for length in _tokens_per_group_axis(name):

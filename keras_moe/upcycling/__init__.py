@@ -48,6 +48,7 @@ from keras_moe.layers.experts import weights_to_be_overwritten
 from keras_moe.models import flops
 from keras_moe.models.moe_blocks import VISION
 from keras_moe.models.moe_blocks import moe_layers
+from keras_moe.upcycling.optimizer_state import upcycle_optimizer  # noqa: F401
 from keras_moe.utils.checks import check_positive_int
 from keras_moe.utils.files import save_keras
 
@@ -426,87 +427,6 @@ def tile_expert_weight(
             shape = experts[e][tuple(index)].shape
             experts[e][tuple(index)] = rng.normal(mean, std, size=shape)
     return experts
-
-
-def upcycle_optimizer(dense_optimizer, dense_model, moe_model):
-    """A new optimizer for `moe_model` that continues `dense_optimizer`.
-
-    The paper reuses the dense optimizer state for vision: every slot
-    variable (Adam's first and second moments, momentum, ...) is copied for
-    the weights the two models share and tiled like the weights for the
-    experts; router slots start at zero. The step counter is copied so that
-    bias corrections continue where the dense run stopped.
-
-    Args:
-        dense_optimizer: a built Keras 3 optimizer that trained `dense_model`.
-        dense_model: the dense model `moe_model` was upcycled from.
-        moe_model: the result of `upcycle(dense_model, ...)`.
-
-    Returns:
-        A new optimizer of the same class and config, built for
-        `moe_model.trainable_variables`.
-    """
-    if not isinstance(dense_optimizer, keras.optimizers.Optimizer):
-        raise ValueError(
-            "dense_optimizer must be a Keras 3 optimizer; received "
-            f"{type(dense_optimizer).__name__}"
-        )
-    if not dense_optimizer.built:
-        raise ValueError(
-            "dense_optimizer has no state yet (it was never built or applied); "
-            "use a fresh optimizer instead"
-        )
-    dense_vars = dense_model.canonical_variables()
-    tracked = {id(v) for v in dense_optimizer._trainable_variables}
-    foreign = [
-        n for n, v in dense_vars.items() if v.trainable and id(v) not in tracked
-    ]
-    if foreign:
-        raise ValueError(
-            "dense_optimizer does not track the weights of dense_model "
-            f"(e.g. {foreign[:3]}); pass the optimizer that trained it"
-        )
-    optimizer = dense_optimizer.__class__.from_config(
-        dense_optimizer.get_config()
-    )
-    optimizer.build(moe_model.trainable_variables)
-    optimizer.iterations.assign(dense_optimizer.iterations)
-    dense_slots = _slot_lists(dense_optimizer)
-    moe_slots = _slot_lists(optimizer)
-    num_experts = None
-    for name, variable in moe_model.canonical_variables().items():
-        if not variable.trainable:
-            continue
-        match = _EXPERT_NAME.match(name)
-        if name in dense_vars:
-            source, tile = dense_vars[name], False
-        elif match and f"{match['block']}/{match['weight']}" in dense_vars:
-            source = dense_vars[f"{match['block']}/{match['weight']}"]
-            tile, num_experts = True, variable.shape[0]
-        else:
-            continue  # router: fresh state
-        src_index = dense_optimizer._get_variable_index(source)
-        dst_index = optimizer._get_variable_index(variable)
-        for attr, slots in moe_slots.items():
-            value = keras.ops.convert_to_numpy(dense_slots[attr][src_index])
-            if tile:
-                value = np.broadcast_to(value, (num_experts,) + value.shape)
-            slots[dst_index].assign(value)
-    return optimizer
-
-
-def _slot_lists(optimizer):
-    """{attribute: list of per-variable slots} of a built Keras optimizer."""
-    count = len(optimizer._trainable_variables)
-    return {
-        attr: value
-        for attr, value in vars(optimizer).items()
-        if isinstance(value, list)
-        and attr != "_trainable_variables"
-        and len(value) == count
-        and count > 0
-        and all(isinstance(v, keras.Variable) for v in value)
-    }
 
 
 @dataclasses.dataclass
