@@ -37,6 +37,7 @@ from absl import logging
 
 from benchmarks import upcycle as benchmarks_upcycle
 from keras_moe.models.t5 import PRESETS
+from keras_moe.utils import files
 
 _PRESET = flags.DEFINE_enum(
     "preset",
@@ -74,8 +75,7 @@ def main(argv):
     lines = [json.dumps(r) for r in records]
     print("\n".join(lines), flush=True)
     if _OUTPUT.value:
-        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        files.write_text(_OUTPUT.value, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

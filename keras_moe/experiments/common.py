@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from keras_moe.utils import files
 from keras_moe.utils.files import atomic_path
 from keras_moe.utils.files import write_text
 
@@ -68,7 +69,7 @@ def prepare_output_dir(output_dir):
         raise ValueError(
             f"output_dir={output_dir!r} is an existing file, not a directory"
         )
-    os.makedirs(output_dir, exist_ok=True)
+    files.makedirs(output_dir)
     return output_dir
 
 

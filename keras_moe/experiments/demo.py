@@ -50,6 +50,7 @@ from keras_moe.upcycling import summarize
 from keras_moe.upcycling import upcycle
 from keras_moe.upcycling import upcycle_optimizer
 from keras_moe.utils.checks import check_int
+from keras_moe.utils.files import makedirs
 from keras_moe.utils.files import save_keras
 from keras_moe.utils.files import write_json
 from keras_moe.utils.files import write_text
@@ -371,7 +372,7 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
     def step(message):
         log(f"[{time.perf_counter() - start:6.1f}s] {message}")
 
-    os.makedirs(output_dir, exist_ok=True)
+    makedirs(output_dir)
     files = {}
     spec = specs.describe_dataset(config.dataset, data_dir)
     if spec.kind != specs.CLASSIFICATION:

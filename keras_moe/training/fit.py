@@ -34,6 +34,7 @@ from keras_moe.training.callbacks import RoutingStatsLogger
 from keras_moe.training.callbacks import SaveTrainerEvery
 from keras_moe.training.resumable import fit_resumable
 from keras_moe.training.resumable import list_checkpoints
+from keras_moe.utils import files
 from keras_moe.utils.files import save_keras
 from keras_moe.utils.files import write_json
 
@@ -282,7 +283,7 @@ def train(
         A dict: output paths and the last epoch's metrics.
     """
     spec = describe_dataset(dataset, data_dir, input_length, target_length)
-    os.makedirs(output_dir, exist_ok=True)
+    files.makedirs(output_dir)
     if mesh is not None:
         return _train_expert_parallel(
             model_path,

@@ -72,6 +72,16 @@ def exists(path):
     return os.path.exists(path)
 
 
+def makedirs(path):
+    """Creates a directory and its parents (no error if it exists), local
+    or with a scheme; returns the path."""
+    if is_url(path):
+        _gfile().makedirs(os.fspath(path))
+    else:
+        os.makedirs(path, exist_ok=True)
+    return os.fspath(path)
+
+
 def read_text(path):
     """The UTF-8 text of a file, local or with a scheme."""
     if is_url(path):

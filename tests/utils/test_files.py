@@ -205,3 +205,53 @@ def test_atomic_directory_removes_dead_writers_leftovers_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["ckpt"] + [directory.name for directory in kept]
     )
+
+
+def test_paths_with_a_scheme_go_through_gfile():
+    # TensorFlow's in-memory file system stands in for gs:// and s3://.
+    import keras
+    import tensorflow as tf
+
+    base = "ram://keras_moe_files_test/out"
+    assert files.is_url(base) and not files.is_url("/tmp/x")
+    assert files.join(base, "a", "b.json") == base + "/a/b.json"
+    assert files.absolute(base) == base
+    files.makedirs(base + "/logs")
+    assert tf.io.gfile.isdir(base + "/logs")
+    files.write_json(base + "/a/b.json", {"x": 1})
+    assert json.loads(files.read_text(base + "/a/b.json")) == {"x": 1}
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    path = files.save_keras(model, base + "/model.keras")
+    assert path == base + "/model.keras"
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[0].units == 3
+    with files.atomic_directory(base + "/dir") as temp:
+        assert not files.is_url(temp)  # staged on local disk
+        os.makedirs(os.path.join(temp, "sub"))
+        for name in ("sub/big.bin", "saved_model.pb"):
+            with open(os.path.join(temp, name), "wb") as f:
+                f.write(b"x" * (10 if name.endswith(".pb") else 100))
+    assert files.exists(base + "/dir/sub/big.bin")
+    assert files.exists(base + "/dir/saved_model.pb")
+    with pytest.raises(FileExistsError):
+        with files.atomic_directory(base + "/dir"):
+            pass
+    with files.atomic_directory(base + "/dir", overwrite=True) as temp:
+        with open(os.path.join(temp, "only.txt"), "w") as f:
+            f.write("new")
+    assert tf.io.gfile.listdir(base + "/dir") == ["only.txt"]
+    # A failing block leaves the target as it was.
+    with pytest.raises(RuntimeError):
+        with files.atomic_directory(base + "/dir", overwrite=True):
+            raise RuntimeError("disk full")
+    assert files.read_text(base + "/dir/only.txt") == "new"
+    files.remove_tree("ram://keras_moe_files_test")
+    assert not files.exists(base)
+
+
+def test_upload_order_puts_saved_model_pb_last(tmp_path):
+    for name, size in (("saved_model.pb", 500), ("a.txt", 1), ("v/d", 50)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    order = [name for name, _ in files._upload_order(str(tmp_path))]
+    assert order == ["v/d", "a.txt", "saved_model.pb"]
