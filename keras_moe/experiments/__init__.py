@@ -1,4 +1,4 @@
-"""Reproduction experiments, run by `python -m apps.reproduce`.
+"""Reproduction experiments, registered here by name.
 
 Each experiment is a module of this package with one entry point,
 

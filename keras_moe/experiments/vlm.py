@@ -21,11 +21,10 @@ in each language; question answering on the first `vqa_eval_images`
 Entry points:
 
 * `train_and_evaluate(config)`: one run (one seed); returns the result rows
-  and the trained models. `python -m apps.train_vlm` calls `train_vlm`,
-  which also writes the files below.
+  and the trained models. `train_vlm` runs it and also writes the files
+  below.
 * `run(output_dir, seeds, small, options)`: the contract of
-  `keras_moe.experiments` (`python -m apps.reproduce --experiment=vlm`),
-  one run per seed; `options` may hold `num_experts` (then the runs
+  `keras_moe.experiments` (experiment "vlm"), one run per seed; `options` may hold `num_experts` (then the runs
   upcycle).
 
 Files written to the output directory (atomically): `results.csv` (one
