@@ -35,15 +35,18 @@ Each check reports every problem it finds in one message, with a BUILD
 stanza to paste for each file that has no target. The same stanzas are printed
 by
 
-    python tests/test_build_files.py            # show what is missing
+    python tests/test_build_files.py --show     # show what is missing
     python tests/test_build_files.py --append   # append them to BUILD files
     python tests/test_build_files.py --rewrite  # write all BUILD files anew
+
+and without arguments (as a Bazel `py_test`) the file runs its tests.
 """
 
 import ast
 import dataclasses
 import functools
 import pathlib
+import re
 import sys
 
 import pytest
@@ -483,7 +486,7 @@ def test_every_python_file_has_a_target():
     _fail(
         "Python files without exactly one (correct) BUILD target",
         problems,
-        "Print all stanzas with `python tests/test_build_files.py`.",
+        "Print all stanzas with `python tests/test_build_files.py --show`.",
     )
 
 
@@ -577,6 +580,58 @@ def test_stages_import_only_earlier_stages():
     _fail("Imports against the stage order of ARCHITECTURE.md", problems)
 
 
+def _runs_pytest_as_main(tree):
+    """Whether a module ends in `if __name__ == "__main__":` calling
+    `pytest.main`: a Bazel `py_test` runs the file as a script, and a test
+    module without such a main would pass without running a test."""
+    for node in tree.body:
+        if not (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "__name__"
+            and isinstance(node.test.comparators[0], ast.Constant)
+            and node.test.comparators[0].value == "__main__"
+        ):
+            continue
+        for call in ast.walk(node):
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "main"
+                and isinstance(call.func.value, ast.Name)
+                and call.func.value.id == "pytest"
+            ):
+                return True
+    return False
+
+
+def test_every_test_module_runs_as_a_py_test_main():
+    problems = [
+        f'{path}: no `if __name__ == "__main__": '
+        "sys.exit(pytest.main([__file__]))`"
+        for path in _python_files()
+        if re.match(r"tests/(.*/)?test_[^/]*\.py$", path)
+        and not _runs_pytest_as_main(ast.parse((ROOT / path).read_text()))
+    ]
+    _fail("Test modules that Bazel would run without running a test", problems)
+
+
+def test_a_test_module_run_as_main_runs_its_tests():
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.utils.test_checks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b\d+ passed\b", result.stdout), result.stdout
+
+
 def _with_load_line(text):
     """`text` with one rules_python load() naming exactly the rules used."""
     used = {
@@ -664,4 +719,7 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    if {"--show", "--append", "--rewrite"} & set(sys.argv[1:]):
+        _main(sys.argv[1:])
+    else:
+        sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -177,3 +177,7 @@ def test_small_e3_run_end_to_end(tmp_path):
     ]
     assert (output_dir / "results.md").read_text().count("\n| ") >= 6
     assert (output_dir / "e3_metrics.png").stat().st_size > 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -36,3 +36,7 @@ def test_style(tool):
             f"{result.stdout}\n{result.stderr}",
             pytrace=False,
         )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -109,3 +109,7 @@ def test_run_refuses_unknown_options_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="seeds must be"):
         vlm.run(out, seeds=(), small=True)
     assert not out.exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -1,5 +1,7 @@
 """Sparse upcycling: function preservation, training, optimizer reuse."""
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -441,3 +443,7 @@ def test_upcycle_from_a_checkpoint_path(t5, tmp_path):
     np.testing.assert_allclose(_np(moe(x)), _np(vit(x)), atol=1e-5)
     with pytest.raises(ValueError, match="does not exist"):
         upcycling.upcycle_checkpoint(str(tmp_path / "nope"), num_experts=4)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

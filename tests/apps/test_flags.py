@@ -202,3 +202,7 @@ def test_optional_float(text, expected):
 def test_optional_float_errors(text):
     with pytest.raises(ValueError, match="--f must be"):
         flags_util.optional_float(text, "f")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -13,6 +13,7 @@ number_words) runs train_dense, upcycle and evaluate.
 import json
 import os
 import shutil
+import sys
 
 import keras
 import numpy as np
@@ -340,3 +341,7 @@ def test_t5_launchers_end_to_end(data_dir, tmp_path):
     assert results["examples"] == 16
     # Random-ish model: the loss is near log V, far from 0.
     assert 0.5 * np.log(dense.vocab_size) < results["loss"] < 20
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -176,3 +176,7 @@ def test_launcher_rejects_bad_flags():
     )
     assert result.returncode != 0
     assert "num_experts" in result.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -8,6 +8,7 @@ corrupt file must raise a ValueError that names it.
 
 import json
 import os
+import sys
 
 import h5py
 import ml_dtypes
@@ -213,3 +214,7 @@ def test_checkpoint_format(tmp_path):
     assert io.checkpoint_format(tmp_path) == "keras_hub"
     (tmp_path / "model.safetensors.index.json").write_text("{}")
     assert io.checkpoint_format(tmp_path) == "hf"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

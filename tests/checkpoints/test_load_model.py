@@ -2,6 +2,7 @@
 the errors for the wrong architecture or a missing or broken file."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -28,3 +29,7 @@ def test_load_model_reads_keras_files_and_checkpoints(tmp_path):
     (tmp_path / "bad.keras").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="cannot load"):
         checkpoints.load_model(tmp_path / "bad.keras")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

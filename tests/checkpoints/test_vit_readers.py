@@ -13,6 +13,7 @@ weights, and must raise a ValueError that names the problem.
 import json
 import os
 import shutil
+import sys
 
 import keras
 import numpy as np
@@ -571,3 +572,7 @@ def test_keras_hub_rejects_other_models_and_truncated_files(
     _truncate(os.path.join(keras_hub_preset, "model.weights.h5"))
     with pytest.raises(ValueError, match="truncated, corrupt"):
         read_vit_keras_hub(keras_hub_preset)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -5,6 +5,7 @@ the writers' names are the inverses of the readers' name maps."""
 
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -179,3 +180,7 @@ def test_vit_hf_names_invert_the_readers_map():
             assert list(order[list(axes)][list(back)]) == list(order)
     with pytest.raises(ValueError, match="no Hugging Face name"):
         vit_names.hf_name("encoder/block_0/mlp/router/kernel")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -3,6 +3,7 @@
 import functools
 import os
 import re
+import sys
 import threading
 
 import numpy as np
@@ -373,3 +374,7 @@ def test_load_reads_in_a_fixed_order(data_dir):
     second = [int(x["index"]) for x in kd.load("digits", "test", data_dir)]
     assert first == second and len(first) == 360
     assert isinstance(kd.load("digits", "test", data_dir), tf.data.Dataset)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

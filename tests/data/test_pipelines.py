@@ -1,5 +1,7 @@
 """Pipelines: classification, number_words seq2seq, T5 span corruption."""
 
+import sys
+
 import numpy as np
 import pytest
 import sentencepiece
@@ -460,3 +462,7 @@ def test_seeded_shuffle_gives_one_stream_per_seed(data_dir):
     passes = first.reshape(2, 360)
     assert not np.array_equal(passes[0], passes[1])
     np.testing.assert_array_equal(np.sort(passes[0]), np.sort(passes[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -1,5 +1,7 @@
 """keras_moe.data.specs: dataset descriptions and the model/data check."""
 
+import sys
+
 import pytest
 
 from keras_moe.data import specs
@@ -32,3 +34,7 @@ def test_describe_dataset_errors(tmp_path):
         specs.describe_dataset("nope", str(tmp_path))
     spec = specs.describe_dataset("number_words", str(tmp_path))
     assert spec.kind == specs.TRANSLATION and spec.input_length == 16
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

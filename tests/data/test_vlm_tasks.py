@@ -1,6 +1,8 @@
 """The vision-language task mixture: examples against NumPy, num2words and
 the raw datasets, held-out splits, sampling rates, bad input."""
 
+import sys
+
 import numpy as np
 import pytest
 import sentencepiece
@@ -222,3 +224,7 @@ def test_canvas_keeps_the_aspect_ratio():
     np.testing.assert_allclose(
         vlm_tasks.canvas(tf.constant(pair)).numpy(), pair / 255.0, atol=1e-6
     )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

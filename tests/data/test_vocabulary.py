@@ -1,5 +1,7 @@
 """The SentencePiece vocabulary: T5 ids, round trips, graph use."""
 
+import sys
+
 import pytest
 import sentencepiece
 import tensorflow as tf
@@ -100,3 +102,7 @@ def test_tokenizer_after_seeding(data_dir, processor):
     tf.random.set_seed(3)
     ids = kd.tokenizer(data_dir).tokenize(["quatre mille"]).to_list()[0]
     assert ids == processor.EncodeAsIds("quatre mille")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -187,3 +187,7 @@ def test_multi_worker_fit_matches_one_device(
     for key in chief:
         np.testing.assert_array_equal(chief[key], other[key], err_msg=key)
     _assert_same_training(chief, mirrored_results["one_device"], model)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

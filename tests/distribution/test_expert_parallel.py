@@ -611,3 +611,7 @@ def test_checkpoint_resumes_on_another_mesh(eight_device_run, run):
         results[f"{run}/loss"], results["reference/losses"][2:], atol=TOLERANCE
     )
     _assert_weights_match(results, summary, run)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 
 import doctest
 import json
+import sys
 
 import keras
 import numpy as np
@@ -450,3 +451,7 @@ def test_build_for_fit_builds_without_computing():
 def test_docstring_examples_run(clean_env):
     result = doctest.testmod(strategies, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 15 and result.failed == 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -1,6 +1,7 @@
 """Uncertainty metrics against values worked out by hand."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +131,7 @@ def test_bad_arguments():
         metrics.ood_auroc(PROBS, PROBS, score="energy")
     with pytest.raises(ValueError, match="same number of classes"):
         metrics.ood_auroc(PROBS, [[0.2, 0.3, 0.5]])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -1,8 +1,11 @@
 """keras_moe.evaluation.scoring against Keras' own losses and metrics and
 hand-made targets."""
 
+import sys
+
 import keras
 import numpy as np
+import pytest
 
 from keras_moe.evaluation import scoring
 from keras_moe.models.t5 import T5
@@ -82,3 +85,7 @@ def test_score_translation_skips_padding():
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -(log_probs[0, 9] + log_probs[1, 1]) / 2
     np.testing.assert_allclose(scores["loss"], expected, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

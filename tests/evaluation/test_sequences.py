@@ -1,6 +1,8 @@
 """Exact match of generated ids (keras_moe.evaluation.sequences), the one
 comparison the T5 and vision-language scorers share."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,7 @@ def test_exact_matches_takes_rows_of_any_length():
 def test_exact_matches_refuses_unpaired_rows():
     with pytest.raises(ValueError, match="one generation per target"):
         exact_matches([[5, 1]], [[5, 1], [6, 1]])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

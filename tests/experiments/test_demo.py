@@ -9,6 +9,7 @@ FLOPs from keras_moe.models.flops).
 import json
 import os
 import re
+import sys
 
 import keras
 import numpy as np
@@ -240,3 +241,7 @@ def test_small_demo_end_to_end(tmp_path):
             "serving",
         ]
     )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 shared experiment helpers (aggregation, tables, atomic writes)."""
 
 import os
+import sys
 
 import keras
 import numpy as np
@@ -248,3 +249,7 @@ def test_writes_are_atomic(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is an existing file"):
         common.prepare_output_dir(tmp_path / "file")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

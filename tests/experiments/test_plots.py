@@ -1,6 +1,7 @@
 """Tests of keras_moe.experiments.plots: PNGs written atomically, bad input."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -76,3 +77,7 @@ def test_heatmaps_bad_input(tmp_path):
             {"a": np.ones((2, 2))}, tmp_path / "h.jpg", "x", "y"
         )
     assert os.listdir(tmp_path) == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -4,6 +4,7 @@ depth tiling, and both experiments end to end at smoke-test size."""
 import math
 import os
 import re
+import sys
 
 import keras
 import numpy as np
@@ -457,3 +458,7 @@ def test_t5_moe_blocks_are_in_both_stacks():
     assert layers == {"encoder": 2, "decoder": 2}
     with pytest.raises(ValueError, match="does not fit the encoder"):
         uc.parse_options("x", {"moe_blocks": "last_n:3"}, layers)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

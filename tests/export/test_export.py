@@ -920,3 +920,7 @@ def test_t5_text_decoding_cuts_at_eos_and_drops_unknown_ids(
     assert list(encoded[1]) == [EOS_ID] + [0] * (T5_INPUT_LENGTH - 1)
     assert encoded[3, -1] == EOS_ID
     assert list(encoded[3, :-1]) == processor.encode(TEXTS[3])[:11]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -11,6 +11,8 @@ The same signatures also run through TensorFlow's C API loader, with no
 Python in the process (`export.native_loader`).
 """
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -144,3 +146,7 @@ def test_signatures_through_the_c_api(e3_served):
             atol=TOLERANCE,
             err_msg=signature,
         )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -366,3 +366,7 @@ def test_benchmark_reports_both_sides(vit, tmp_path):
     for side in ("keras", "keras_tf_function", "saved_model"):
         assert figures[side]["median_ms"] > 0
     assert np.isfinite(figures["saved_model_over_keras"])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

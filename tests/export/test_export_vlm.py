@@ -11,6 +11,8 @@ also run through TensorFlow's C API loader, with no Python in the process
 and tf-text's op libraries loaded (`export.native_loader`).
 """
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -321,3 +323,7 @@ def test_adapter_rejects_a_foreign_vocabulary(model):
     big = utils.train_sentencepiece(vocab_size=200)
     with pytest.raises(ValueError, match="larger than the model's"):
         vlm_serving.VlmAdapter(model, ServingOptions(sentencepiece_model=big))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -7,6 +7,7 @@ through it in test_export.py, test_export_e3.py and test_export_vlm.py.
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +107,7 @@ def test_a_missing_compiler_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(native_loader.NativeLoaderError, match="install gcc"):
         native_loader.build_runner(cache_dir=str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -302,3 +303,7 @@ def test_exports_disagreeing_on_the_xla_batch_are_refused(tmp_path):
         tmp_path, xla_batch_size=None, max_batch_size=16
     )
     assert "max_batch_size { value: 16 }" in open(path).read()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -5,6 +5,8 @@ The hand counts below are written out term by term from the shapes (2 FLOPs
 per multiply-add); nothing is computed with keras_moe.models.flops' helpers.
 """
 
+import sys
+
 import keras
 import pytest
 import tensorflow as tf
@@ -284,3 +286,7 @@ def test_bad_input():
         flops.forward_flops(t5, 7, 2.5)
     with pytest.raises(ValueError, match="counts keras_moe ViT and T5"):
         flops.forward_flops(keras.Sequential())
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

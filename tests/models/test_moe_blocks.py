@@ -3,6 +3,7 @@ helpers that read them (moe_layers, with_eval_capacity_factor)."""
 
 import doctest
 import inspect
+import sys
 
 import keras
 import numpy as np
@@ -203,3 +204,7 @@ def test_with_eval_capacity_factor_rejects_a_bad_factor():
     moe = keras_moe.upcycle(tiny_models.tiny_vit(), num_experts=4)
     with pytest.raises(ValueError, match="capacity_factor"):
         moe_blocks.with_eval_capacity_factor(moe, -1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

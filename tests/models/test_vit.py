@@ -7,6 +7,7 @@ and `scipy.ndimage.zoom`.
 
 import math
 import os
+import sys
 
 import keras
 import numpy as np
@@ -433,3 +434,7 @@ def test_with_image_size(pooling):
     )
     with pytest.raises(ValueError, match="divide"):
         ViT.with_image_size(model, 50)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

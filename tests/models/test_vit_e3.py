@@ -3,6 +3,7 @@ mean of the members' probabilities, M=1 is the plain model, and an E^3 ViT
 upcycled from a dense one trains, evaluates and saves."""
 
 import os
+import sys
 
 import keras
 import numpy as np
@@ -358,3 +359,7 @@ def test_upcycle_refuses_to_change_an_ensemble_or_non_vit(dense):
     t5 = T5.from_preset("t5_tiny", num_encoder_layers=2, num_decoder_layers=2)
     with pytest.raises(ValueError, match="needs a model with an ensemble_size"):
         upcycling.upcycle(t5, 4, ensemble_size=2)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

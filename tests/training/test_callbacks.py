@@ -1,9 +1,11 @@
 """keras_moe.training.callbacks: TensorBoard routing statistics."""
 
 import os
+import sys
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import keras_moe
@@ -44,3 +46,7 @@ def test_routing_stats_logger_writes_every_layer(tmp_path):
             assert len(logged) == 2
             np.testing.assert_allclose(logged[-1], stats[name], rtol=1e-6)
         assert f"routing/{path}/expert_usage" in values
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

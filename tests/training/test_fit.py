@@ -1,6 +1,8 @@
 """`compile_for_task`, the one compile helper of training, the demo and
 the experiments: loss, metrics, optimizer and jit policy per task."""
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -106,3 +108,7 @@ def test_dense_model_fits_its_dataset():
         fit.dense_model("bert", spec)
     with pytest.raises(ValueError, match="T5 trains on 'number_words'"):
         fit.dense_model("t5", spec)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

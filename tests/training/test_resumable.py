@@ -494,3 +494,7 @@ def test_fit_resumable_rejects_bad_models_and_data(tmp_path):
 def test_docstring_examples_run():
     result = doctest.testmod(fault_tolerance, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 10 and result.failed == 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

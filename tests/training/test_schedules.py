@@ -1,6 +1,8 @@
 """The learning-rate schedules: values against hand counts and formulas,
 config round trips, and argument checks."""
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -70,3 +72,7 @@ def test_inverse_sqrt_warmup_matches_the_formula():
 def test_schedules_refuse_bad_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

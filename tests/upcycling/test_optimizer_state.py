@@ -9,6 +9,8 @@ dense model computes after the same dense step. The old behaviour (slots
 copied unchanged, `state="copy"`) must fail the same comparison.
 """
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -280,3 +282,7 @@ def test_unknown_optimizer_class_only_copies():
         upcycling.upcycle_optimizer(rms, dense, moe)
     copied = upcycling.upcycle_optimizer(rms, dense, moe, state="copy")
     assert type(copied) is keras.optimizers.RMSprop
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

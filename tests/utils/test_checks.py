@@ -1,6 +1,8 @@
 """Argument checks of keras_moe.utils.checks: what they accept and the
 messages (callers' tests match parts of them)."""
 
+import sys
+
 import pytest
 
 from keras_moe.utils.checks import check_int
@@ -40,3 +42,7 @@ def test_check_positive_int():
         assert str(error.value) == (
             f"num_experts must be an int >= 1; received {value!r}"
         )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -255,3 +255,7 @@ def test_upload_order_puts_saved_model_pb_last(tmp_path):
         (tmp_path / name).write_bytes(b"x" * size)
     order = [name for name, _ in files._upload_order(str(tmp_path))]
     assert order == ["v/d", "a.txt", "saved_model.pb"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
