@@ -7,11 +7,18 @@ backtracks tf-models-official to old releases and fails to resolve.
 """
 
 import pathlib
+import re
 
 from setuptools import find_packages
 from setuptools import setup
 
 _HERE = pathlib.Path(__file__).parent
+# One version source: keras_moe.__version__.
+_VERSION = re.search(
+    r'^__version__ = "([^"]+)"$',
+    (_HERE / "keras_moe" / "__init__.py").read_text(encoding="utf-8"),
+    re.M,
+).group(1)
 
 _PACKAGES = [
     "keras_moe",
@@ -64,7 +71,7 @@ _EXTRAS_REQUIRE = {
 
 setup(
     name="keras_moe",
-    version="0.1.0",
+    version=_VERSION,
     description=(
         "Sparse Mixture-of-Experts layers and sparse upcycling for Keras 3 "
         "on TensorFlow."
@@ -72,6 +79,7 @@ setup(
     long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.11",
     packages=find_packages(include=_PACKAGES),
     # The C program that loads exports through TensorFlow's C API.

@@ -10,4 +10,4 @@ from keras_moe.upcycling import upcycle
 from keras_moe.upcycling import upcycle_checkpoint
 from keras_moe.upcycling import upcycle_optimizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
