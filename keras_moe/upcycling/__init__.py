@@ -187,8 +187,10 @@ def upcycle(
         seed: seed of router initialisation, expert noise and re-draws.
 
     Returns:
-        A new keras model of the same class.
+        A new keras model of the same class; for a keras-hub input, of the
+        keras_moe class it converts to (`T5`, `ViT`).
     """
+    model = _as_keras_moe_model(model)
     _, stacks = architecture(model)
     check_positive_int("num_experts", num_experts)
     config = model.get_config()
@@ -301,6 +303,40 @@ def upcycle(
     )
     moe_model.upcycled_blocks = converted
     return moe_model
+
+
+# keras-hub classes `upcycle` converts through keras_moe.checkpoints (the
+# readers accept the backbones and the task models holding one).
+KERAS_HUB_CLASSES = (
+    "T5Backbone",
+    "T5Seq2SeqLM",
+    "ViTBackbone",
+    "ViTImageClassifier",
+)
+
+
+def _as_keras_moe_model(model):
+    """`model` itself, or the keras_moe model a keras-hub T5/ViT backbone or
+    task model converts to (`keras_moe.checkpoints.read_checkpoint`)."""
+    if getattr(type(model), "MOE_STACKS", None):
+        return model
+    if not type(model).__module__.startswith("keras_hub"):
+        return model  # `architecture` says what is wrong with it
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if not names & set(KERAS_HUB_CLASSES):
+        raise ValueError(
+            f"upcycle converts keras-hub {', '.join(KERAS_HUB_CLASSES)} "
+            f"models; received a keras-hub {type(model).__name__}"
+        )
+    try:
+        return read_checkpoint(model)
+    except ValueError as error:
+        raise ValueError(
+            f"upcycle cannot convert the keras-hub {type(model).__name__}: "
+            f"{error} (convert it with keras_moe.checkpoints."
+            "convert_t5_keras_hub_backbone / convert_vit_keras_hub_backbone "
+            "and a config=, then upcycle the result)"
+        ) from error
 
 
 def _ensemble_size(model, config, ensemble_size, num_experts):

@@ -738,6 +738,19 @@ def test_keras_hub_backbone_matches_keras_hub(
     _compare_with_keras_hub(from_weights, expected)
 
 
+def test_upcycle_takes_a_keras_hub_backbone(keras_hub_models):
+    import keras_moe
+    from keras_moe.models import T5
+    from keras_moe.models import moe_layers
+
+    moe = keras_moe.upcycle(keras_hub_models["models"]["v1_0"], num_experts=4)
+    assert isinstance(moe, T5)
+    assert {layer.num_experts for layer in moe_layers(moe)} == {4}
+    # What the reader cannot convert, upcycle cannot either, and says so.
+    with pytest.raises(ValueError, match="upcycle cannot convert"):
+        keras_moe.upcycle(keras_hub_models["models"]["exact_gelu"], 4)
+
+
 def test_keras_hub_exact_gelu_needs_explicit_approximation(keras_hub_models):
     backbone = keras_hub_models["models"]["exact_gelu"]
     with pytest.raises(ValueError, match="exact \\(erf\\) GELU"):

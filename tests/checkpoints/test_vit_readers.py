@@ -448,6 +448,32 @@ def test_keras_hub_objects(keras_hub_vit):
     )
 
 
+def test_upcycle_takes_keras_hub_models(keras_hub_vit):
+    # The function-preserving recipe: the upcycled keras-hub classifier
+    # computes what keras-hub computes.
+    import keras_moe
+    from keras_moe.models import ViT
+    from keras_moe.models import moe_layers
+
+    moe = keras_moe.upcycle(
+        keras_hub_vit["classifier"],
+        num_experts=4,
+        encoder_router="tokens_choose",
+        normalize_combine_weights=True,
+        train_capacity_factor=None,
+        eval_capacity_factor=None,
+    )
+    assert isinstance(moe, ViT) and len(moe_layers(moe)) >= 1
+    _max_diff(moe(_images()), keras_hub_vit["logits"], "upcycled keras-hub")
+    backbone = keras_moe.upcycle(keras_hub_vit["backbone"], num_experts=4)
+    assert backbone.num_classes == 0 and moe_layers(backbone)
+    import keras_hub
+
+    other = keras_hub.layers.PositionEmbedding(sequence_length=4)
+    with pytest.raises(ValueError, match="received a keras-hub Position"):
+        keras_moe.upcycle(other, 4)
+
+
 def test_keras_hub_preset_and_weights_files(keras_hub_vit, tmp_path):
     preset = str(tmp_path / "preset")
     keras_hub_vit["classifier"].save_to_preset(preset)
