@@ -10,7 +10,6 @@ data directory is read from its files, never downloaded.
 """
 
 import contextlib
-import fcntl
 import io
 import os
 import re
@@ -63,12 +62,28 @@ def data_dir_lock(data_dir):
         data_dir: a resolved data directory.
     """
     os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, _LOCK_NAME), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(os.path.join(data_dir, _LOCK_NAME), "a+b") as lock:
+        _lock_file(lock, True)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            _lock_file(lock, False)
+
+
+def _lock_file(file, acquire):
+    """Takes (or releases) an exclusive lock on an open file: `fcntl` on
+    POSIX, `msvcrt` on Windows (both block until the lock is free)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        file.seek(0)
+        msvcrt.locking(
+            file.fileno(), msvcrt.LK_LOCK if acquire else msvcrt.LK_UNLCK, 1
+        )
+        return
+    fcntl.flock(file, fcntl.LOCK_EX if acquire else fcntl.LOCK_UN)
 
 
 def _check_name(name):

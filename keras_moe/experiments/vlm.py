@@ -24,8 +24,8 @@ Entry points:
   and the trained models. `train_vlm` runs it and also writes the files
   below.
 * `run(output_dir, seeds, small, options)`: the contract of
-  `keras_moe.experiments` (experiment "vlm"), one run per seed; `options` may hold `num_experts` (then the runs
-  upcycle).
+  `keras_moe.experiments` (experiment "vlm"), one run per seed;
+  `options` may hold `num_experts` (then the runs upcycle).
 
 Files written to the output directory (atomically): `results.csv` (one
 row per seed, model, task, language and image condition), `results.md`

@@ -22,11 +22,18 @@ A MoE block gets the sequence's padding mask as `token_mask`, so padding
 takes no expert capacity, and its auxiliary losses appear in `model.losses`.
 
 Token id 0 is padding and the decoder start token; id 1 is end of sequence.
+`T5.generate` decodes greedily, by beam search or by sampling, on
+key/value caches; the decoding functions, which the vision-language model
+shares, close the module.
 """
 
+import collections
 import copy
+import math
+import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -430,28 +437,89 @@ class T5(keras.Model):
         return ops.cast(logits, "float32")
 
     def generate(
-        self, encoder_token_ids, max_length, encoder_padding_mask=None
+        self,
+        encoder_token_ids,
+        max_length,
+        encoder_padding_mask=None,
+        *,
+        num_beams=1,
+        length_penalty=1.0,
+        early_stopping=False,
+        do_sample=False,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        seed=None,
     ):
-        """Greedy decoding with a key/value cache.
+        """Greedy decoding, beam search or sampling, with key/value caches.
 
-        Starts every sequence with the decoder start id 0 and appends the
-        argmax token until `max_length` tokens (start included, as
+        Every sequence starts with the decoder start id 0 and grows one
+        token at a time until `max_length` tokens (start included, as
         `max_length` in Hugging Face's `generate`) or until every sequence
-        has produced the end-of-sequence id 1; positions after a
-        sequence's end are 0. Runs as one `tf.function` with a
-        `tf.while_loop` (traced once per input shape and `max_length`):
-        the self-attention caches hold `max_length` positions, the
+        has ended; positions after a sequence's end-of-sequence id 1 are 0.
+        Runs as one `tf.function` with a `tf.while_loop`, traced once per
+        input shape, `max_length`, `num_beams`, `early_stopping` and
+        `do_sample` (the other options are tensors of the trace): the
+        self-attention caches hold `max_length` positions, the
         cross-attention keys and values are computed once.
+
+        * Greedy (the default): the argmax token at every step.
+        * Beam search (`num_beams` > 1): Hugging Face's algorithm, token for
+          token (`beam_search_decode`); returns the best finished
+          hypothesis, scored by `sum(log p) / length ** length_penalty`.
+        * Sampling (`do_sample=True`): a token drawn from the logits divided
+          by `temperature`, restricted to the `top_k` most likely tokens
+          and to the nucleus of probability `top_p` (`sample_decode`);
+          reproducible for a given `seed`.
 
         Args:
             encoder_token_ids: <int>[B, T].
             max_length: L >= 1, the length of the returned sequences.
             encoder_padding_mask: <bool>[B, T]; default `ids != 0`.
+            num_beams: K >= 1 beams; 1 is greedy decoding (or sampling).
+            length_penalty: exponent of the hypothesis length (generated
+                tokens, end-of-sequence included) that divides a finished
+                hypothesis's summed log-probabilities: > 0 favours longer
+                sequences, < 0 shorter ones. Beam search only.
+            early_stopping: when an example stops taking finished
+                hypotheses, as in Hugging Face: True as soon as it has K;
+                False (default) once it has K and its best running beam,
+                scored at its current length, is below the worst of them
+                (a heuristic: with `length_penalty` > 0 a longer beam
+                could still win); "never" as False but scoring the running
+                beam at length L - 1 when `length_penalty` > 0 (exact).
+                The search ends when no example takes any more, or at L
+                tokens. Beam search only.
+            do_sample: sample instead of taking the argmax.
+            top_k: sample among the `top_k` most likely tokens; 0 (default)
+                keeps all. Hugging Face's default is 50.
+            top_p: sample in the nucleus: the most likely tokens whose
+                probabilities, after `temperature` and `top_k`, sum to
+                `top_p` in (0, 1]; 1.0 (default) keeps all.
+            temperature: > 0, divides the logits before sampling.
+            seed: int >= 0 for reproducible sampling (see `sample_decode`);
+                None draws one from TensorFlow's global generator.
 
         Returns:
             <int32>[B, L] token ids, column 0 the start id.
+
+        Raises:
+            ValueError: for an option out of range, beam search together
+                with sampling, or an option of one strategy passed with
+                another (`top_k` without `do_sample`, `length_penalty`
+                with one beam).
         """
         check_int("max_length", max_length)
+        decoding = decoding_options(
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            do_sample=do_sample,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            seed=seed,
+        )
         encoder_token_ids = ops.convert_to_tensor(encoder_token_ids)
         _check_token_ids("encoder_token_ids", encoder_token_ids)
         encoder_token_ids = ops.cast(encoder_token_ids, "int32")
@@ -465,20 +533,23 @@ class T5(keras.Model):
                 f"received {tuple(encoder_padding_mask.shape)}"
             )
         if self._generate_function is None:
-            self._generate_function = tf.function(self._greedy_search)
+            self._generate_function = tf.function(self._search)
         tokens = self._generate_function(
-            encoder_token_ids, encoder_padding_mask, max_length
+            encoder_token_ids,
+            encoder_padding_mask,
+            max_length,
+            decoding.function_arguments(),
         )
         # MoE layers called inside the traced loop leave graph tensors as
         # their auxiliary losses; they mean nothing outside it.
         self._clear_losses()
         return tokens
 
-    def _greedy_search(self, encoder_ids, encoder_mask, max_length):
+    def _search(self, encoder_ids, encoder_mask, max_length, decoding):
         encoded = self.encoder(
             self.shared(encoder_ids), padding_mask=encoder_mask
         )
-        return greedy_decode(self, encoded, encoder_mask, max_length)
+        return decode(self, encoded, encoder_mask, max_length, decoding)
 
     def canonical_variables(self):
         """Canonical name -> variable (see the module and MODELS.md)."""
@@ -544,6 +615,229 @@ class T5(keras.Model):
         return cls(**config)
 
 
+# --- Decoding ---------------------------------------------------------------
+
+# Hugging Face's score for "impossible" in beam search: added to a
+# candidate that must not be picked, and the score of an empty slot.
+_NO_SCORE = -1.0e9
+EARLY_STOPPING = (False, True, "never")
+
+
+class DecodingOptions(
+    collections.namedtuple(
+        "DecodingOptions",
+        [
+            "num_beams",
+            "length_penalty",
+            "early_stopping",
+            "do_sample",
+            "top_k",
+            "top_p",
+            "temperature",
+            "seed",
+        ],
+    )
+):
+    """Validated `generate` options (see `decoding_options`).
+
+    A named tuple, so that a `tf.function` sees its fields one by one: a
+    Python value is part of the trace's key, a tensor an input.
+    """
+
+    __slots__ = ()
+
+    @property
+    def strategy(self):
+        """The decoding: "greedy", "beam_search" or "sample"."""
+        if self.num_beams > 1:
+            return "beam_search"
+        return "sample" if self.do_sample else "greedy"
+
+    def function_arguments(self):
+        """The options to pass to a `tf.function`: the numbers that do not
+        change shapes or control flow as tensors (new values then reuse
+        the trace), and a sampling seed drawn now when none was given."""
+        if self.strategy == "beam_search":
+            return self._replace(
+                length_penalty=tf.constant(self.length_penalty, tf.float32)
+            )
+        if self.strategy == "greedy":
+            return self
+        seed = self.seed
+        if seed is None:
+            seed = tf.random.uniform((), maxval=2**62, dtype=tf.int64)
+        return self._replace(
+            top_k=tf.constant(self.top_k, tf.int32),
+            top_p=tf.constant(self.top_p, tf.float32),
+            temperature=tf.constant(self.temperature, tf.float32),
+            seed=tf.cast(seed, tf.int64),
+        )
+
+
+def _check_real(name, value, low, high, low_open, text):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number; received {value!r}")
+    above = value > low if low_open else value >= low
+    if not (above and value <= high and math.isfinite(value)):
+        raise ValueError(f"{name} must be {text}; received {value!r}")
+    return float(value)
+
+
+def decoding_options(
+    num_beams=1,
+    length_penalty=1.0,
+    early_stopping=False,
+    do_sample=False,
+    top_k=0,
+    top_p=1.0,
+    temperature=1.0,
+    seed=None,
+):
+    """Checks the decoding options of `generate` (see `T5.generate`).
+
+    Returns:
+        A `DecodingOptions`.
+
+    Example:
+
+    >>> decoding_options(num_beams=4).strategy
+    'beam_search'
+    >>> decoding_options(top_k=5)
+    Traceback (most recent call last):
+    ...
+    ValueError: top_k=5 applies only when sampling (do_sample=True)
+    """
+    check_int("num_beams", num_beams)
+    length_penalty = _check_real(
+        "length_penalty", length_penalty, -math.inf, math.inf, False, "finite"
+    )
+    if not any(early_stopping is value for value in EARLY_STOPPING[:2]) and (
+        early_stopping != "never"
+    ):
+        raise ValueError(
+            f"early_stopping must be one of {EARLY_STOPPING}; received "
+            f"{early_stopping!r}"
+        )
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be a bool; received {do_sample!r}")
+    check_int("top_k", top_k, minimum=0)
+    top_p = _check_real("top_p", top_p, 0.0, 1.0, True, "in (0, 1]")
+    temperature = _check_real(
+        "temperature", temperature, 0.0, math.inf, True, "finite and > 0"
+    )
+    if seed is not None:
+        check_int("seed", seed, minimum=0)
+        if seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63; received {seed}")
+    if num_beams > 1 and do_sample:
+        raise ValueError(
+            f"Beam search (num_beams={num_beams}) cannot be combined with "
+            "sampling (do_sample=True): beam sampling is not implemented"
+        )
+    if num_beams == 1:
+        for name, value, default in (
+            ("length_penalty", length_penalty, 1.0),
+            ("early_stopping", early_stopping, False),
+        ):
+            if value is not default and value != default:
+                raise ValueError(
+                    f"{name}={value!r} applies only to beam search "
+                    "(num_beams > 1)"
+                )
+    if not do_sample:
+        for name, value, default in (
+            ("top_k", top_k, 0),
+            ("top_p", top_p, 1.0),
+            ("temperature", temperature, 1.0),
+            ("seed", seed, None),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"{name}={value!r} applies only when sampling "
+                    "(do_sample=True)"
+                )
+    return DecodingOptions(
+        num_beams,
+        length_penalty,
+        early_stopping,
+        do_sample,
+        top_k,
+        top_p,
+        temperature,
+        seed,
+    )
+
+
+def decode(language_model, encoded, encoder_mask, max_length, decoding):
+    """Runs the decoding `decoding` (`DecodingOptions`) asks for.
+
+    `greedy_decode`, `beam_search_decode` or `sample_decode` of a `T5`
+    decoder from given encoder outputs: the loop of `T5.generate` and
+    `VisionLanguageModel.generate` after their encoders.
+
+    Returns:
+        <int32>[B, L] token ids, column 0 the start id, 0 after the end.
+    """
+    lm, args = language_model, (encoded, encoder_mask, max_length)
+    if decoding.strategy == "beam_search":
+        return beam_search_decode(
+            lm,
+            *args,
+            num_beams=decoding.num_beams,
+            length_penalty=decoding.length_penalty,
+            early_stopping=decoding.early_stopping,
+        )
+    if decoding.strategy == "sample":
+        return sample_decode(
+            lm,
+            *args,
+            seed=decoding.seed,
+            top_k=decoding.top_k,
+            top_p=decoding.top_p,
+            temperature=decoding.temperature,
+        )
+    return greedy_decode(lm, *args)
+
+
+def _caches(language_model, encoded, batch, max_length):
+    """Cross-attention keys and values of `encoded` and empty self-attention
+    caches <[batch, 2, L, N, Dh]>, one of each per decoder block."""
+    lm = language_model
+    cross_caches = tuple(
+        block.cross_attention.key_value(encoded) for block in lm.decoder.blocks
+    )
+    self_caches = tuple(
+        ops.zeros(
+            (batch, 2, max_length, lm.num_heads, lm.head_dim),
+            dtype=encoded.dtype,
+        )
+        for _ in lm.decoder.blocks
+    )
+    return cross_caches, self_caches
+
+
+def _step(language_model, token, encoded, encoder_mask, caches, index):
+    """One decoder step: token <int32>[B, 1] at position `index`, caches
+    (self-attention caches, cross-attention caches) -> (<float32>[B, V]
+    next-token logits, updated self-attention caches)."""
+    lm = language_model
+    self_caches, cross_caches = caches
+    hidden, self_caches = lm.decoder(
+        lm.shared(token),
+        context=encoded,
+        context_padding_mask=encoder_mask,
+        self_attention_caches=self_caches,
+        cross_attention_caches=cross_caches,
+        cache_index=index,
+    )
+    return lm.logits(hidden)[:, 0], tuple(self_caches)
+
+
+def _argmax(logits, index):
+    del index  # Greedy decoding is the same at every step.
+    return ops.cast(ops.argmax(logits, axis=-1), "int32")
+
+
 def greedy_decode(language_model, encoded, encoder_mask, max_length):
     """Greedy decoding of a `T5` decoder from given encoder outputs.
 
@@ -572,17 +866,17 @@ def greedy_decode(language_model, encoded, encoder_mask, max_length):
     >>> tuple(tokens.shape)
     (1, 4)
     """
-    lm = language_model
-    batch = ops.shape(encoded)[0]
-    cross_caches = tuple(
-        block.cross_attention.key_value(encoded) for block in lm.decoder.blocks
+    return _token_by_token(
+        language_model, encoded, encoder_mask, max_length, _argmax
     )
-    self_caches = tuple(
-        ops.zeros(
-            (batch, 2, max_length, lm.num_heads, lm.head_dim),
-            dtype=encoded.dtype,
-        )
-        for _ in lm.decoder.blocks
+
+
+def _token_by_token(language_model, encoded, encoder_mask, max_length, pick):
+    """The loop of greedy decoding and sampling: `pick(logits <float32>[B,
+    V], index)` -> <int32>[B] chooses the token after position `index`."""
+    batch = ops.shape(encoded)[0]
+    cross_caches, self_caches = _caches(
+        language_model, encoded, batch, max_length
     )
     tokens = ops.full((batch, max_length), DECODER_START_ID, "int32")
     finished = ops.zeros((batch,), dtype="bool")
@@ -595,20 +889,19 @@ def greedy_decode(language_model, encoded, encoder_mask, max_length):
 
     def body(index, tokens, finished, caches):
         current = ops.take(tokens, ops.reshape(index, (1,)), axis=1)
-        hidden, caches = lm.decoder(
-            lm.shared(current),
-            context=encoded,
-            context_padding_mask=encoder_mask,
-            self_attention_caches=caches,
-            cross_attention_caches=cross_caches,
-            cache_index=index,
+        logits, caches = _step(
+            language_model,
+            current,
+            encoded,
+            encoder_mask,
+            (caches, cross_caches),
+            index,
         )
-        logits = lm.logits(hidden)[:, 0]
-        next_token = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        next_token = pick(logits, index)
         next_token = ops.where(finished, PAD_ID, next_token)
         tokens = ops.where(positions == index + 1, next_token[:, None], tokens)
         finished = ops.logical_or(finished, next_token == EOS_ID)
-        return index + 1, tokens, finished, tuple(caches)
+        return index + 1, tokens, finished, caches
 
     _, tokens, _, _ = tf.while_loop(
         condition,
@@ -616,3 +909,302 @@ def greedy_decode(language_model, encoded, encoder_mask, max_length):
         (ops.convert_to_tensor(0, "int32"), tokens, finished, self_caches),
     )
     return tokens
+
+
+def sampling_logits(logits, top_k=0, top_p=1.0, temperature=1.0):
+    """The logits sampling draws from: scaled, top-k and nucleus filtered.
+
+    In Hugging Face's order: the logits are divided by `temperature`;
+    tokens below the `top_k`-th largest logit get -inf (`top_k` 0 keeps
+    all); then, of the softmax of what remains, the nucleus is kept: the
+    most likely tokens up to and including the first whose cumulative
+    probability reaches `top_p` (Holtzman et al. 2020), so the most likely
+    token always stays. Tokens tied with the last one kept stay too.
+
+    Args:
+        logits: <float32>[B, V].
+        top_k: int >= 0 (a Python int or an int32 scalar tensor).
+        top_p: in (0, 1]; 1.0 keeps all.
+        temperature: > 0.
+
+    Returns:
+        <float32>[B, V]: the scaled logits, -inf outside the kept tokens.
+
+    Example:
+
+    >>> logits = keras.ops.log(keras.ops.array([[0.5, 0.3, 0.15, 0.05]]))
+    >>> kept = sampling_logits(logits, top_p=0.75)
+    >>> keras.ops.convert_to_numpy(keras.ops.isfinite(kept)).tolist()
+    [[True, True, False, False]]
+    """
+    logits = ops.cast(logits, "float32") / ops.cast(temperature, "float32")
+    vocab = logits.shape[-1]
+    top_k = ops.cast(top_k, "int32")
+    top_k = ops.where(top_k > 0, ops.minimum(top_k, vocab), vocab)
+    # (B, V), most likely first
+    ranked = ops.flip(ops.sort(logits, axis=-1), axis=-1)
+    ranks = ops.arange(vocab, dtype="int32")[None, :]
+    ranked = ops.where(ranks < top_k, ranked, -math.inf)
+    probs = ops.softmax(ranked, axis=-1)
+    more_likely = ops.cumsum(probs, axis=-1) - probs
+    top_p = ops.cast(top_p, "float32")
+    keep = ops.logical_and(
+        ranks < top_k,
+        ops.logical_or(more_likely < top_p, top_p >= 1.0),
+    )
+    threshold = ops.min(
+        ops.where(keep, ranked, math.inf), axis=-1, keepdims=True
+    )
+    return ops.where(logits >= threshold, logits, -math.inf)
+
+
+def sample_decode(
+    language_model,
+    encoded,
+    encoder_mask,
+    max_length,
+    seed,
+    top_k=0,
+    top_p=1.0,
+    temperature=1.0,
+):
+    """Sampling from a `T5` decoder, on the loop of `greedy_decode`.
+
+    At each step the next token is drawn from `sampling_logits` with the
+    Gumbel-max trick (argmax of logits plus Gumbel noise, which is a draw
+    from their softmax): the noise comes from `tf.random.stateless_uniform`
+    seeded by (`seed`, step), so a seed gives the same tokens on every run,
+    whatever else used the random generators. Compiled by XLA the same
+    seed draws other noise (XLA's generator is not TensorFlow's kernel's),
+    reproducible in its turn.
+
+    Args:
+        language_model: a `T5`.
+        encoded: <[B, S, D]> encoder outputs.
+        encoder_mask: <bool>[B, S] real encoder positions.
+        max_length: L, the length of the returned sequences.
+        seed: int or int64 scalar tensor.
+        top_k, top_p, temperature: see `sampling_logits`.
+
+    Returns:
+        <int32>[B, L] token ids, column 0 the start id, 0 after the end.
+
+    Example:
+
+    >>> model = T5.from_preset("t5_tiny")
+    >>> ids = keras.ops.array([[5, 6, 7, 1]])
+    >>> encoded = model.encode(ids)
+    >>> first = sample_decode(model, encoded, ids != 0, 6, seed=1, top_k=5)
+    >>> again = sample_decode(model, encoded, ids != 0, 6, seed=1, top_k=5)
+    >>> bool(keras.ops.all(first == again))
+    True
+    """
+    seed = ops.cast(seed, "int64")
+    tiny = float(np.finfo(np.float32).tiny)
+
+    def pick(logits, index):
+        logits = sampling_logits(logits, top_k, top_p, temperature)
+        uniform = tf.random.stateless_uniform(
+            ops.shape(logits),
+            seed=ops.stack([seed, ops.cast(index, "int64")]),
+            minval=tiny,
+            maxval=1.0,
+        )
+        gumbel = -ops.log(-ops.log(uniform))
+        return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
+
+    return _token_by_token(
+        language_model, encoded, encoder_mask, max_length, pick
+    )
+
+
+def beam_search_decode(
+    language_model,
+    encoded,
+    encoder_mask,
+    max_length,
+    num_beams,
+    length_penalty=1.0,
+    early_stopping=False,
+):
+    """Beam search of a `T5` decoder, as Hugging Face's `generate`.
+
+    K = `num_beams` hypotheses per example run side by side, folded into
+    the batch (<[B*K, ...]>, an example's beams adjacent), on the
+    self-attention caches of `greedy_decode`. At each step:
+
+    1. every running beam's score (its summed log-probabilities) plus the
+       log-softmax of its next-token logits scores K*V continuations; the
+       best 2K are the candidates (2K so that K can go on even if K end);
+    2. the best K candidates that have not ended (end-of-sequence, or L
+       tokens) run on: the caches are gathered by each one's beam of
+       origin;
+    3. those of the best K candidates that have ended are finished
+       hypotheses, scored `sum(log p) / length ** length_penalty`
+       (`length`: generated tokens, the end-of-sequence included, the
+       start id not); the K best finished hypotheses so far are kept.
+
+    An example stops taking finished hypotheses once it has K and
+    `early_stopping` is True, or once it has K and its best running beam
+    cannot beat the worst of them: its score divided by `length **
+    length_penalty`, `length` the current one, or L - 1 for
+    `early_stopping="never"` and `length_penalty` > 0 (see
+    `T5.generate`). The loop stops when no example takes any more, or at
+    L tokens, whose candidates all end. Scores and stopping rules are
+    those of Hugging Face's vectorised beam search, so that the tokens
+    agree with its `generate(num_beams=K, do_sample=False)` (tested
+    against transformers 5).
+
+    Args:
+        language_model: a `T5`.
+        encoded: <[B, S, D]> encoder outputs.
+        encoder_mask: <bool>[B, S] real encoder positions.
+        max_length: L, the length of the returned sequences.
+        num_beams: K >= 1.
+        length_penalty: float or float32 scalar tensor.
+        early_stopping: False, True or "never" (a Python value).
+
+    Returns:
+        <int32>[B, L] the best finished hypothesis of each example, column
+        0 the start id, 0 after the end.
+
+    Example:
+
+    >>> model = T5.from_preset("t5_tiny")
+    >>> ids = keras.ops.array([[5, 6, 7, 1]])
+    >>> tokens = beam_search_decode(
+    ...     model, model.encode(ids), ids != 0, 5, num_beams=3)
+    >>> tuple(tokens.shape)
+    (1, 5)
+    """
+    lm = language_model
+    beams, vocab = num_beams, lm.vocab_size
+    candidates = 2 * beams
+    batch = ops.shape(encoded)[0]
+    # (B, S, D) -> (B*K, S, D), each example's beams adjacent
+    encoded = ops.repeat(encoded, beams, axis=0)
+    encoder_mask = ops.repeat(encoder_mask, beams, axis=0)
+    cross_caches, self_caches = _caches(lm, encoded, batch * beams, max_length)
+    length_penalty = ops.cast(length_penalty, "float64")
+    positions = ops.arange(max_length, dtype="int32")
+
+    def penalised(scores, length):
+        # As Hugging Face: the penalty in float64, the division in float32.
+        length = ops.cast(length, "float64")
+        return scores / ops.cast(ops.power(length, length_penalty), "float32")
+
+    def gather(values, index):
+        """<[B, X, ...]> values, <int32>[B, Y] index -> <[B, Y, ...]>."""
+        for _ in values.shape[2:]:
+            index = index[..., None]
+        return ops.take_along_axis(values, index, axis=1)
+
+    def condition(index, running, finished, is_open, caches):
+        going = ops.logical_and(index < max_length - 1, ops.any(is_open))
+        if early_stopping is True:
+            going = ops.logical_and(
+                going, ops.logical_not(ops.all(finished[2]))
+            )
+        return going
+
+    def body(index, running, finished, is_open, caches):
+        running_tokens, running_scores = running
+        finished_tokens, finished_scores, is_finished = finished
+        # (B, K, L) -> (B*K, 1), the tokens at position `index`
+        current = ops.reshape(
+            ops.take(running_tokens, ops.reshape(index, (1,)), axis=2),
+            (-1, 1),
+        )
+        logits, caches = _step(
+            lm, current, encoded, encoder_mask, (caches, cross_caches), index
+        )
+        # (B*K, V) -> (B, K, V) -> (B, K*V)
+        scores = ops.reshape(
+            ops.log_softmax(logits, axis=-1), (-1, beams, vocab)
+        )
+        scores = ops.reshape(
+            scores + running_scores[:, :, None], (-1, beams * vocab)
+        )
+        # 1. The 2K best continuations, best first: (B, 2K).
+        top_scores, top = ops.top_k(scores, candidates)
+        origin = top // vocab
+        new_token = ops.cast(top % vocab, "int32")
+        tokens = ops.where(
+            positions == index + 1,
+            new_token[:, :, None],
+            gather(running_tokens, origin),
+        )
+        ended = ops.logical_or(new_token == EOS_ID, index + 2 >= max_length)
+
+        # 2. The best K that go on; caches follow their beams.
+        going_scores = top_scores + ops.cast(ended, "float32") * _NO_SCORE
+        running_scores, best = ops.top_k(going_scores, beams)
+        running_tokens = gather(tokens, best)
+        examples = ops.arange(batch, dtype="int32")[:, None]
+        parent = gather(origin, best) + examples * beams
+        parent = ops.reshape(parent, (-1,))  # (B, K) -> (B*K,)
+        caches = tuple(ops.take(cache, parent, axis=0) for cache in caches)
+
+        # 3. Finished hypotheses among the best K candidates.
+        takes = is_open
+        if early_stopping is True:
+            takes = ops.logical_and(
+                takes, ops.logical_not(ops.all(is_finished, axis=1))
+            )
+        new = ops.logical_and(
+            ops.logical_and(ended, takes[:, None]),
+            (ops.arange(candidates) < beams)[None, :],
+        )
+        new_scores = ops.where(new, penalised(top_scores, index + 1), _NO_SCORE)
+        # Old slots first: a tie keeps them.
+        merged_scores = ops.concatenate([finished_scores, new_scores], 1)
+        finished_scores, best = ops.top_k(merged_scores, beams)
+        finished_tokens = gather(
+            ops.concatenate([finished_tokens, tokens], 1), best
+        )
+        is_finished = gather(ops.concatenate([is_finished, new], 1), best)
+
+        # Could the best running beam still beat the worst finished one?
+        length = index + 1
+        if early_stopping == "never":
+            length = ops.where(length_penalty > 0, max_length - 1, length)
+        best_running = penalised(running_scores[:, :1], length)
+        worst = ops.where(
+            is_finished,
+            ops.min(finished_scores, axis=1, keepdims=True),
+            _NO_SCORE,
+        )
+        is_open = ops.logical_and(
+            is_open, ops.any(best_running > worst, axis=1)
+        )
+        return (
+            index + 1,
+            (running_tokens, running_scores),
+            (finished_tokens, finished_scores, is_finished),
+            is_open,
+            caches,
+        )
+
+    start = ops.full((batch, beams, max_length), DECODER_START_ID, "int32")
+    running_tokens = ops.where(positions == 0, start, PAD_ID)
+    # Only the first beam runs at first, so that the K beams differ.
+    first = ops.where(ops.arange(beams) == 0, 0.0, _NO_SCORE)
+    running_scores = ops.zeros((batch, beams)) + first[None, :]
+    finished = (
+        running_tokens,
+        ops.full((batch, beams), _NO_SCORE, "float32"),
+        ops.zeros((batch, beams), "bool"),
+    )
+    _, _, finished, _, _ = tf.while_loop(
+        condition,
+        body,
+        (
+            ops.convert_to_tensor(0, "int32"),
+            (running_tokens, running_scores),
+            finished,
+            ops.ones((batch,), "bool"),
+            self_caches,
+        ),
+    )
+    # The K finished hypotheses are sorted, best first.
+    return finished[0][:, 0]

@@ -53,7 +53,8 @@ from keras import ops
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.t5 import T5
-from keras_moe.models.t5 import greedy_decode
+from keras_moe.models.t5 import decode
+from keras_moe.models.t5 import decoding_options
 from keras_moe.models.t5 import t5_config
 from keras_moe.models.t5_layers import plain_config
 from keras_moe.models.vit import ViT
@@ -610,41 +611,86 @@ class VisionLanguageModel(keras.Model):
 
     # --------------------------------------------------------- generation
 
-    def generate(self, images, prompt_token_ids, max_length, image_mask=None):
-        """Greedy decoding with the T5 decoder's key/value caches.
+    def generate(
+        self,
+        images,
+        prompt_token_ids,
+        max_length,
+        image_mask=None,
+        *,
+        num_beams=1,
+        length_penalty=1.0,
+        early_stopping=False,
+        do_sample=False,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        seed=None,
+    ):
+        """Greedy decoding, beam search or sampling with the T5's caches.
 
         As `T5.generate`: every sequence starts with the decoder start id 0
-        and gets the argmax token until `max_length` tokens (start
-        included) or until every sequence has produced the end-of-sequence
-        id 1; positions after a sequence's end are 0. One `tf.function`
-        (traced once per input shape and `max_length`): the encoder runs
-        once, the cross-attention keys and values are computed once.
+        and grows until `max_length` tokens (start included) or until every
+        sequence has ended (end-of-sequence id 1); positions after a
+        sequence's end are 0. Greedy by default; beam search with
+        `num_beams` > 1; sampling with `do_sample=True` (the options as in
+        `T5.generate`). One `tf.function` (traced once per input shape,
+        `max_length`, `num_beams`, `early_stopping` and `do_sample`): the
+        encoder runs once, the cross-attention keys and values are computed
+        once (for beam search, once per beam).
 
         Args:
             images: <float>[B, Hi, Wi, C] or <float>[B, M, Hi, Wi, C].
             prompt_token_ids: <int>[B, T].
             max_length: L >= 1.
             image_mask: <bool>[B, M]; default all True.
+            num_beams, length_penalty, early_stopping: beam search, see
+                `T5.generate`.
+            do_sample, top_k, top_p, temperature, seed: sampling, see
+                `T5.generate`.
 
         Returns:
             <int32>[B, L] token ids, column 0 the start id.
+
+        Example:
+
+        >>> model = VisionLanguageModel.from_presets("vit_tiny", "t5_tiny")
+        >>> images = keras.ops.zeros((1, 32, 32, 3))
+        >>> prompt = keras.ops.array([[5, 6, 1]])
+        >>> tuple(model.generate(images, prompt, 5, num_beams=3).shape)
+        (1, 5)
+        >>> tuple(model.generate(
+        ...     images, prompt, 5, do_sample=True, top_p=0.9, seed=0).shape)
+        (1, 5)
         """
         check_int("max_length", max_length)
+        decoding = decoding_options(
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            do_sample=do_sample,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            seed=seed,
+        )
         images, ids, image_mask = self._check_inputs(
             images, prompt_token_ids, image_mask
         )
         if self._generate_function is None:
-            self._generate_function = tf.function(self._greedy_search)
-        tokens = self._generate_function(images, ids, image_mask, max_length)
+            self._generate_function = tf.function(self._search)
+        tokens = self._generate_function(
+            images, ids, image_mask, max_length, decoding.function_arguments()
+        )
         # MoE layers called inside the traced loop leave graph tensors as
         # their auxiliary losses; they mean nothing outside it.
         self._clear_losses()
         return tokens
 
-    def _greedy_search(self, images, ids, image_mask, max_length):
+    def _search(self, images, ids, image_mask, max_length, decoding):
         encoded, encoder_mask = self._encode(images, ids, image_mask)
-        return greedy_decode(
-            self.language_model, encoded, encoder_mask, max_length
+        return decode(
+            self.language_model, encoded, encoder_mask, max_length, decoding
         )
 
     # ------------------------------------------------------------ weights

@@ -9,6 +9,7 @@ greedy generations.
 
 import os
 import re
+import sys
 
 import keras
 import numpy as np
@@ -690,3 +691,7 @@ def test_bad_inputs_raise():
         model.generate(ids[0], 4)
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         model.generate(ids, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 copied from dense checkpoints, upcycling, saving, bad input."""
 
 import json
+import sys
 
 import keras
 import numpy as np
@@ -597,3 +598,7 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(vlm, extraglobs={"keras": keras})
     assert result.attempted >= 3 and result.failed == 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
