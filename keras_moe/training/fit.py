@@ -34,6 +34,7 @@ from keras_moe.training.callbacks import RoutingStatsLogger
 from keras_moe.training.callbacks import SaveTrainerEvery
 from keras_moe.training.resumable import fit_resumable
 from keras_moe.training.resumable import list_checkpoints
+from keras_moe.training.resumable import progress_verbosity
 from keras_moe.utils import files
 from keras_moe.utils.files import save_keras
 from keras_moe.utils.files import write_json
@@ -218,7 +219,7 @@ def pretrain_dense(
         steps_per_epoch=(
             steps_per_epoch or steps_per_pass(spec, "train", batch_size)
         ),
-        verbose=verbose,
+        verbose=progress_verbosity(verbose),
         shuffle=False,  # the dataset is shuffled, with a seed
     )
     path = write_dense_checkpoint(model, output_dir, overwrite=overwrite)

@@ -49,6 +49,7 @@ from `backup_dir`, which must then be on a file system all workers share.
 """
 
 import os
+import sys
 import warnings
 
 import h5py
@@ -441,7 +442,7 @@ def fit_resumable(
             initial_epoch=initial_epoch,
             steps_per_epoch=steps,
             callbacks=[saver, *(callbacks or [])],
-            verbose=verbose,
+            verbose=progress_verbosity(verbose),
             **fit_kwargs,
         )
         history.epoch.extend(part.epoch)
@@ -451,3 +452,14 @@ def fit_resumable(
         if model.stop_training:  # e.g. EarlyStopping
             break
     return history
+
+
+def progress_verbosity(verbose):
+    """`model.fit`'s `verbose`, with "auto" resolved for where the output
+    goes: the progress bar (1) on a terminal, one line per epoch (2)
+    otherwise, so that a log file gets no carriage returns or ANSI escapes
+    of a redrawn bar."""
+    if verbose != "auto":
+        return verbose
+    stream = sys.stdout
+    return 1 if hasattr(stream, "isatty") and stream.isatty() else 2

@@ -110,5 +110,21 @@ def test_dense_model_fits_its_dataset():
         fit.dense_model("t5", spec)
 
 
+def test_progress_verbosity_follows_the_output(monkeypatch):
+    import io
+
+    from keras_moe.training.resumable import progress_verbosity
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert progress_verbosity("auto") == 1
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # a log file
+    assert progress_verbosity("auto") == 2
+    assert progress_verbosity(0) == 0 and progress_verbosity(1) == 1
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
