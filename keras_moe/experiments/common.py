@@ -202,13 +202,18 @@ def for_each_seed(seeds, fn, label=""):
     """
     rows = []
     start = time.perf_counter()
-    for i, seed in enumerate(check_seeds(seeds)):
+    seeds = check_seeds(seeds)
+    for i, seed in enumerate(seeds):
         tic = time.perf_counter()
         print(f"{label}seed {seed} ({i + 1}/{len(seeds)})", flush=True)
         rows.extend(fn(seed))
+        total = time.perf_counter() - start
+        left = len(seeds) - i - 1
+        # Seeds cost alike: the mean so far times the seeds left.
+        eta = f", about {total / (i + 1) * left:.0f} s left" if left else ""
         print(
             f"{label}seed {seed} done in {time.perf_counter() - tic:.1f} s "
-            f"(total {time.perf_counter() - start:.1f} s)",
+            f"(total {total:.1f} s{eta})",
             flush=True,
         )
     return rows
