@@ -1,27 +1,36 @@
 r"""Times MoeLayer against an equal-FLOPs dense FFN, Model Garden and Mixtral.
 
 One JSON line per configuration on stdout (a training step's forward and
-backward pass: median wall time of `--repeats` interleaved rounds after
-`--warmup` untimed calls, and the step's peak TF-allocator memory), then one
-JSON line per ratio. Logs go to stderr. What is timed and how memory is
-measured is documented in `keras_moe/benchmarks.py`.
+backward pass, or an evaluation forward pass: median wall time of
+`--repeats` interleaved rounds after `--warmup` untimed calls, and the
+step's peak TF-allocator memory), then one JSON line per ratio. Logs go to
+stderr. What is timed and how memory is measured is documented in
+`benchmarks/moe_layer.py`.
 
 Configurations (select with `--configs`, fnmatch patterns or kinds `moe`,
 `dense`, `model_garden`, `mixtral`):
 
     dense_k{K}                 Dense(K*H, relu) -> Dense(D), the FLOPs baseline
     moe_tc_e{E}_k{K}_{disp}    keras_moe MoeLayer, tokens_choose, top-K
+    moe_tc_e{E}_k{K}_dropless_s{S}  the same, dropless, at group size S
+                               (--dropless_group_sizes); E of
+                               --scaling_experts add dropless rows only
     moe_ec_e{E}_{disp}         keras_moe MoeLayer, experts_choose
     mg_ec_e{E}                 Model Garden (tf_keras) MoeLayer, experts choose
     mixtral_e{E}_k2            keras-hub MixtralSparseMoeBlock (all experts run)
+    eval_dense_k{K}            forward pass of dense_k{K}
+    eval_moe_tc_e{E}_k{K}_{disp}  forward pass, training=False,
+                               eval_capacity_factor=None (--eval_dispatchers)
 
-Ratio lines: `moe_tc_*/dense_k{K}`, `mg_ec_e{E}/moe_ec_e{E}_{disp}` and
-`mixtral_e{E}_k2/moe_tc_e{E}_k2_{disp}`.
+Ratio lines: `moe_tc_*/dense_k{K}`, `eval_moe_tc_*/eval_dense_k{K}`,
+`mg_ec_e{E}/moe_ec_e{E}_{disp}` and `mixtral_e{E}_k2/moe_tc_e{E}_k2_{disp}`.
 
 Usage:
 
     # Default shapes: 8192 tokens in groups of 4096, D=256, H=1024, E in
-    # {8, 32}, K in {1, 2}, both dispatchers, 10 rounds.
+    # {8, 32}, K in {1, 2}, einsum, indices and dropless dispatch, dropless
+    # also at groups of 512 and at E=16 and 64, no-drop evaluation with
+    # "auto" and "indices", 10 rounds.
     python -m apps.benchmark
 
     # A smoke run on tiny shapes (seconds of compute, plus tracing):
@@ -72,7 +81,26 @@ _CAPACITY_FACTOR = flags.DEFINE_float(
     "capacity_factor", 1.25, "Train capacity factor of the MoE layers."
 )
 _DISPATCHERS = flags.DEFINE_list(
-    "dispatchers", ["einsum", "indices"], "MoeLayer dispatchers to time."
+    "dispatchers",
+    ["einsum", "indices", "dropless"],
+    "MoeLayer dispatchers to time.",
+)
+_DROPLESS_GROUP_SIZES = flags.DEFINE_list(
+    "dropless_group_sizes",
+    ["512"],
+    "More group sizes S for the dropless rows (each must divide --tokens).",
+)
+_SCALING_EXPERTS = flags.DEFINE_list(
+    "scaling_experts",
+    ["16", "64"],
+    "More E values for dropless rows only: cost as E grows at fixed "
+    "active FLOPs.",
+)
+_EVAL_DISPATCHERS = flags.DEFINE_list(
+    "eval_dispatchers",
+    ["auto", "indices"],
+    "Dispatchers of the no-drop evaluation rows (forward pass, "
+    "eval_capacity_factor=None). Empty: none.",
 )
 _JIT_COMPILE = flags.DEFINE_boolean(
     "jit_compile", False, "XLA-compile each whole training step."
@@ -83,7 +111,7 @@ _MOE_JIT_COMPILE = flags.DEFINE_enum(
     ["default", "true", "false"],
     "MoeLayer(jit_compile=...). 'default': the layer's default, but false "
     "under --jit_compile (a nested XLA function makes TF specialise the "
-    "whole-step program on its input values; see keras_moe/benchmarks.py).",
+    "whole-step program on its input values; see benchmarks/moe_layer.py).",
 )
 _DEVICE = flags.DEFINE_string(
     "device", None, "TF device, e.g. CPU:0 or GPU:0. Default: GPU:0 if any."
@@ -102,7 +130,8 @@ _QUICK = flags.DEFINE_boolean(
     False,
     "A smoke test: tiny shapes (T=128, S=64, D=16, H=32; --tokens, "
     "--group_size, --model_dim and --hidden_dim are ignored) and, unless "
-    "given, --repeats=1 --warmup=1 --num_experts=8.",
+    "given, --repeats=1 --warmup=1 --num_experts=8 "
+    "--dropless_group_sizes=32 --scaling_experts=16.",
 )
 
 
@@ -126,8 +155,18 @@ def main(argv):
             warmup = warmup if _WARMUP.present else 1
             # Each MoeLayer configuration costs seconds of XLA compilation.
             num_experts = _ints(_NUM_EXPERTS) if _NUM_EXPERTS.present else [8]
+            group_sizes = (
+                _ints(_DROPLESS_GROUP_SIZES)
+                if _DROPLESS_GROUP_SIZES.present
+                else [32]
+            )
+            scaling = (
+                _ints(_SCALING_EXPERTS) if _SCALING_EXPERTS.present else [16]
+            )
         else:
             num_experts = _ints(_NUM_EXPERTS)
+            group_sizes = _ints(_DROPLESS_GROUP_SIZES)
+            scaling = _ints(_SCALING_EXPERTS)
             shapes = benchmarks.Shapes(
                 tokens=_TOKENS.value,
                 group_size=_GROUP_SIZE.value,
@@ -137,7 +176,12 @@ def main(argv):
             )
         configs = benchmarks.filter_configs(
             benchmarks.make_configs(
-                num_experts, _ints(_NUM_SELECTED), _DISPATCHERS.value
+                num_experts,
+                _ints(_NUM_SELECTED),
+                _DISPATCHERS.value,
+                group_sizes=group_sizes,
+                eval_dispatchers=_EVAL_DISPATCHERS.value,
+                scaling_experts=scaling,
             ),
             _CONFIGS.value,
         )
@@ -156,16 +200,21 @@ def main(argv):
         ", ".join(c.name for c in configs),
     )
 
-    records, ratios = benchmarks.run_benchmark(
-        configs,
-        shapes,
-        repeats=repeats,
-        warmup=warmup,
-        jit_compile=_JIT_COMPILE.value,
-        moe_jit_compile=moe_jit[_MOE_JIT_COMPILE.value],
-        device=device,
-        isolate_memory=_ISOLATE_MEMORY.value,
-    )
+    try:
+        records, ratios = benchmarks.run_benchmark(
+            configs,
+            shapes,
+            repeats=repeats,
+            warmup=warmup,
+            jit_compile=_JIT_COMPILE.value,
+            moe_jit_compile=moe_jit[_MOE_JIT_COMPILE.value],
+            device=device,
+            isolate_memory=_ISOLATE_MEMORY.value,
+        )
+    except ValueError as e:
+        if "must divide" in str(e):
+            raise app.UsageError(str(e)) from e
+        raise
     lines = [json.dumps(r) for r in records + ratios]
     print("\n".join(lines), flush=True)
     if _OUTPUT.value:

@@ -10,7 +10,10 @@ layer, `loss = mean(outputs**2) + sum(layer.losses)` under a
 returns the loss and a checksum of every gradient, so no part of the backward
 pass can be pruned from the graph, and reading those two scalars waits for the
 whole step, also on a GPU. The auxiliary losses are part of the loss for the
-same reason: without them their forward ops would be pruned.
+same reason: without them their forward ops would be pruned. An evaluation
+configuration (`mode="eval"`, names starting `eval_`) times the forward pass
+alone, `training=False`, with the MoE layer's `eval_capacity_factor=None`:
+evaluation that drops no token.
 
 Every call, warm-up and timed, gets a new standard-normal <float32>[G, S, D]
 input (`Inputs`), made before the timer starts, so that a program TF
@@ -19,11 +22,21 @@ specialised on one input value cannot be reused and look fast.
 The compared layers (`make_configs`):
 
 * `moe_tc_e{E}_k{K}_{dispatcher}`: `keras_moe.layers.MoeLayer`, token-choice
-  routing of each token to K of E experts of hidden size H.
+  routing of each token to K of E experts of hidden size H. With the
+  `dropless` dispatcher there is no capacity: the experts compute exactly
+  the K * T routed tokens. `moe_tc_e{E}_k{K}_dropless_s{S}` is the same at
+  another group size S (`group_sizes`); extra E values (`scaling_experts`)
+  add dropless rows only, to show the cost as E grows at fixed active FLOPs.
 * `moe_ec_e{E}_{dispatcher}`: the same layer with expert-choice routing, the
-  like-for-like partner of the Model Garden layer.
+  like-for-like partner of the Model Garden layer (not for `dropless`, which
+  is token choice only).
 * `dense_k{K}`: a Keras Dense(K*H, relu) -> Dense(D) MLP: the same expert
   FLOPs per token as a top-K MoE with no token dropped.
+* `eval_dense_k{K}`, `eval_moe_tc_e{E}_k{K}_{dispatcher}`: forward passes
+  with `training=False` and, for the MoE layer, `eval_capacity_factor=None`
+  (no drops; `eval_dispatchers`). With "indices" that means C = S slots per
+  expert, E times the dense FFN's expert work; "auto" routes it through the
+  dropless dispatcher.
 * `mg_ec_e{E}`: Model Garden's `official.nlp.modeling.layers.moe.MoeLayer`
   with `ExpertsChooseMaskedRouter` (its only router) and relu
   `FeedForwardExperts`. It is a Keras 2 (`tf_keras`) layer: it is built and
@@ -88,7 +101,9 @@ from keras_moe.utils.checks import check_int
 from keras_moe.utils.checks import check_positive_int
 
 KINDS = ("moe", "dense", "model_garden", "mixtral")
-DISPATCHERS = ("einsum", "indices", "auto")
+DISPATCHERS = ("einsum", "indices", "dropless", "auto")
+MODES = ("train", "eval")
+DROPLESS = "dropless"
 MIXTRAL_TOP_K = 2
 
 
@@ -140,7 +155,11 @@ QUICK_SHAPES = Shapes(
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One layer to time. `name` is unique within a run."""
+    """One layer to time. `name` is unique within a run.
+
+    `group_size` None means the run's `Shapes.group_size`; `mode` is
+    "train" (forward and backward) or "eval" (forward, no drops).
+    """
 
     name: str
     kind: str
@@ -148,9 +167,33 @@ class Config:
     num_selected: int | None = None
     router: str | None = None
     dispatcher: str | None = None
+    group_size: int | None = None
+    mode: str = "train"
 
 
-def make_configs(num_experts, num_selected, dispatchers):
+def _token_choice(e, k, d, group_size=None, mode="train"):
+    prefix = "eval_" if mode == "eval" else ""
+    suffix = "" if group_size is None else f"_s{group_size}"
+    return Config(
+        f"{prefix}moe_tc_e{e}_k{k}_{d}{suffix}",
+        "moe",
+        num_experts=e,
+        num_selected=k,
+        router="tokens_choose",
+        dispatcher=d,
+        group_size=group_size,
+        mode=mode,
+    )
+
+
+def make_configs(
+    num_experts,
+    num_selected,
+    dispatchers,
+    group_sizes=(),
+    eval_dispatchers=(),
+    scaling_experts=(),
+):
     """All configurations for the given E, K and dispatcher lists.
 
     Args:
@@ -158,22 +201,33 @@ def make_configs(num_experts, num_selected, dispatchers):
         num_selected: iterable of K for token-choice routing (and the dense
             baselines of hidden size K*H).
         dispatchers: iterable of `MoeLayer` dispatcher names.
+        group_sizes: more group sizes S at which the dropless token-choice
+            rows are timed (when "dropless" is among `dispatchers`).
+        eval_dispatchers: dispatchers of the no-drop evaluation rows (none:
+            no evaluation rows).
+        scaling_experts: more E values, for dropless token-choice rows only
+            (when "dropless" is among `dispatchers`).
 
     Returns:
         A list of `Config`, dense baselines first, then per E: token choice,
-        expert choice, Model Garden and Mixtral.
+        expert choice, Model Garden and Mixtral; then the dropless rows at
+        the extra group sizes, the scaling rows and the evaluation rows.
     """
     num_experts = _positive_ints("num_experts", num_experts)
     num_selected = _positive_ints("num_selected", num_selected)
-    dispatchers = list(dict.fromkeys(dispatchers))
-    for d in dispatchers:
-        if d not in DISPATCHERS:
-            raise ValueError(
-                f"dispatchers must be among {DISPATCHERS}; received {d!r}"
-            )
+    dispatchers = _dispatchers("dispatchers", dispatchers)
     if not dispatchers:
         raise ValueError("dispatchers must not be empty")
-    for e in num_experts:
+    eval_dispatchers = _dispatchers("eval_dispatchers", eval_dispatchers)
+    group_sizes = _positive_ints("group_sizes", group_sizes, empty_ok=True)
+    scaling_experts = [
+        e
+        for e in _positive_ints(
+            "scaling_experts", scaling_experts, empty_ok=True
+        )
+        if e not in num_experts
+    ]
+    for e in num_experts + scaling_experts:
         for k in num_selected:
             if k > e:
                 raise ValueError(
@@ -185,17 +239,10 @@ def make_configs(num_experts, num_selected, dispatchers):
     for e in num_experts:
         for k in num_selected:
             for d in dispatchers:
-                configs.append(
-                    Config(
-                        f"moe_tc_e{e}_k{k}_{d}",
-                        "moe",
-                        num_experts=e,
-                        num_selected=k,
-                        router="tokens_choose",
-                        dispatcher=d,
-                    )
-                )
+                configs.append(_token_choice(e, k, d))
         for d in dispatchers:
+            if d == DROPLESS:
+                continue  # token choice only
             configs.append(
                 Config(
                     f"moe_ec_e{e}_{d}",
@@ -222,7 +269,34 @@ def make_configs(num_experts, num_selected, dispatchers):
                     num_selected=MIXTRAL_TOP_K,
                 )
             )
+    if DROPLESS in dispatchers:
+        for s in group_sizes:
+            for e in num_experts:
+                for k in num_selected:
+                    configs.append(_token_choice(e, k, DROPLESS, s))
+        for e in scaling_experts:
+            for k in num_selected:
+                configs.append(_token_choice(e, k, DROPLESS))
+    if eval_dispatchers:
+        configs += [
+            Config(f"eval_dense_k{k}", "dense", num_selected=k, mode="eval")
+            for k in num_selected
+        ]
+        for e in num_experts:
+            for k in num_selected:
+                for d in eval_dispatchers:
+                    configs.append(_token_choice(e, k, d, mode="eval"))
     return configs
+
+
+def _dispatchers(name, values):
+    values = list(dict.fromkeys(values))
+    for d in values:
+        if d not in DISPATCHERS:
+            raise ValueError(
+                f"{name} must be among {DISPATCHERS}; received {d!r}"
+            )
+    return values
 
 
 def filter_configs(configs, patterns):
@@ -287,24 +361,33 @@ def _build_moe(config, shapes, moe_jit_compile):
         kwargs["jit_compile"] = moe_jit_compile
     if config.router == "tokens_choose":
         kwargs["num_selected_experts"] = config.num_selected
+    group_size = config.group_size or shapes.group_size
+    # Evaluation rows drop no token: eval_capacity_factor=None.
+    factor = shapes.capacity_factor if config.mode == "train" else None
     layer = MoeLayer(
         num_experts=config.num_experts,
         hidden_dim=shapes.hidden_dim,
         router=config.router,
         train_capacity_factor=shapes.capacity_factor,
-        group_size=shapes.group_size,
+        eval_capacity_factor=None,
+        group_size=group_size,
         activation="relu",
         dispatcher=config.dispatcher,
         **kwargs,
     )
     capacity = expert_capacity(
-        num_tokens=shapes.group_size,
+        num_tokens=group_size,
         num_experts=config.num_experts,
-        capacity_factor=shapes.capacity_factor,
+        capacity_factor=factor,
         num_selected_experts=config.num_selected or 1,
         router=config.router,
     )
-    return _keras3_built(layer, shapes, {"expert_capacity": capacity})
+    dropless = layer.dispatches_dropless(training=config.mode == "train")
+    info = {
+        "expert_capacity": None if dropless else capacity,
+        "dropless": dropless,
+    }
+    return _keras3_built(layer, shapes, info)
 
 
 def _build_dense(config, shapes):
@@ -347,8 +430,8 @@ def _build_mixtral(config, shapes):
 def _keras3_built(layer, shapes, info, first_output=False):
     layer.build((shapes.num_groups, shapes.group_size, shapes.model_dim))
 
-    def forward(x):
-        y = layer(x, training=True)
+    def forward(x, training=True):
+        y = layer(x, training=training)
         if first_output:
             y = y[0]
         return y, _sum_losses(layer.losses)
@@ -384,8 +467,8 @@ def _build_model_garden(config, shapes):
         training=True,
     )
 
-    def forward(x):
-        y = layer(x, training=True)
+    def forward(x, training=True):
+        y = layer(x, training=training)
         return y, _sum_losses(layer.losses)
 
     capacity = int(
@@ -414,9 +497,13 @@ def build(config, shapes, moe_jit_compile=None):
     raise ValueError(f"kind must be one of {KINDS}; received {config.kind!r}")
 
 
-def make_step(built, jit_compile):
-    """The timed step: forward, loss, backward, as one `tf.function`."""
-    return tf.function(_Step(built), jit_compile=jit_compile)
+def make_step(built, jit_compile, mode="train"):
+    """The timed step as one `tf.function`: forward, loss, backward
+    (`mode="train"`) or the forward pass alone (`mode="eval"`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; received {mode!r}")
+    step = _Step(built) if mode == "train" else _EvalStep(built)
+    return tf.function(step, jit_compile=jit_compile)
 
 
 class _Step:
@@ -444,6 +531,18 @@ class _Step:
         if not sums:
             raise ValueError("the loss has no gradient for any variable")
         return loss, tf.add_n(sums)
+
+
+class _EvalStep:
+    """`x` -> (mean of squared outputs, twice): an inference forward pass."""
+
+    def __init__(self, built):
+        self.built = built
+
+    def __call__(self, x):
+        y, _ = self.built.forward(x, training=False)
+        loss = tf.reduce_mean(tf.square(tf.cast(y, tf.float32)))
+        return loss, loss
 
 
 def ffn_gflop_fwd(config, shapes, capacity=None):
@@ -562,6 +661,12 @@ def run_benchmark(
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names repeat: {names}")
+    for config in configs:
+        if config.group_size and shapes.tokens % config.group_size:
+            raise ValueError(
+                f"{config.name}: group_size={config.group_size} must divide "
+                f"tokens={shapes.tokens}"
+            )
     device = device or default_device()
     if not re.fullmatch(r"(CPU|GPU):\d+", device):
         raise ValueError(
@@ -592,12 +697,17 @@ def run_benchmark(
         inputs = Inputs(shapes, seed)
         for config in configs:
             try:
+                if jit_compile and config.dispatcher == DROPLESS:
+                    raise SkippedConfig(
+                        "dropless dispatch cannot run inside a whole-step "
+                        "XLA function (run-time expert group sizes)"
+                    )
                 built = build(config, shapes, moe_jit_compile)
             except SkippedConfig as e:
                 logging.warning("skipping %s: %s", config.name, e)
                 records[config.name] = {"name": config.name, "skipped": str(e)}
                 continue
-            step = make_step(built, jit_compile)
+            step = make_step(built, jit_compile, config.mode)
             start = time.perf_counter()
             for _ in range(warmup):
                 _run_step(step, inputs.next())
@@ -656,6 +766,8 @@ def _base_record(config, shapes, built, common, warmup_s):
         "num_selected": config.num_selected,
         "dispatcher": config.dispatcher,
         **common,
+        "group_size": config.group_size or shapes.group_size,
+        "mode": config.mode,
         **built.info,
         "params": int(sum(np.prod(v.shape) for v in built.variables)),
         "ffn_gflop_fwd": ffn_gflop_fwd(
@@ -669,10 +781,14 @@ def _base_record(config, shapes, built, common, warmup_s):
 def ratios(records):
     """Time (and memory) ratios between configurations of one run.
 
-    * every `moe_tc_e{E}_k{K}_{d}` over `dense_k{K}` (equal expert FLOPs);
+    * every `moe_tc_e{E}_k{K}_{d}[_s{S}]` over `dense_k{K}` (equal expert
+      FLOPs), and every `eval_moe_tc_e{E}_k{K}_{d}` over `eval_dense_k{K}`;
     * `mg_ec_e{E}` over `moe_ec_e{E}_{d}` (same routing and capacity);
-    * `mixtral_e{E}_k2` over `moe_tc_e{E}_k2_{d}`.
+    * `mixtral_e{E}_k2` over `moe_tc_e{E}_k2_{d}` (run's group size).
 
+    `time` is the ratio of median times; `time_min` the ratio of the
+    fastest rounds, the figure least disturbed when other processes share
+    the machine for part of the run (they only ever slow a round down).
     A ratio whose two sides were not both timed is left out.
     """
     timed = {r["name"]: r for r in records if "median_ms" in r}
@@ -680,9 +796,13 @@ def ratios(records):
     for r in timed.values():
         if r["kind"] != "moe":
             continue
-        if r["router"] == "tokens_choose":
+        if r.get("mode") == "eval":
+            pairs.append((r["name"], f"eval_dense_k{r['num_selected']}"))
+        elif r["router"] == "tokens_choose":
             pairs.append((r["name"], f"dense_k{r['num_selected']}"))
-            if r["num_selected"] == MIXTRAL_TOP_K:
+            if r["num_selected"] == MIXTRAL_TOP_K and re.fullmatch(
+                r"moe_tc_e\d+_k\d+_[a-z]+", r["name"]
+            ):
                 pairs.append(
                     (f"mixtral_e{r['num_experts']}_k{MIXTRAL_TOP_K}", r["name"])
                 )
@@ -697,6 +817,7 @@ def ratios(records):
             "numerator": num,
             "denominator": den,
             "time": timed[num]["median_ms"] / timed[den]["median_ms"],
+            "time_min": timed[num]["min_ms"] / timed[den]["min_ms"],
         }
         mem_num = timed[num].get("peak_step_mb")
         mem_den = timed[den].get("peak_step_mb")
@@ -776,7 +897,7 @@ def _isolated_rss_worker():
         f.write("5")
     before = _proc_status_bytes("VmRSS")
     built = build(config, shapes, spec["moe_jit_compile"])
-    step = make_step(built, spec["jit_compile"])
+    step = make_step(built, spec["jit_compile"], config.mode)
     for _ in range(spec["warmup"] + 1):
         _run_step(step, inputs.next())
     peak = (_proc_status_bytes("VmHWM") - before) / 2**20
@@ -802,9 +923,9 @@ def _warm_runtime():
         tiny_step(tf.ones((8, 4)))
 
 
-def _positive_ints(name, values):
+def _positive_ints(name, values, empty_ok=False):
     values = list(dict.fromkeys(values))
-    if not values:
+    if not values and not empty_ok:
         raise ValueError(f"{name} must not be empty")
     for value in values:
         check_positive_int(name, value)

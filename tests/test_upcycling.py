@@ -152,9 +152,14 @@ def test_trains_saves_and_reports_aux_losses(vit, tmp_path):
     np.testing.assert_array_equal(_np(restored(x)), _np(moe(x)))
 
 
-def test_optimizer_reuse_continues_the_dense_step(vit):
+@pytest.mark.parametrize(
+    "kwargs", [{"state": "copy"}, {"expert_gradient_share": 1.0}]
+)
+def test_optimizer_reuse_continues_the_dense_step(vit, kwargs):
     """Top-1 with a zero router sends every token to expert 0 with weight 1,
-    so expert 0 sees exactly the dense MLP's gradients: with the tiled Adam
+    so expert 0 sees exactly the dense MLP's gradients (a share of 1, not
+    the 1/E a uniform router gives on average, which the default estimate
+    assumes: tests/upcycling/test_optimizer_state.py): with the tiled Adam
     moments and the copied step count, its update equals the dense update,
     and so does every shared weight's. A fresh optimizer would differ."""
     dense = ViT.from_config(vit.get_config())
@@ -184,7 +189,9 @@ def test_optimizer_reuse_continues_the_dense_step(vit):
         moe_kwargs=_NO_AUX,
     )
     moe.compile(
-        optimizer=upcycling.upcycle_optimizer(dense.optimizer, dense, moe),
+        optimizer=upcycling.upcycle_optimizer(
+            dense.optimizer, dense, moe, **kwargs
+        ),
         loss=_LOSS,
     )
     fresh.compile(optimizer=keras.optimizers.Adam(1e-2), loss=_LOSS)

@@ -325,7 +325,8 @@ class EnsembleMoeLayer(MoeLayer):
             training=training,
             token_mask=mask,
         )
-        combine = ops.sum(routed.instructions.combine_array(), axis=-1)
+        # Slots or, when this mode dispatches dropless, choices: (M*G, S, E/M)
+        combine = routed.instructions.expert_weights()
         shape = (*ops.shape(inputs)[:-1], self.num_experts)
         return {
             name: ops.reshape(

@@ -12,6 +12,13 @@ Data flow of one call, for inputs <[..., D]>:
     experts           -> <[E, G*C, D]> -> <[G, E, C, D]>
     dispatcher        -> combined <[G, S, D]> -> outputs <[..., D]>
 
+Dropless dispatch (no capacity) replaces the middle three steps:
+
+    router            -> DroplessRoutingInstructions <[G, S, K]>
+    dispatcher        -> rows <[G*S*K, D]> sorted by expert, group sizes <[E]>
+    experts           -> each expert's MLP on exactly its rows
+    dispatcher        -> combined <[G, S, D]>
+
 The router and the experts are sublayers called through Keras' `__call__`.
 An E^3 ensemble (`EnsembleMoeLayer`) runs the same steps with M member-major
 groups <[M*G, S, D]>, each member routing among its E/M experts; the steps
@@ -25,7 +32,13 @@ losses are returned from the compiled function and added with `add_loss`
 outside, because `add_loss` must not run inside a nested compiled function;
 the routing statistics likewise update metric trackers outside. When the
 layer is already traced inside an XLA function (`compile(jit_compile=True)`)
-the nested functions are skipped: XLA compiles the whole step.
+the nested functions are skipped: XLA compiles the whole step. Dropless
+dispatch cannot run there (its expert groups have run-time sizes): a layer
+with `dispatcher="dropless"` reports `supports_jit = False`, so Keras'
+`compile(jit_compile="auto")` (and an explicit `jit_compile=True`, with a
+warning) compiles the step without XLA, and the layer raises a ValueError
+when it is traced inside an XLA function anyway; `dispatcher="auto"` falls
+back to capacity dispatch there.
 """
 
 import keras
@@ -53,11 +66,13 @@ def _use_xla(jit_compile):
 
 
 def default_dispatcher():
-    """The faster dispatcher for the devices TensorFlow sees.
+    """The faster capacity dispatcher for the devices TensorFlow sees.
 
     "einsum" on TPU (dense matmuls are what the MXU does best), "indices"
     elsewhere: on CPU and GPU gathering rows beats one-hot contractions
-    whose cost grows with the group size.
+    whose cost grows with the group size. (`MoeLayer(dispatcher="auto")`
+    also routes no-drop modes through the dropless dispatcher; see
+    `MoeLayer.dispatches_dropless`.)
     """
     if tf.config.list_logical_devices("TPU"):
         return "einsum"
@@ -118,9 +133,25 @@ class MoeLayer(keras.layers.Layer):
     when `training=True`, `eval_capacity_factor` otherwise, and a capacity
     factor of None means no token is dropped (C = S).
 
-    Dispatch: `dispatcher="auto"` picks `"indices"` (gather and segment sum)
-    on CPU and GPU and `"einsum"` (one-hot contractions) on TPU; both give
-    the same outputs and gradients.
+    Dispatch. `"einsum"` (one-hot contractions) and `"indices"` (gather and
+    segment sum) fill expert slots up to the capacity and give the same
+    outputs and gradients. `"dropless"` (token choice only) has no
+    capacity: tokens are sorted by expert and each expert's MLP runs on
+    exactly its tokens, so no token is dropped and the experts cost the
+    K * tokens routed, not E * C slots; the capacity factors and
+    `min_expert_capacity` are then ignored. It runs eagerly, in
+    `tf.function`, in `fit` and under `tf.distribute` strategies, but not
+    inside an XLA-compiled step (its expert groups have run-time sizes):
+    such a layer reports `supports_jit = False`, which Keras' `compile`
+    heeds, and raises a ValueError when traced under XLA anyway. The
+    layer's own `jit_compile=True` still compiles routing and dispatch.
+    `"auto"` (default) picks per mode (`dispatches_dropless`): dropless
+    where the mode's capacity factor is None and the router is token
+    choice (the same outputs as C = S slots, at the cost of the routed
+    tokens instead of E times it), except under XLA, on TPU or with a
+    `relayout_hook`; otherwise `"einsum"` on TPU and `"indices"` elsewhere.
+    A capacity factor changes outputs (drops), so "auto" never trades it
+    for speed.
 
     Auxiliary losses (`add_loss`, weighted): router z-loss, Switch
     load-balancing loss (token choice), V-MoE importance and load losses
@@ -158,7 +189,7 @@ class MoeLayer(keras.layers.Layer):
             uses 1 / E.
         router_z_loss_weight, load_balancing_loss_weight,
         importance_loss_weight, load_loss_weight: auxiliary loss weights.
-        dispatcher: `"auto"`, `"einsum"` or `"indices"`.
+        dispatcher: `"auto"`, `"einsum"`, `"indices"` or `"dropless"`.
         jit_compile: True to run routing, dispatch and combine in their own
             XLA functions, False for none, "auto" (default) for XLA on GPU
             and TPU only: on CPU, TensorFlow's kernels ran the layer faster
@@ -240,6 +271,17 @@ class MoeLayer(keras.layers.Layer):
             )
         if dispatcher != "auto":
             dispatch_lib.get_dispatcher(dispatcher)
+        if (
+            dispatcher == dispatch_lib.DROPLESS
+            and router == routing.EXPERTS_CHOOSE
+        ):
+            raise ValueError(
+                "dispatcher='dropless' needs token-choice routing: with "
+                "router='experts_choose' each expert takes exactly C tokens "
+                "by definition, so there is no capacity to remove and no "
+                "token an expert overflows on. Use router='tokens_choose' "
+                "or dispatcher='auto' / 'indices' / 'einsum'"
+            )
         # The router and the experts are made in `build`; their arguments
         # are checked here so that a bad layer fails when it is constructed.
         check_router_arguments(num_experts, jitter_noise, noise_std)
@@ -289,6 +331,8 @@ class MoeLayer(keras.layers.Layer):
                     f"{name}_weight must be >= 0; received {weight!r}"
                 )
         self.dispatcher = dispatcher
+        # Read by Keras' compile(): a dropless step cannot be XLA-compiled.
+        self.supports_jit = dispatcher != dispatch_lib.DROPLESS
         if jit_compile not in (True, False, "auto"):
             raise ValueError(
                 "jit_compile must be True, False or 'auto'; received "
@@ -364,8 +408,11 @@ class MoeLayer(keras.layers.Layer):
         )
         self.experts.build((self.num_experts, None, model_dim))
         name = self.dispatcher
+        # The capacity dispatcher, for the modes that have a capacity.
         self._dispatcher_cls = dispatch_lib.get_dispatcher(
-            default_dispatcher() if name == "auto" else name
+            default_dispatcher()
+            if name in ("auto", dispatch_lib.DROPLESS)
+            else name
         )
         if _use_xla(self.jit_compile):
             self._compiled_dispatch = tf.function(
@@ -374,9 +421,17 @@ class MoeLayer(keras.layers.Layer):
             self._compiled_combine = tf.function(
                 self._combine, jit_compile=True
             )
+            self._compiled_dropless_dispatch = tf.function(
+                self._route_and_dispatch_dropless, jit_compile=True
+            )
+            self._compiled_dropless_combine = tf.function(
+                self._combine_dropless, jit_compile=True
+            )
         else:
             self._compiled_dispatch = self._route_and_dispatch
             self._compiled_combine = self._combine
+            self._compiled_dropless_dispatch = self._route_and_dispatch_dropless
+            self._compiled_dropless_combine = self._combine_dropless
 
     def _make_router(self, router_type, router_kwargs):
         """The router layer (a subclass may route differently)."""
@@ -425,12 +480,68 @@ class MoeLayer(keras.layers.Layer):
             router=self.router_type,
         )
 
+    def dispatches_dropless(self, training):
+        """Whether a call in this mode (and trace context) is dropless.
+
+        True for `dispatcher="dropless"`. For `"auto"`: True when the
+        mode's capacity factor is None and the router is token choice, and
+        the layer is not traced inside an XLA function, not on a TPU and
+        has no `relayout_hook`; there capacity dispatch with C = S gives
+        the same outputs (nothing is dropped either way) at E times the
+        expert cost. False otherwise.
+        """
+        if self.dispatcher == dispatch_lib.DROPLESS:
+            return True
+        if self.dispatcher != "auto" or (
+            self.router_type != routing.TOKENS_CHOOSE
+        ):
+            return False
+        factor = (
+            self.train_capacity_factor
+            if training
+            else self.eval_capacity_factor
+        )
+        return (
+            factor is None
+            and tf.__internal__.get_enclosing_xla_context() is None
+            and self.relayout_hook is None
+            and default_dispatcher() != "einsum"
+        )
+
+    def _check_dropless_context(self):
+        """Raises where a dropless dispatch cannot run."""
+        if tf.__internal__.get_enclosing_xla_context() is not None:
+            raise ValueError(
+                f"MoeLayer {self.name!r} has dispatcher='dropless', whose "
+                "expert groups have sizes known only at run time, and is "
+                "traced inside an XLA function (compile(jit_compile=True) "
+                "or a tf.function(jit_compile=True)), which needs static "
+                "shapes. Compile the step without XLA (the layer's own "
+                "jit_compile=True still compiles routing and dispatch) or "
+                "use dispatcher='auto', which falls back to capacity "
+                "dispatch under XLA"
+            )
+        if self.relayout_hook is not None:
+            raise ValueError(
+                f"MoeLayer {self.name!r} has dispatcher='dropless', which "
+                "has no fixed-size expert rows <[E, G*C, D]> for the "
+                "relayout_hook (expert parallelism) to move; use "
+                "dispatcher='auto', 'indices' or 'einsum' with a capacity"
+            )
+
     def call(self, inputs, training=False, token_mask=None):
         training = bool(training)
         inputs, groups, mask, num_real, capacity = self._grouped(
             inputs, token_mask, training
         )
-        outputs, aux_losses, stats = self._moe(groups, mask, capacity, training)
+        if capacity is None:
+            outputs, aux_losses, stats = self._moe_dropless(
+                groups, mask, training
+            )
+        else:
+            outputs, aux_losses, stats = self._moe(
+                groups, mask, capacity, training
+            )
         self._check_finite(stats.pop("logits_finite"))
         self.dropped_tracker.update_state(stats["dropped"])
         self.confidence_tracker.update_state(stats["confidence"])
@@ -445,7 +556,8 @@ class MoeLayer(keras.layers.Layer):
         """Checks inputs <[..., D]> and splits them into routing groups.
 
         Returns the checked inputs, member-major groups <[M*G, S, D]>, their
-        mask <bool>[M*G, S], the real token count n of one member and C.
+        mask <bool>[M*G, S], the real token count n of one member and C
+        (None when this call dispatches dropless).
         """
         if inputs.shape[-1] != self.experts.wo.shape[-1]:
             raise ValueError(
@@ -455,6 +567,9 @@ class MoeLayer(keras.layers.Layer):
             )
         inputs = self._check_inputs(inputs)
         groups, mask, num_real = self._group(inputs, token_mask)
+        if self.dispatches_dropless(training):
+            self._check_dropless_context()
+            return inputs, groups, mask, num_real, None
         capacity = self.capacity(groups.shape[1], training)
         return inputs, groups, mask, num_real, capacity
 
@@ -502,7 +617,10 @@ class MoeLayer(keras.layers.Layer):
         trailing = values.shape[2:]
         # (M*G, S, ...) -> (M, G*S, ...) -> (M, n, ...) -> (M*n, ...)
         members = ops.reshape(values, (self._num_members, -1, *trailing))
-        return ops.reshape(members[:, :num_real], (-1, *trailing))
+        if not (isinstance(num_real, int) and members.shape[1] == num_real):
+            # Only when there is padding: the slice's gradient is a copy.
+            members = members[:, :num_real]
+        return ops.reshape(members, (-1, *trailing))
 
     def _route_and_dispatch(self, groups, mask, capacity, training):
         """Routing and dispatch (compiled with XLA): groups -> expert rows."""
@@ -534,6 +652,42 @@ class MoeLayer(keras.layers.Layer):
             num_tokens=num_tokens,
         )
         return self._dispatcher_cls(instructions).combine(slots)
+
+    def _route_and_dispatch_dropless(self, groups, mask, training):
+        """Dropless routing and dispatch (XLA-safe): groups -> sorted rows.
+
+        Returns rows <[M*G*S*K, D]> sorted by expert, the `DroplessPlan`
+        (group sizes <int32>[E] and what the combine needs), the auxiliary
+        losses and the routing statistics.
+        """
+        routed = self.router(
+            groups,
+            expert_capacity=None,
+            training=training,
+            token_mask=mask,
+        )
+        dispatcher = dispatch_lib.DroplessDispatcher(
+            routed.instructions, num_members=self._num_members
+        )
+        rows = dispatcher.dispatch(groups)
+        stats = self._stats(routed, mask)
+        return rows, dispatcher.plan, routed.aux_losses, stats
+
+    def _combine_dropless(self, expert_outputs, plan):
+        """Dropless combine (XLA-safe): rows -> <[M*G, S, D]>."""
+        return dispatch_lib.DroplessDispatcher(plan).combine(expert_outputs)
+
+    def _moe_dropless(self, groups, mask, training):
+        """Route, sort by expert, run each expert on its rows, combine."""
+        rows, plan, aux, stats = self._compiled_dropless_dispatch(
+            groups, mask, training
+        )
+        # Ragged per-expert matmuls with run-time sizes: outside XLA.
+        expert_outputs = self.experts(
+            rows, training=training, group_sizes=plan.group_sizes
+        )
+        outputs = self._compiled_dropless_combine(expert_outputs, plan)
+        return outputs, aux, stats
 
     def _slots_to_rows(self, slots):
         """Slots <[M*G, E/M, C, D]> -> expert rows <[E, G*C, D]>.

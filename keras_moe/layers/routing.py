@@ -210,7 +210,20 @@ class DroplessRoutingInstructions:
 
     def tokens_per_expert(self):
         """<float32>[G, E]: tokens each expert receives."""
-        return ops.sum(self._choice_one_hot(), axis=(1, 2))
+        num_groups = ops.shape(self.expert_index)[0]
+        group = ops.arange(num_groups, dtype="int32")[:, None, None]
+        # Choice (g, s, k) counts for expert g*E + e: (G, S, K) -> (G*E,)
+        segment = group * self.num_experts + self.expert_index
+        valid = ops.broadcast_to(
+            ops.cast(self.token_mask, "float32")[..., None],
+            ops.shape(self.expert_index),
+        )
+        counts = ops.segment_sum(
+            ops.reshape(valid, (-1,)),
+            ops.reshape(segment, (-1,)),
+            num_segments=num_groups * self.num_experts,
+        )
+        return ops.reshape(counts, (num_groups, self.num_experts))
 
     def token_coverage(self):
         """<float32>[G, S]: experts each token is sent to (K, 0 if masked)."""

@@ -1,4 +1,4 @@
-"""Tests of the benchmark harness (keras_moe/benchmarks.py) and its launcher.
+"""Tests of the benchmark harness (benchmarks/moe_layer.py) and its launcher.
 
 The harness runs in-process on tiny shapes with one repeat; the launcher runs
 once as `python -m apps.benchmark --quick` in a subprocess.
@@ -44,7 +44,7 @@ RECORD_KEYS = {
     "peak_step_mb",
     "memory_source",
 }
-RATIO_KEYS = {"ratio", "numerator", "denominator", "time"}
+RATIO_KEYS = {"ratio", "numerator", "denominator", "time", "time_min"}
 
 
 def _check_records(records, shapes, repeats):
@@ -104,6 +104,10 @@ def test_harness_times_every_kind_and_gives_finite_ratios():
         )
         assert math.isfinite(ratio["time"]) and ratio["time"] > 0
         assert ratio["time"] == pytest.approx(expected)
+        assert ratio["time_min"] == pytest.approx(
+            by_name[ratio["numerator"]]["min_ms"]
+            / by_name[ratio["denominator"]]["min_ms"]
+        )
 
 
 def test_harness_whole_step_xla_and_allocator_memory():
@@ -127,6 +131,73 @@ def test_harness_whole_step_xla_and_allocator_memory():
     # At least the hidden activation (kept for the backward pass) is live.
     assert dense["peak_step_mb"] >= 1.0
     assert [r["ratio"] for r in ratios] == ["moe_tc_e4_k1_indices/dense_k1"]
+
+
+def test_harness_dropless_and_no_drop_evaluation_rows():
+    shapes = benchmarks.QUICK_SHAPES
+    configs = benchmarks.make_configs(
+        [4],
+        [2],
+        ["indices", "dropless"],
+        group_sizes=[32],
+        eval_dispatchers=["auto", "indices"],
+        scaling_experts=[4, 8],
+    )
+    assert [c.name for c in configs] == [
+        "dense_k2",
+        "moe_tc_e4_k2_indices",
+        "moe_tc_e4_k2_dropless",
+        "moe_ec_e4_indices",  # dropless is token choice only
+        "mg_ec_e4",
+        "mixtral_e4_k2",
+        "moe_tc_e4_k2_dropless_s32",
+        "moe_tc_e8_k2_dropless",  # E=4 is a main row already
+        "eval_dense_k2",
+        "eval_moe_tc_e4_k2_auto",
+        "eval_moe_tc_e4_k2_indices",
+    ]
+    configs = [c for c in configs if c.kind in ("moe", "dense")]
+    records, ratios = benchmarks.run_benchmark(
+        configs, shapes, repeats=1, warmup=1, device="CPU:0"
+    )
+    _check_records(records, shapes, repeats=1)
+    by_name = {r["name"]: r for r in records}
+    dropless = by_name["moe_tc_e4_k2_dropless"]
+    assert dropless["dropless"] and dropless["expert_capacity"] is None
+    assert dropless["mode"] == "train"
+    assert by_name["moe_tc_e4_k2_dropless_s32"]["group_size"] == 32
+    assert by_name["moe_tc_e4_k2_indices"]["group_size"] == 64
+    # No-drop evaluation: "auto" goes dropless, "indices" has C = S slots.
+    auto = by_name["eval_moe_tc_e4_k2_auto"]
+    assert auto["mode"] == "eval" and auto["dropless"]
+    indices = by_name["eval_moe_tc_e4_k2_indices"]
+    assert not indices["dropless"] and indices["expert_capacity"] == 64
+    # An evaluation step has no backward pass: fewer parameters are not the
+    # point, the dense FLOPs equal the MoE's active FLOPs.
+    assert auto["ffn_gflop_fwd"] == by_name["eval_dense_k2"]["ffn_gflop_fwd"]
+    assert {r["ratio"] for r in ratios} == {
+        "moe_tc_e4_k2_indices/dense_k2",
+        "moe_tc_e4_k2_dropless/dense_k2",
+        "moe_tc_e4_k2_dropless_s32/dense_k2",
+        "moe_tc_e8_k2_dropless/dense_k2",
+        "eval_moe_tc_e4_k2_auto/eval_dense_k2",
+        "eval_moe_tc_e4_k2_indices/eval_dense_k2",
+    }
+
+
+def test_whole_step_xla_skips_dropless_rows():
+    configs = benchmarks.filter_configs(
+        benchmarks.make_configs([4], [1], ["dropless"]), ["moe_tc_*"]
+    )
+    records, ratios = benchmarks.run_benchmark(
+        configs,
+        benchmarks.QUICK_SHAPES,
+        repeats=1,
+        warmup=1,
+        jit_compile=True,
+        device="CPU:0",
+    )
+    assert "XLA" in records[0]["skipped"] and ratios == []
 
 
 def test_isolated_rss_grows_with_the_layer():
@@ -177,6 +248,12 @@ def test_make_configs_names_and_validation():
         benchmarks.make_configs([8], [1], ["scatter"])
     with pytest.raises(ValueError, match="num_experts"):
         benchmarks.make_configs([0], [1], ["einsum"])
+    with pytest.raises(ValueError, match="eval_dispatchers"):
+        benchmarks.make_configs([8], [1], ["einsum"], eval_dispatchers=["x"])
+    with pytest.raises(ValueError, match="group_sizes"):
+        benchmarks.make_configs([8], [1], ["dropless"], group_sizes=[0])
+    with pytest.raises(ValueError, match="num_selected=2 is larger"):
+        benchmarks.make_configs([8], [2], ["dropless"], scaling_experts=[1])
 
 
 def test_filter_configs_by_kind_and_pattern():
@@ -215,6 +292,11 @@ def test_run_benchmark_validation():
         benchmarks.run_benchmark(configs, shapes, device="/gpu:0")
     with pytest.raises(ValueError, match="names repeat"):
         benchmarks.run_benchmark(configs * 2, shapes)
+    odd = benchmarks.make_configs([4], [1], ["dropless"], group_sizes=[48])
+    with pytest.raises(ValueError, match="group_size=48 must divide"):
+        benchmarks.run_benchmark(odd, shapes)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        benchmarks.make_step(None, False, mode="predict")
 
 
 def test_launcher_quick_prints_json_lines(tmp_path):
@@ -241,11 +323,13 @@ def test_launcher_quick_prints_json_lines(tmp_path):
     ratios = [line for line in lines if "ratio" in line]
     assert len(records) + len(ratios) == len(lines)
     assert not [r for r in records if "skipped" in r]
-    # --quick keeps E=8 only: 2 dense, 4 token choice, 2 expert choice, 1
-    # Model Garden, 1 Mixtral.
-    assert len(records) == 10
+    # --quick keeps E=8 only: 2 dense, 6 token choice (einsum, indices,
+    # dropless), 2 expert choice, 1 Model Garden, 1 Mixtral; dropless at
+    # S=32 (2) and E=16 (2); no-drop evaluation: 2 dense, 4 MoE.
+    assert len(records) == 22
     assert all(r["median_ms"] > 0 for r in records)
-    assert len(ratios) == 8
+    # 10 token choice / dense, 2 Model Garden, 3 Mixtral, 4 evaluation.
+    assert len(ratios) == 19
     assert all(math.isfinite(r["time"]) for r in ratios)
     assert output.read_text().splitlines() == result.stdout.splitlines()
 
@@ -268,3 +352,7 @@ def test_launcher_rejects_bad_flags():
     )
     assert result.returncode != 0
     assert "must divide" in result.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

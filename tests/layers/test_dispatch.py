@@ -1,5 +1,7 @@
 """The einsum and indices dispatchers agree, in outputs and in gradients."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -94,3 +96,7 @@ def test_dispatchers_agree(kind, kwargs, jit):
 def test_unknown_dispatcher():
     with pytest.raises(ValueError, match="dispatcher must be one of"):
         dispatch.get_dispatcher("scatter")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

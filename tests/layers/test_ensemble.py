@@ -7,6 +7,7 @@ routing of `reference_routing` (written independently of the library).
 """
 
 import math
+import sys
 
 import keras
 import numpy as np
@@ -550,3 +551,7 @@ def test_the_moe_steps_are_moe_layers_own():
     assert not router.built
     router(np.zeros((4, 6, 8), "float32"), expert_capacity=2)
     assert router.built and tuple(router.kernel.shape) == (8, 8)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -8,6 +8,7 @@ on computed inputs. Every bad input a user can pass has a test that passes it.
 
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -544,3 +545,7 @@ def test_unknown_number_of_experts_is_rejected_when_traced(call):
     )
     with pytest.raises(ValueError, match="statically known number of experts"):
         fn.get_concrete_function()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -1,6 +1,7 @@
 """Mlp and Experts against NumPy statements of the MLP."""
 
 import math
+import sys
 
 import keras
 import numpy as np
@@ -123,3 +124,7 @@ def _np_weights(layer):
     return np.concatenate(
         [keras.ops.convert_to_numpy(w).ravel() for w in layer.weights]
     )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

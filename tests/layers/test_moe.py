@@ -553,3 +553,7 @@ def test_upcycled_vit_weight_paths(ensemble_size):
         ensemble_size=ensemble_size,
     )
     assert [w.path for w in moe.weights] == _UPCYCLED_VIT_WEIGHTS
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -10,6 +10,7 @@ token, C expert capacity.
 """
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -780,3 +781,7 @@ def test_experts_choose_index_form(capacity, use_mask):
         token_mask=None if mask is None else tf.constant(mask),
     )
     _assert_index_form_consistent(instructions, num_groups, num_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
