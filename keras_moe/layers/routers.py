@@ -139,7 +139,9 @@ class Router(keras.layers.Layer):
 
         Args:
             inputs: groups of tokens <[G, S, D]>.
-            expert_capacity: C, a Python int.
+            expert_capacity: C, a Python int; None (token choice only) for
+                dropless routing: every token keeps its K experts
+                (`routing.tokens_choose_dropless`).
             training: whether to add the router noise.
             token_mask: optional <bool>[G, S]; False tokens (padding) are
                 never routed.

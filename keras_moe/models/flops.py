@@ -31,7 +31,10 @@ Conventions:
   `group_size=None` a sequence is a group (S = T); with a `group_size`,
   tokens are packed into groups across examples and an example is charged
   T/S groups (the amortised rate of a batch whose tokens fill whole
-  groups; the padding of a last partial group is not charged).
+  groups; the padding of a last partial group is not charged). A layer
+  that dispatches dropless in that mode (`MoeLayer.dispatches_dropless`:
+  `dispatcher="dropless"`, or "auto" with no capacity factor) runs each
+  token through exactly its K experts: K*T rows per example.
 * E^3 (`ensemble_size=M`): the batch is tiled M times before the first MoE
   block, so everything from that block on (attention, MLPs, MoE blocks,
   final pooling and head) runs M times per example; each member routes its
@@ -99,9 +102,13 @@ def _moe_flops(layer, tokens, model_dim, training, rows=1):
         group = layer.group_size // members
     routed_tokens = rows * tokens
     groups = fractions.Fraction(routed_tokens, group)
-    capacity = layer.capacity(group, training)
     per_slot = _mlp_flops(1, model_dim, layer.hidden_dim, layer.activation)
     router = 2 * routed_tokens * model_dim * experts
+    if layer.dispatches_dropless(training):
+        # Each token runs through exactly its K experts.
+        routed = routed_tokens * layer.num_selected_experts
+        return fractions.Fraction(router), fractions.Fraction(routed) * per_slot
+    capacity = layer.capacity(group, training)
     return fractions.Fraction(router), groups * experts * capacity * per_slot
 
 

@@ -98,6 +98,22 @@ def test_moe_vit_hand_count_counts_capacity_slots():
     assert flops.flops_breakdown(model)["encoder/experts"] == 5 * PER_SLOT
 
 
+def test_dropless_layers_count_the_routed_tokens_only():
+    # Dropless dispatch runs each of the T=5 tokens through its K=2
+    # experts: 10 rows, whatever the capacity factors say.
+    dropless = dict(MOE, dispatcher="dropless")
+    model = ViT(**VIT, encoder_moe_blocks={1: dropless})
+    for training in (False, True):
+        breakdown = flops.flops_breakdown(model, training=training)
+        assert breakdown["encoder/experts"] == 10 * PER_SLOT, training
+    # "auto" is dropless where the mode's capacity factor is None only.
+    auto = dict(MOE, eval_capacity_factor=None)
+    model = ViT(**VIT, encoder_moe_blocks={1: auto})
+    assert flops.flops_breakdown(model)["encoder/experts"] == 10 * PER_SLOT
+    train = flops.flops_breakdown(model, training=True)
+    assert train["encoder/experts"] == 12 * PER_SLOT
+
+
 def test_e3_vit_counts_every_member_after_the_tiling():
     moe = dict(MOE, num_selected_experts=1)
     model = ViT(**VIT, encoder_moe_blocks={1: moe}, ensemble_size=2)
