@@ -451,7 +451,15 @@ class TrainerPool:
         The first model of an architecture becomes the trainer's own; later
         ones are copied into it (`Trainer.load`).
         """
-        key = architecture_key(model.get_config())
+        # The optimizer's config is part of the key: a traced step bakes in
+        # its class and per-variable settings (an upcycled optimizer's
+        # fresh router steps and expert epsilons), which a fresh optimizer
+        # loaded into the same trainer must not inherit.
+        key = (
+            architecture_key(model.get_config()),
+            type(optimizer).__name__,
+            json.dumps(_per_variable_settings(optimizer), sort_keys=True),
+        )
         trainer = self._trainers.get(key)
         if trainer is None:
             trainer = Trainer(
@@ -465,6 +473,21 @@ class TrainerPool:
         else:
             trainer.load(model, optimizer)
         return trainer
+
+
+def _per_variable_settings(optimizer):
+    """The config entries of `keras_moe.upcycle_optimizer`'s optimizers
+    (empty for a plain Keras optimizer)."""
+    config = optimizer.get_config()
+    return {
+        key: config[key]
+        for key in (
+            "fresh_variable_indices",
+            "fresh_since_step",
+            "expert_shares",
+        )
+        if key in config
+    }
 
 
 def steps_for_flops(flops, step_flops):

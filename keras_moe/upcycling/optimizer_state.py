@@ -119,7 +119,10 @@ class _UpcycledMixin:
     def iterations(self):
         iterations = super().iterations
         if self._step_offset:
-            return iterations - self._step_offset
+            # Never below 0: a counter reset under the offset (a reused
+            # optimizer) must not give a negative step (bias corrections
+            # 1 - beta**t would flip sign).
+            return keras.ops.maximum(iterations - self._step_offset, 0)
         return iterations
 
     def update_step(self, gradient, variable, learning_rate):

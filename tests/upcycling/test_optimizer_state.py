@@ -226,6 +226,18 @@ def test_reset_is_a_fresh_optimizer_on_a_continued_schedule():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_reset_counter_never_gives_a_negative_router_step():
+    # An upcycled optimizer whose state is zeroed and counter reset (a
+    # trainer reused for another run) must still step finitely.
+    dense, adam = _pretrained(OPTIMIZERS["adam"])
+    moe = _exact_case_moe(dense, blocks=[1])
+    upcycled = upcycling.upcycle_optimizer(adam, dense, moe)
+    for variable in upcycled.variables:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    _step(moe, upcycled, *_data(seed=7))
+    assert all(np.isfinite(w).all() for w in moe.get_weights())
+
+
 def test_sgd_momentum_is_scaled_by_the_share():
     dense, sgd = _pretrained(lambda: keras.optimizers.SGD(1e-2, momentum=0.9))
     moe = _exact_case_moe(dense, blocks=[1])
