@@ -9,6 +9,7 @@ import pytest
 from keras_moe import upcycling
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models import flops
+from keras_moe.models import moe_layers
 from keras_moe.models.vit import ViT
 
 _LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -220,6 +221,23 @@ def test_optimizer_reuse_continues_the_dense_step(vit, kwargs):
 
     assert max_error(moe) < 1e-6
     assert max_error(fresh) > 1e-3  # the check can tell
+
+
+def test_fit_reports_routing_metrics_per_moe_layer(vit):
+    from keras_moe.models.t5 import T5
+
+    moe = upcycling.upcycle(vit, num_experts=4, blocks="all")
+    moe.compile(optimizer="adam", loss=_LOSS)
+    x = _images(vit, n=8)
+    history = moe.fit(x, np.arange(8) % vit.num_classes, verbose=0)
+    for index in range(vit.num_layers):
+        for name in ("dropped", "confidence", "max_load"):
+            assert f"block_{index}_moe_{name}" in history.history
+    t5 = upcycling.upcycle(T5.from_preset("t5_tiny"), num_experts=4)
+    names = [m.name for layer in moe_layers(t5) for m in layer.metrics]
+    assert "encoder_block_1_moe_dropped" in names
+    assert "decoder_block_1_moe_dropped" in names
+    assert len(names) == len(set(names))
 
 
 def test_summary_counts(vit):

@@ -156,11 +156,14 @@ class MoeLayer(keras.layers.Layer):
     Auxiliary losses (`add_loss`, weighted): router z-loss, Switch
     load-balancing loss (token choice), V-MoE importance and load losses
     (token choice; load only with `noise_std > 0`). Routing statistics are
-    tracked as metrics named `<layer name>_dropped` (fraction of real tokens
-    no expert took), `<layer name>_confidence` (mean top router probability)
-    and `<layer name>_max_load` (largest mean expert share times E; 1.0 is
-    perfectly balanced); `routing_stats()` also returns the mean share of
-    every expert. All are means since the last metric reset (each epoch in
+    tracked as metrics named `<prefix>_dropped` (fraction of real tokens
+    no expert took), `<prefix>_confidence` (mean top router probability)
+    and `<prefix>_max_load` (largest mean expert share times E; 1.0 is
+    perfectly balanced). The prefix is the layer's position in its model
+    when it is nested (`encoder_block_3_moe` for `t5/encoder/block_3/mlp`;
+    `block_1_moe` in a ViT), so that `fit`'s logs and History keep one set
+    per MoE layer; a layer used on its own keeps its name.
+    `routing_stats()` also returns the mean share of every expert. All are means since the last metric reset (each epoch in
     `fit`). They are metric trackers, not variables assigned in `call`: a
     mirrored variable assignment inside a replica would be a cross-replica
     merge point in the middle of the forward pass.
@@ -350,7 +353,25 @@ class MoeLayer(keras.layers.Layer):
             num_experts, name=f"{self.name}_max_load"
         )
 
+    def routing_metrics_prefix(self):
+        """The prefix of this layer's routing metrics (class docstring):
+        its path inside the model, without the model's and its own name,
+        joined by "_" and ending in "_moe"; its name when not nested."""
+        inner = self.path.split("/")[1:-1]
+        return "_".join([*inner, "moe"]) if inner else self.name
+
+    def _name_routing_metrics(self):
+        prefix = self.routing_metrics_prefix()
+        for tracker, suffix in (
+            (self.dropped_tracker, "dropped"),
+            (self.confidence_tracker, "confidence"),
+            (self.load_tracker, "max_load"),
+        ):
+            tracker.name = f"{prefix}_{suffix}"
+
     def build(self, input_shape):
+        # The path is known now (the parent layer builds this one).
+        self._name_routing_metrics()
         if len(input_shape) < 2:
             raise ValueError(
                 "MoeLayer expects inputs of rank >= 2 <[..., D]>; received "
