@@ -164,9 +164,10 @@ class MoeLayer(keras.layers.Layer):
     `block_1_moe` in a ViT), so that `fit`'s logs and History keep one set
     per MoE layer; a layer used on its own keeps its name.
     `routing_stats()` also returns the mean share of every expert. All are
-    means since the last metric reset (each epoch in `fit`). They are metric trackers, not variables assigned in `call`: a
-    mirrored variable assignment inside a replica would be a cross-replica
-    merge point in the middle of the forward pass.
+    means since the last metric reset (each epoch in `fit`). They are
+    metric trackers, not variables assigned in `call`: a mirrored variable
+    assignment inside a replica would be a cross-replica merge point in the
+    middle of the forward pass.
 
     Args:
         num_experts: E.
