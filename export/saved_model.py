@@ -56,6 +56,7 @@ from export.adapters import make_adapter
 from keras_moe.models import moe_layers
 from keras_moe.models import with_eval_capacity_factor
 from keras_moe.utils import files
+from keras_moe.utils.checks import require_tensorflow_backend
 from keras_moe.utils.files import atomic_directory
 
 # Adapters of the models keras_moe defines; importing them registers them.
@@ -239,6 +240,7 @@ def export_saved_model(
         ValueError: for an unknown model type or invalid arguments.
         FileExistsError: when the version exists and `overwrite` is False.
     """
+    require_tensorflow_backend("SavedModel export")
     adapter_class(model)  # fails early for an unknown model type
     version = int(time.time()) if version is None else version
     _check_layout_parts(model_name, version)

@@ -109,6 +109,7 @@ from keras_moe.layers.moe import RELAYOUT_TO_EXPERTS
 from keras_moe.layers.moe import RELAYOUT_TO_TOKENS
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.moe_blocks import sublayers
+from keras_moe.utils.checks import require_tensorflow_backend
 from keras_moe.utils.files import atomic_path
 
 CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v1"
@@ -462,6 +463,7 @@ class ExpertParallelTrainer:
 
     def layout(self, variable):
         """The layout of one of the model's variables on this mesh."""
+        require_tensorflow_backend("ExpertParallelTrainer (DTensor)")
         rank = len(variable.shape)
         if id(variable) in self._expert_weights:
             return mesh_lib.expert_weight_layout(self.mesh, rank)

@@ -44,6 +44,8 @@ import re
 
 import tensorflow as tf
 
+from keras_moe.utils.checks import require_tensorflow_backend
+
 STRATEGY_NAMES = ("auto", "tpu", "mirrored", "multi_worker", "one_device")
 COMMUNICATIONS = ("auto", "ring", "nccl")
 
@@ -262,6 +264,7 @@ def get_strategy(name="auto", tpu=None, devices=None, communication="auto"):
     ...     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     ...     model.compile(optimizer="sgd", loss="mse", jit_compile=False)
     """
+    require_tensorflow_backend("tf.distribute strategies")
     if name not in STRATEGY_NAMES:
         raise ValueError(
             f"Unknown strategy {name!r}; valid names: "

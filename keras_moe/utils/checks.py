@@ -46,3 +46,21 @@ def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; received {value!r}")
     return value
+
+
+def require_tensorflow_backend(feature):
+    """Raises a ValueError naming `feature` unless Keras runs on its
+    TensorFlow backend.
+
+    The MoE layers, models and upcycling are written with Keras ops and
+    TensorFlow ops; tf.distribute strategies, the DTensor mesh and
+    SavedModel export exist only on the TensorFlow backend.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"{feature} needs Keras' TensorFlow backend "
+            f"(KERAS_BACKEND=tensorflow); the current backend is {backend!r}"
+        )

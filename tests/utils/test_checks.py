@@ -44,5 +44,44 @@ def test_check_positive_int():
         )
 
 
+def test_tensorflow_only_features_say_so_on_other_backends():
+    # Keras reads the backend at import: a fresh process on torch.
+    import os
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import keras
+        from export.saved_model import export_saved_model
+        from keras_moe.distribution.strategies import get_strategy
+        from keras_moe.utils.checks import require_tensorflow_backend
+        assert keras.backend.backend() == "torch"
+        for call in (
+            lambda: require_tensorflow_backend("X"),
+            lambda: get_strategy("one_device"),
+            lambda: export_saved_model(None, "/tmp/never", "m"),
+        ):
+            try:
+                call()
+            except ValueError as error:
+                assert "TensorFlow backend" in str(error), error
+                assert "'torch'" in str(error), error
+            else:
+                raise AssertionError("no error")
+        print("ok")
+        """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.abspath(root),
+        env=dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
