@@ -74,6 +74,11 @@ class ServingOptions:
         sentencepiece_model: text models: serialized SentencePiece model
             (bytes) for the text signature; None exports no text signature.
         xla_batch_size: the fixed batch size of `serving_xla`.
+        num_beams: text models: > 1 adds a `generate_beam_search`
+            signature (beam search with that many beams; the beam count
+            shapes the traced program, so it is fixed at export).
+        length_penalty: text models: the beam search's length penalty
+            (Hugging Face's convention, see `T5.generate`).
     """
 
     top_k: int = 5
@@ -84,10 +89,19 @@ class ServingOptions:
     max_input_length: int = 512
     sentencepiece_model: bytes | None = None
     xla_batch_size: int = 8
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self):
-        for name in ("top_k", "max_length", "xla_batch_size"):
+        for name in ("top_k", "max_length", "xla_batch_size", "num_beams"):
             check_int(name, getattr(self, name), 1)
+        if isinstance(self.length_penalty, bool) or not isinstance(
+            self.length_penalty, (int, float)
+        ):
+            raise ValueError(
+                "length_penalty must be a number; received "
+                f"{self.length_penalty!r}"
+            )
         check_int("max_input_length", self.max_input_length, 2)
         if self.image_dtype not in IMAGE_DTYPES:
             raise ValueError(

@@ -58,6 +58,15 @@ _EVAL_CAPACITY_FACTOR = flags.DEFINE_string(
     "a number > 0, or 'keep' (the model's own).",
 )
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Image classifiers: top-k classes.")
+_NUM_BEAMS = flags.DEFINE_integer(
+    "num_beams",
+    1,
+    "Text models: > 1 adds a generate_beam_search signature with that many "
+    "beams.",
+)
+_LENGTH_PENALTY = flags.DEFINE_float(
+    "length_penalty", 1.0, "Text models: the beam search's length penalty."
+)
 _IMAGE_DTYPE = flags.DEFINE_enum(
     "image_dtype",
     "float32",
@@ -161,6 +170,8 @@ def main(argv):
             sentencepiece_model = f.read()
     options = ServingOptions(
         top_k=_TOP_K.value,
+        num_beams=_NUM_BEAMS.value,
+        length_penalty=_LENGTH_PENALTY.value,
         image_dtype=_IMAGE_DTYPE.value,
         image_mean=_floats(_IMAGE_MEAN.value, "image_mean"),
         image_std=_floats(_IMAGE_STD.value, "image_std"),

@@ -37,6 +37,7 @@ TOP_K_PROBABILITIES = "top_k_probabilities"
 
 # Encoder-decoder text models.
 GENERATE_TEXT = "generate_text"
+GENERATE_BEAM_SEARCH = "generate_beam_search"
 ENCODER_TOKEN_IDS = "encoder_token_ids"
 OUTPUT_TOKEN_IDS = "output_token_ids"
 TEXT = "text"

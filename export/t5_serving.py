@@ -47,6 +47,8 @@ to a common length in the client (as `serving_xla` requires anyway), or
 leave `pad_variable_length_inputs` off (`export.serving_config`).
 """
 
+import functools
+
 import numpy as np
 import sentencepiece
 import tensorflow as tf
@@ -192,6 +194,24 @@ class T5Adapter(ServingAdapter):
                 serving_default, [self._ids_spec(length=self.encoder_length)]
             )
         }
+        if self.options.num_beams > 1:
+
+            def generate_beam_search(encoder_token_ids):
+                tokens = self.call_model(
+                    functools.partial(
+                        self.model.generate,
+                        num_beams=self.options.num_beams,
+                        length_penalty=float(self.options.length_penalty),
+                    ),
+                    self._check_ids(encoder_token_ids),
+                    self.max_length,
+                )
+                return {names.OUTPUT_TOKEN_IDS: tf.cast(tokens, tf.int32)}
+
+            signatures[names.GENERATE_BEAM_SEARCH] = self.function(
+                generate_beam_search,
+                [self._ids_spec(length=self.encoder_length)],
+            )
         if self.tokenizer is not None:
 
             def generate_text(text):
@@ -231,6 +251,15 @@ class T5Adapter(ServingAdapter):
                 f"aliased {names.TPU_FUNCTION_ALIAS!r}. {output}"
             ),
         }
+        if self.options.num_beams > 1:
+            docs[names.GENERATE_BEAM_SEARCH] = (
+                f"encoder_token_ids as serving_default; beam search with "
+                f"{self.options.num_beams} beams and length penalty "
+                f"{float(self.options.length_penalty):g} (Hugging Face's "
+                "convention): output_token_ids <int32>[B, "
+                f"{self.max_length}], the best hypothesis, 0 after the "
+                "end-of-sequence id 1."
+            )
         if self.tokenizer is not None:
             docs[names.GENERATE_TEXT] = (
                 "text <string>[B] -> output_text <string>[B]: SentencePiece "

@@ -922,5 +922,45 @@ def test_t5_text_decoding_cuts_at_eos_and_drops_unknown_ids(
     assert list(encoded[3, :-1]) == processor.encode(TEXTS[3])[:11]
 
 
+def test_t5_beam_search_signature(export_base):
+    # num_beams > 1 adds a beam-search signature, equal to T5.generate with
+    # the same options, in Python and through the C API. Larger random
+    # weights than the other T5 exports', so that the beams matter.
+    keras.utils.set_random_seed(0)
+    model = utils.randomize(T5.from_preset("t5_tiny"), seed=7, scale=1.0)
+    options = ServingOptions(
+        max_length=T5_MAX_LENGTH,
+        max_input_length=T5_INPUT_LENGTH,
+        xla_batch_size=T5_XLA_BATCH,
+        num_beams=3,
+        length_penalty=0.5,
+    )
+    result = saved_model.export_saved_model(
+        model, export_base, "t5_beams", version=1, options=options
+    )
+    assert names.GENERATE_BEAM_SEARCH in result.signatures
+    ids = np.random.default_rng(31).integers(2, 128, (3, 7)).astype("int32")
+    ids[:, -1] = EOS_ID
+    expected = keras.ops.convert_to_numpy(
+        model.generate(ids, T5_MAX_LENGTH, num_beams=3, length_penalty=0.5)
+    )
+    greedy = keras.ops.convert_to_numpy(model.generate(ids, T5_MAX_LENGTH))
+    loaded = tf.saved_model.load(result.path)
+    served = loaded.signatures[names.GENERATE_BEAM_SEARCH](
+        **{names.ENCODER_TOKEN_IDS: tf.constant(ids)}
+    )
+    np.testing.assert_array_equal(served[names.OUTPUT_TOKEN_IDS], expected)
+    native = native_loader.run_signature(
+        result.path, names.GENERATE_BEAM_SEARCH, {names.ENCODER_TOKEN_IDS: ids}
+    )
+    np.testing.assert_array_equal(native[names.OUTPUT_TOKEN_IDS], expected)
+    # The option does something on these inputs (else the test is weak).
+    assert not np.array_equal(expected, greedy)
+    with pytest.raises(ValueError, match="num_beams"):
+        ServingOptions(num_beams=0)
+    with pytest.raises(ValueError, match="length_penalty"):
+        ServingOptions(length_penalty="long")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
