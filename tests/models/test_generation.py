@@ -28,6 +28,7 @@ from keras_moe.models.t5 import sample_decode
 from keras_moe.models.t5 import sampling_logits
 from keras_moe.models.t5 import t5_config
 from keras_moe.models.vlm import VisionLanguageModel
+from tests import tiny_models
 
 # Sizes of the Hugging Face parity models of tests/models/test_t5.py: fewer
 # encoder than decoder blocks, sequences longer than max_distance.
@@ -80,33 +81,11 @@ def _hf_checkpoint(version, seed, eos_factor, directory):
     that some beams end early and others run to `max_length`.
     """
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from safetensors.numpy import save_file
 
     feed_forward_proj, tie = _HF_VERSIONS[version]
-    torch.manual_seed(seed)
-    config = transformers.T5Config(
-        **_HF_TINY,
-        dropout_rate=0.0,
-        feed_forward_proj=feed_forward_proj,
-        tie_word_embeddings=tie,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    hf = transformers.T5ForConditionalGeneration(config).eval()
+    hf = tiny_models.random_hf_t5(_HF_TINY, feed_forward_proj, tie, seed)
     with torch.no_grad():
-        if not tie:
-            hf.lm_head.weight = torch.nn.Parameter(
-                torch.empty_like(hf.shared.weight)
-            )
-        for name, param in hf.named_parameters():
-            if name.endswith("layer_norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif "relative_attention_bias" in name or name == "shared.weight":
-                param.copy_(torch.randn_like(param))
-            else:  # torch Linear [out, in]
-                param.copy_(torch.randn_like(param) * param.shape[1] ** -0.5)
         (hf.shared if tie else hf.lm_head).weight[1] *= eos_factor
     os.makedirs(directory)
     state = {

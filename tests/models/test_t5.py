@@ -26,6 +26,7 @@ from keras_moe.models.t5_layers import RMSNorm
 from keras_moe.models.t5_layers import T5Block
 from keras_moe.models.t5_layers import T5Stack
 from keras_moe.models.t5_layers import relative_position_bucket
+from tests import tiny_models
 from tests.layer_test_case import run_layer_test
 
 # Tiny configurations, both ways: the first name is Hugging Face's, the
@@ -113,38 +114,13 @@ def hf_to_canonical(state_dict, tie_embeddings):
 
 
 def _hf_model(version, seed=0):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     feed_forward_proj, tie = _VERSIONS[version]["hf"]
-    torch.manual_seed(seed)
-    config = transformers.T5Config(
-        **{hf: value for hf, (value, _) in _TINY.items()},
-        dropout_rate=0.0,
-        feed_forward_proj=feed_forward_proj,
-        tie_word_embeddings=tie,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
+    return tiny_models.random_hf_t5(
+        {hf: value for hf, (value, _) in _TINY.items()},
+        feed_forward_proj,
+        tie,
+        seed,
     )
-    model = transformers.T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # Weights drawn here rather than by Hugging Face's initialiser: its
-        # norms are ones, its v1.0 greedy outputs degenerate, and version 5
-        # ties the output projection even for v1.1. Unit-variance
-        # activations with random norm scales catch any misplaced weight.
-        if not tie:
-            model.lm_head.weight = torch.nn.Parameter(
-                torch.empty_like(model.shared.weight)
-            )
-            assert model.lm_head.weight is not model.shared.weight
-        for name, param in model.named_parameters():
-            if name.endswith("layer_norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif "relative_attention_bias" in name or name == "shared.weight":
-                param.copy_(torch.randn_like(param))
-            else:  # torch Linear [out, in]
-                param.copy_(torch.randn_like(param) * param.shape[1] ** -0.5)
-    return model
 
 
 def _keras_model(version, **kwargs):
