@@ -50,6 +50,7 @@ _TINY_VIT = dict(
         ({"expert_noise": -0.1}, "expert_noise must be a number >= 0"),
         ({"reinit_fraction": 1.5}, r"reinit_fraction must be .* \[0, 1\]"),
         ({"reuse_optimizer_state": "no"}, "reuse_optimizer_state must be"),
+        ({"optimizer_state": "tile"}, "optimizer_state must be one of"),
         ({"budgets": []}, "budgets must be a non-empty list"),
         ({"budgets": [0.5, -1]}, "budgets must be a non-empty list"),
         ({"budgets": 0.5}, "budgets must be a list"),
