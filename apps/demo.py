@@ -57,6 +57,13 @@ _EXTRA_COMPUTE = flags.DEFINE_float(
     lower_bound=0.01,
     upper_bound=10.0,
 )
+_OPTIMIZER_STATE = flags.DEFINE_enum(
+    "optimizer_state",
+    None,
+    ["rescale", "copy", "reset"],
+    "How the upcycled model continues the dense optimizer's state "
+    "(default: rescale).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and data order.")
 _TFDS_DATA_DIR = flags.DEFINE_string(
     "tfds_data_dir",
@@ -179,6 +186,7 @@ def main(argv):
             ("num_experts", _NUM_EXPERTS),
             ("pretrain_epochs", _PRETRAIN_EPOCHS),
             ("extra_compute", _EXTRA_COMPUTE),
+            ("optimizer_state", _OPTIMIZER_STATE),
         )
         if flag.value is not None
     }

@@ -70,6 +70,9 @@ class DemoConfig:
             fraction of the pretraining FLOPs.
         num_experts: E of the upcycled MoE blocks.
         eval_points: test-set scorings along each continued run.
+        optimizer_state: how the upcycled model continues the dense
+            optimizer's state (`upcycle_optimizer`'s `state`: "rescale",
+            "copy" or "reset").
     """
 
     dataset: str = "digits"
@@ -84,8 +87,14 @@ class DemoConfig:
     extra_compute: float = 0.5
     num_experts: int = 8
     eval_points: int = 10
+    optimizer_state: str = "rescale"
 
     def __post_init__(self):
+        if self.optimizer_state not in ("rescale", "copy", "reset"):
+            raise ValueError(
+                "optimizer_state must be one of rescale, copy, reset; "
+                f"received {self.optimizer_state!r}"
+            )
         for name in (
             "model_dim",
             "num_heads",
@@ -431,7 +440,12 @@ def run(output_dir, config=DEFAULT, data_dir=None, seed=0, log=print):
 
     # -- Upcycling.
     moe = upcycle(dense, num_experts=config.num_experts, seed=seed)
-    _compile(moe, optimizer=upcycle_optimizer(dense.optimizer, dense, moe))
+    _compile(
+        moe,
+        optimizer=upcycle_optimizer(
+            dense.optimizer, dense, moe, state=config.optimizer_state
+        ),
+    )
     summary = summarize(dense, moe)
     moe_step = config.batch_size * training_step_flops(moe)
     step(

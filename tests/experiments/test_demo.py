@@ -137,6 +137,7 @@ def test_markdown_table():
         ({"extra_compute": 0.0}, "extra_compute must be in"),
         ({"batch_size": 2.5}, "batch_size must be an int"),
         ({"learning_rate": -1.0}, "learning_rate must be > 0"),
+        ({"optimizer_state": "tile"}, "optimizer_state must be one of"),
     ],
 )
 def test_demo_config_validation(overrides, match):
