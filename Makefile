@@ -1,8 +1,9 @@
 # keras_moe developer commands. Every target that runs Python first makes sure
 # .venv exists and matches setup.py / pyproject.toml / the lock file.
 #
-#   make demo                 run the end-to-end demo
-#   make test                 run every test
+#   make demo                 run the end-to-end demo (installs the `demo`
+#                             extra only)
+#   make test                 run every test (installs every extra)
 #   make test MARKERS='not slow'   run a subset (pytest -m expression)
 #   make bench                run the benchmark
 #   make format / make lint   black + isort + ruff (fix / check)
@@ -10,9 +11,10 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-STAMP := $(VENV)/.stamp
 CONSTRAINTS := requirements/constraints.txt
-EXTRAS ?= test,bench,hub
+# The extras each target installs (setup.py): the demo needs only `demo`.
+EXTRAS_test := test,bench
+EXTRAS_demo := demo
 # pytest -m expression; empty runs everything.
 MARKERS ?=
 PYTEST_ARGS ?=
@@ -21,19 +23,19 @@ LINT_PATHS := keras_moe apps export benchmarks tests setup.py
 
 .PHONY: venv test demo bench format lint clean
 
-venv: $(STAMP)
+venv: $(VENV)/.stamp-test
 
-# The stamp is refreshed after each successful install, so the venv is reused
-# until setup.py, pyproject.toml or the lock file change.
-$(STAMP): setup.py pyproject.toml $(CONSTRAINTS)
+# One stamp per extras set, refreshed after each successful install, so the
+# venv is reused until setup.py, pyproject.toml or the lock file change.
+$(VENV)/.stamp-%: setup.py pyproject.toml $(CONSTRAINTS)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
-	touch $(STAMP)
+	$(VPY) -m pip install -c $(CONSTRAINTS) -e '.[$(EXTRAS_$*)]'
+	touch $@
 
-test: venv
+test: $(VENV)/.stamp-test
 	$(VPY) -m pytest tests -q $(if $(MARKERS),-m "$(MARKERS)") $(PYTEST_ARGS)
 
-demo: venv
+demo: $(VENV)/.stamp-demo
 	$(VPY) -m apps.demo $(ARGS)
 
 bench: venv

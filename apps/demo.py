@@ -27,7 +27,7 @@ import time
 
 from absl import flags
 
-from apps import flags_util
+from . import flags_util
 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir",
@@ -100,9 +100,14 @@ def export_and_ask(model, images, labels, output_dir, log=print):
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    from export import client
-    from export.adapters import ServingOptions
-    from export.saved_model import export_saved_model
+    try:  # Installed: keras_moe.apps beside keras_moe.export.
+        from ..export import client
+        from ..export.adapters import ServingOptions
+        from ..export.saved_model import export_saved_model
+    except ImportError:  # A checkout: top-level apps/ and export/.
+        from export import client
+        from export.adapters import ServingOptions
+        from export.saved_model import export_saved_model
 
     exported = export_saved_model(
         model,
@@ -223,5 +228,10 @@ def main(argv):
         log(f"  {description}: {path}")
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-demo` console script."""
     flags_util.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,7 +23,7 @@ import os
 
 from absl import flags
 
-from apps import flags_util
+from . import flags_util
 
 _MODEL = flags.DEFINE_string(
     "model", None, "The model: a .keras file or a dense checkpoint."
@@ -99,5 +99,10 @@ def main(argv):
     print(line, flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-evaluate` console script."""
     flags_util.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -160,5 +160,10 @@ def main(argv):
     print(f"Wrote {written}", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-reproduce` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -32,7 +32,7 @@ import json
 
 from absl import flags
 
-from apps import flags_util
+from . import flags_util
 
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "one_device")
 
@@ -170,5 +170,10 @@ def main(argv):
     print(json.dumps(results, sort_keys=True), flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-train` console script."""
     flags_util.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,7 +23,7 @@ import json
 
 from absl import flags
 
-from apps import flags_util
+from . import flags_util
 
 _ARCHITECTURE = flags.DEFINE_enum(
     "architecture", None, ["vit", "t5"], "Model family to pretrain."
@@ -141,5 +141,10 @@ def main(argv):
     print(json.dumps(results, sort_keys=True), flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-train-dense` console script."""
     flags_util.run(main)
+
+
+if __name__ == "__main__":
+    cli()

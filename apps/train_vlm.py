@@ -141,5 +141,10 @@ def main(argv):
     vlm.train_vlm(_OUTPUT_DIR.value, config)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-train-vlm` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,7 +22,7 @@ Prints the parameter and FLOP summary of the dense and the upcycled model.
 
 from absl import flags
 
-from apps import flags_util
+from . import flags_util
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
@@ -171,5 +171,10 @@ def main(argv):
     print(f"wrote {_OUTPUT.value}", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-upcycle` console script."""
     flags_util.run(main)
+
+
+if __name__ == "__main__":
+    cli()

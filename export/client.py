@@ -29,7 +29,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
-from export import signature_names as names
+from . import signature_names as names
 
 ROW_FORMAT = "instances"
 COLUMNAR_FORMAT = "inputs"

@@ -31,10 +31,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from export import latency
-from export import saved_model
-from export import serving_config
-from export.adapters import ServingOptions
+from . import latency
+from . import saved_model
+from . import serving_config
+from .adapters import ServingOptions
 
 _MODEL = flags.DEFINE_string(
     "model", None, "Path of the keras_moe model, a .keras file."
@@ -224,5 +224,10 @@ def main(argv):
         print(json.dumps(figures), flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The `keras-moe-export` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -50,16 +50,16 @@ leave `pad_variable_length_inputs` off (`export.serving_config`).
 import functools
 
 import numpy as np
-import sentencepiece
 import tensorflow as tf
 
-from export import signature_names as names
-from export.adapters import ServingAdapter
-from export.adapters import register_adapter
 from keras_moe.models import moe_layers
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.t5 import T5
+
+from . import signature_names as names
+from .adapters import ServingAdapter
+from .adapters import register_adapter
 
 _SAMPLE_TEXTS = (
     "translate English to German: The house is wonderful.",
@@ -78,6 +78,9 @@ def check_sentencepiece_model(model_proto, vocab_size):
             its end-of-sequence id is not 1, or its vocabulary is larger than
             the model's `vocab_size`.
     """
+    # The `text` extra: only text signatures need it.
+    import sentencepiece
+
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(model_proto)

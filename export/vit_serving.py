@@ -36,10 +36,11 @@ included).
 import numpy as np
 import tensorflow as tf
 
-from export import signature_names as names
-from export.adapters import ServingAdapter
-from export.adapters import register_adapter
 from keras_moe.models.vit import ViT
+
+from . import signature_names as names
+from .adapters import ServingAdapter
+from .adapters import register_adapter
 
 _OUTPUT_DOC = (
     "Returns probabilities <float32>[B, N], top_k_class_ids <int32>[B, K] "

@@ -49,15 +49,16 @@ padding.
 import numpy as np
 import tensorflow as tf
 
-from export import signature_names as names
-from export.adapters import ServingAdapter
-from export.adapters import register_adapter
-from export.t5_serving import check_sentencepiece_model
-from export.vit_serving import _per_channel
 from keras_moe.models import moe_layers
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.vlm import VisionLanguageModel
+
+from . import signature_names as names
+from .adapters import ServingAdapter
+from .adapters import register_adapter
+from .t5_serving import check_sentencepiece_model
+from .vit_serving import _per_channel
 
 CAPTION = "caption"
 PROMPT = "prompt"

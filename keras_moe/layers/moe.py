@@ -57,6 +57,8 @@ from keras_moe.utils.checks import check_positive_int
 
 def _use_xla(jit_compile):
     """Whether routing and dispatch get their own XLA functions."""
+    if keras.backend.backend() != "tensorflow":
+        return False
     if jit_compile == "auto":
         return bool(
             tf.config.list_logical_devices("TPU")
@@ -72,8 +74,11 @@ def default_dispatcher():
     elsewhere: on CPU and GPU gathering rows beats one-hot contractions
     whose cost grows with the group size. (`MoeLayer(dispatcher="auto")`
     also routes no-drop modes through the dropless dispatcher; see
-    `MoeLayer.dispatches_dropless`.)
+    `MoeLayer.dispatches_dropless`.) "einsum", written with `keras.ops`
+    only, on Keras' other backends.
     """
+    if keras.backend.backend() != "tensorflow":
+        return "einsum"
     if tf.config.list_logical_devices("TPU"):
         return "einsum"
     return "indices"
@@ -275,6 +280,17 @@ class MoeLayer(keras.layers.Layer):
             )
         if dispatcher != "auto":
             dispatch_lib.get_dispatcher(dispatcher)
+        backend = keras.backend.backend()
+        if backend != "tensorflow" and (
+            dispatcher in ("indices", dispatch_lib.DROPLESS)
+            or jit_compile is True
+        ):
+            raise ValueError(
+                f"MoeLayer(dispatcher={dispatcher!r}, jit_compile="
+                f"{jit_compile!r}) needs Keras' TensorFlow backend; on the "
+                f"{backend!r} backend use dispatcher='auto' or 'einsum' and "
+                "jit_compile='auto' or False"
+            )
         if (
             dispatcher == dispatch_lib.DROPLESS
             and router == routing.EXPERTS_CHOOSE

@@ -36,7 +36,7 @@ the definition of the router.
 import dataclasses
 import math
 
-import keras  # noqa: F401  (used by the docstring examples)
+import keras
 import tensorflow as tf
 from keras import ops
 
@@ -45,6 +45,17 @@ from keras_moe.utils.checks import check_positive_int
 TOKENS_CHOOSE = "tokens_choose"
 EXPERTS_CHOOSE = "experts_choose"
 ROUTER_TYPES = (TOKENS_CHOOSE, EXPERTS_CHOOSE)
+
+
+def _stable_argsort(values):
+    """argsort along the last axis; equal values keep their order.
+
+    `keras.ops.argsort` is stable on the torch and JAX backends but not on
+    TensorFlow's, where stability must be asked for.
+    """
+    if keras.backend.backend() == "tensorflow":
+        return tf.argsort(values, axis=-1, stable=True)
+    return ops.argsort(values, axis=-1)
 
 
 def expert_capacity(
@@ -305,7 +316,7 @@ def tokens_choose(
 
     if batch_priority:
         # service_order[g, i] = token served i-th; stable for equal gates.
-        service_order = tf.argsort(-gates[..., 0], axis=-1, stable=True)
+        service_order = _stable_argsort(-gates[..., 0])
     else:
         service_order = ops.broadcast_to(
             ops.arange(num_tokens, dtype="int32")[None],
@@ -334,7 +345,7 @@ def tokens_choose(
     kept_in_order = ops.transpose(
         ops.reshape(choice_kept, (num_groups, k, num_tokens)), (0, 2, 1)
     )
-    inverse_order = ops.cast(tf.argsort(service_order, axis=-1), "int32")
+    inverse_order = ops.cast(_stable_argsort(service_order), "int32")
     kept = ops.take_along_axis(kept_in_order, inverse_order[..., None], axis=1)
     weights = gates * ops.cast(kept, "float32")
     if normalize_combine_weights:
@@ -350,9 +361,7 @@ def tokens_choose(
         choice_expert * capacity + position,
         num_experts * capacity,
     )
-    sorted_choices = ops.cast(
-        tf.argsort(sort_key, axis=-1, stable=True), "int32"
-    )
+    sorted_choices = ops.cast(_stable_argsort(sort_key), "int32")
     load = ops.sum(
         choice_one_hot * ops.cast(choice_kept, "int32")[..., None], axis=1
     )  # (G, E)
@@ -448,7 +457,7 @@ def tokens_choose_dropless(
         weights = _normalize(weights, axis=-1)
     if batch_priority:
         # service_order[g, i] = token served i-th; stable for equal gates.
-        service_order = tf.argsort(-gates[..., 0], axis=-1, stable=True)
+        service_order = _stable_argsort(-gates[..., 0])
     else:
         service_order = ops.broadcast_to(
             ops.arange(num_tokens, dtype="int32")[None],

@@ -23,10 +23,19 @@ def app_env(data_dir=None):
     return env
 
 
-def run_app(name, *args, data_dir=None, timeout=600):
-    """Runs `python -m apps.<name> *args`; returns the CompletedProcess."""
+def run_app(name, *args, data_dir=None, timeout=600, extras=None):
+    """Runs `python -m apps.<name> *args`; returns the CompletedProcess.
+
+    With `extras` (a list of setup.py extras), only keras_moe's declared
+    requirements with those extras are importable (tests/
+    requirements_guard.py).
+    """
+    command = [sys.executable]
+    if extras is not None:
+        guard = ROOT / "tests" / "requirements_guard.py"
+        command += [str(guard), f"--extras={','.join(extras)}"]
     return subprocess.run(
-        [sys.executable, "-m", f"apps.{name}", *map(str, args)],
+        [*command, "-m", f"apps.{name}", *map(str, args)],
         cwd=ROOT,
         env=app_env(data_dir),
         capture_output=True,

@@ -107,7 +107,7 @@ def test_routing_by_position_with_layers_compiled_by_xla():
 
 def test_routing_by_position_needs_moe_layers():
     with pytest.raises(ValueError, match="needs a model with MoE layers"):
-        demo.routing_by_position(ViT.from_preset("vit_tiny"), _images())
+        demo.routing_by_position(ViT.from_architecture("vit_tiny"), _images())
 
 
 def test_markdown_table():
@@ -172,6 +172,8 @@ def test_small_demo_end_to_end(tmp_path):
             f"--output_dir={output_dir}",
             f"--tfds_data_dir={data_dir}",
             timeout=900,
+            # `pip install keras-moe[demo]` is all the demo needs.
+            extras=["demo"],
         )
     )
     out = process.stdout
