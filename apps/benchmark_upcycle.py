@@ -4,7 +4,7 @@ Writes a random-weight T5 checkpoint of `--preset` in the original Mesh
 TensorFlow format to a temporary directory, then measures, each in a fresh
 process of its own (so that its peak RSS is its own):
 
-    build_t5      T5.from_preset(preset): the model alone
+    build_t5      T5.from_architecture(preset): the model alone
     read_t5_mtf   keras_moe.checkpoints.t5.read_t5_mtf_checkpoint(path,
                   config=preset), compared with build_t5 (reader_extra_*)
     upcycle_t5    keras_moe.upcycle(model, num_experts) with the paper's
@@ -36,13 +36,13 @@ from absl import flags
 from absl import logging
 
 from benchmarks import upcycle as benchmarks_upcycle
-from keras_moe.models.t5 import PRESETS
+from keras_moe.models.t5 import ARCHITECTURES
 from keras_moe.utils import files
 
 _PRESET = flags.DEFINE_enum(
     "preset",
     "t5_small",
-    sorted(PRESETS),
+    sorted(ARCHITECTURES),
     "T5 preset whose checkpoint is read and upcycled.",
 )
 _NUM_EXPERTS = flags.DEFINE_integer(

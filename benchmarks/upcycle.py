@@ -3,7 +3,7 @@
 Four measurements, each in a fresh Python process of its own so that its
 peak memory is its own (`run_upcycle_benchmark`):
 
-* `build_t5`: `T5.from_preset(preset)`, a randomly initialised model. The
+* `build_t5`: `T5.from_architecture(preset)`, a randomly initialised model. The
   reader builds the same model before it assigns the checkpoint, so this
   separates the reader's own cost from the model's.
 * `read_t5_mtf`: `read_t5_mtf_checkpoint(path, config=preset)` of a
@@ -16,7 +16,7 @@ peak memory is its own (`run_upcycle_benchmark`):
   agree with the rest. The record compares it with `build_t5`.
 * `upcycle_t5`: `keras_moe.upcycle(model, num_experts)` with the paper's
   defaults (every other MLP block of the encoder and the decoder) of a
-  `T5.from_preset(preset)` built beforehand, compared in the same process
+  `T5.from_architecture(preset)` built beforehand, compared in the same process
   with a NumPy baseline that makes the same expert weights from the same
   dense MLP arrays, `np.broadcast_to(w, (E,) + w.shape).copy()` per block
   weight (the arrays are read out of the model before the timer starts;
@@ -78,7 +78,7 @@ from benchmarks.moe_layer import _proc_status_bytes
 from keras_moe import upcycling
 from keras_moe.checkpoints.t5 import read_t5_mtf_checkpoint
 from keras_moe.checkpoints.writers import write_mtf_checkpoint
-from keras_moe.models.t5 import PRESETS
+from keras_moe.models.t5 import ARCHITECTURES
 from keras_moe.models.t5 import T5
 from keras_moe.models.t5 import t5_config
 from keras_moe.utils.checks import check_int
@@ -102,7 +102,7 @@ def run_upcycle_benchmark(preset="t5_small", num_experts=32, workdir=None):
     """Measures building, reading and upcycling a T5 of `preset`.
 
     Args:
-        preset: a `keras_moe.models.t5.PRESETS` name.
+        preset: a `keras_moe.models.t5.ARCHITECTURES` name.
         num_experts: E of `upcycle`.
         workdir: where the checkpoints are written; None for a temporary
             directory removed afterwards.
@@ -158,9 +158,10 @@ def run_upcycle_benchmark(preset="t5_small", num_experts=32, workdir=None):
 
 def check_arguments(preset, num_experts):
     """Raises ValueError unless `run_upcycle_benchmark` can run with these."""
-    if preset not in PRESETS:
+    if preset not in ARCHITECTURES:
         raise ValueError(
-            f"preset must be one of {sorted(PRESETS)}; received {preset!r}"
+            f"preset must be one of {sorted(ARCHITECTURES)}; received "
+            f"{preset!r}"
         )
     check_int("num_experts", num_experts)
     if not os.path.exists("/proc/self/clear_refs"):
@@ -172,7 +173,7 @@ def check_arguments(preset, num_experts):
 
 def _write_preset_checkpoint(preset, workdir):
     keras.utils.set_random_seed(0)
-    model = T5.from_preset(preset)
+    model = T5.from_architecture(preset)
     prefix = write_mtf_checkpoint(model, os.path.join(workdir, preset))
     logging.info(
         "wrote a random %s Mesh TensorFlow checkpoint, %d bytes: %s",
@@ -250,7 +251,9 @@ def _weight_bytes(variables):
 
 def _measure_build(spec):
     read_t5_mtf_checkpoint(spec["warmup_checkpoint"], config=WARMUP_PRESET)
-    model, seconds, peak, baseline = _measure(T5.from_preset, spec["preset"])
+    model, seconds, peak, baseline = _measure(
+        T5.from_architecture, spec["preset"]
+    )
     variables = model.canonical_variables().values()
     return {
         "preset": spec["preset"],
@@ -316,9 +319,11 @@ def _numpy_tile(arrays, num_experts):
 
 def _measure_upcycle(spec):
     num_experts = spec["num_experts"]
-    upcycling.upcycle(T5.from_preset(WARMUP_PRESET), num_experts=2)
-    _numpy_tile(_upcycled_mlp_arrays(T5.from_preset(WARMUP_PRESET)), 2)
-    model, _, _, rss_before_model = _measure(T5.from_preset, spec["preset"])
+    upcycling.upcycle(T5.from_architecture(WARMUP_PRESET), num_experts=2)
+    _numpy_tile(_upcycled_mlp_arrays(T5.from_architecture(WARMUP_PRESET)), 2)
+    model, _, _, rss_before_model = _measure(
+        T5.from_architecture, spec["preset"]
+    )
     dense_bytes = _weight_bytes(model.canonical_variables().values())
     arrays = _upcycled_mlp_arrays(model)
 
@@ -368,7 +373,7 @@ def _measure_upcycle(spec):
 
 
 def _measure_moe_build(spec):
-    upcycling.upcycle(T5.from_preset(WARMUP_PRESET), num_experts=2)
+    upcycling.upcycle(T5.from_architecture(WARMUP_PRESET), num_experts=2)
     _, seconds, peak, baseline = _measure(T5.from_config, spec["config"])
     return {
         "preset": spec["preset"],

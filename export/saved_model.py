@@ -31,7 +31,7 @@ server keeps serving the version it has loaded).
 
 Example:
 
-    model = keras_moe.upcycle(ViT.from_preset("vit_tiny"), num_experts=4)
+    model = keras_moe.upcycle(ViT.from_architecture("vit_tiny"), num_experts=4)
     result = export_saved_model(model, "/tmp/models", "vit_moe", version=1)
     # result.path == "/tmp/models/vit_moe/1"
 """
@@ -45,19 +45,20 @@ import time
 import keras
 import tensorflow as tf
 
-from export import client
-from export import signature_names as names
-from export import t5_serving
-from export import vit_serving
-from export import vlm_serving
-from export.adapters import ServingOptions
-from export.adapters import adapter_class
-from export.adapters import make_adapter
 from keras_moe.models import moe_layers
 from keras_moe.models import with_eval_capacity_factor
 from keras_moe.utils import files
 from keras_moe.utils.checks import require_tensorflow_backend
 from keras_moe.utils.files import atomic_directory
+
+from . import client
+from . import signature_names as names
+from . import t5_serving
+from . import vit_serving
+from . import vlm_serving
+from .adapters import ServingOptions
+from .adapters import adapter_class
+from .adapters import make_adapter
 
 # Adapters of the models keras_moe defines; importing them registers them.
 BUILTIN_ADAPTERS = (

@@ -1,5 +1,6 @@
 """keras_moe: sparse Mixture-of-Experts layers and upcycling for Keras 3."""
 
+from keras_moe import checkpoints  # registers the loader of from_preset
 from keras_moe import layers
 from keras_moe.evaluation import metrics
 from keras_moe.layers import MoeLayer

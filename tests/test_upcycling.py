@@ -24,7 +24,7 @@ def _np(x):
 def vit():
     """A tiny dense ViT with a trained-looking (non-zero) head."""
     keras.utils.set_random_seed(0)
-    model = ViT.from_preset("vit_tiny", num_layers=4)
+    model = ViT.from_architecture("vit_tiny", num_layers=4)
     head = model.canonical_variables()["head/kernel"]
     head.assign(np.random.default_rng(0).normal(size=head.shape))
     return model
@@ -233,7 +233,7 @@ def test_fit_reports_routing_metrics_per_moe_layer(vit):
     for index in range(vit.num_layers):
         for name in ("dropped", "confidence", "max_load"):
             assert f"block_{index}_moe_{name}" in history.history
-    t5 = upcycling.upcycle(T5.from_preset("t5_tiny"), num_experts=4)
+    t5 = upcycling.upcycle(T5.from_architecture("t5_tiny"), num_experts=4)
     names = [m.name for layer in moe_layers(t5) for m in layer.metrics]
     assert "encoder_block_1_moe_dropped" in names
     assert "decoder_block_1_moe_dropped" in names
@@ -315,7 +315,7 @@ def t5():
     from keras_moe.models.t5 import T5
 
     keras.utils.set_random_seed(1)
-    return T5.from_preset("t5_v1_1_tiny", num_encoder_layers=2)
+    return T5.from_architecture("t5_v1_1_tiny", num_encoder_layers=2)
 
 
 def _t5_inputs(model, seed=0):
@@ -400,7 +400,7 @@ def test_upcycle_from_a_checkpoint_path(t5, tmp_path):
 
     from keras_moe.checkpoints import read_checkpoint
 
-    vit = ViT.from_preset("vit_tiny")
+    vit = ViT.from_architecture("vit_tiny")
     # The Hugging Face layout written by hand from canonical weights.
     w = {n: _np(v) for n, v in vit.canonical_variables().items()}
     hf = {

@@ -6,6 +6,12 @@ of each family live in `keras_moe.checkpoints.t5` and
 pick the format within a family), the file handling they share in
 `keras_moe.checkpoints.io`. `load_model(path)` also takes a `.keras` file.
 Writers of the dense formats are in `keras_moe.checkpoints.writers`.
+
+Importing this package registers `load_preset` as the loader of
+`T5.from_preset`, `ViT.from_preset` and `VisionLanguageModel.from_preset`
+(`keras_moe.models.presets`): the models cannot import the readers, which
+belong to this later stage. Preset directories that `save_to_preset`
+writes and hub handles are read by `keras_moe.checkpoints.presets`.
 """
 
 import json
@@ -15,6 +21,10 @@ import keras
 
 from keras_moe.checkpoints.common import CheckpointMismatchError
 from keras_moe.checkpoints.common import assign_weights
+from keras_moe.checkpoints.presets import is_keras_moe_preset
+from keras_moe.checkpoints.presets import local_preset
+from keras_moe.checkpoints.presets import read_keras_moe_preset
+from keras_moe.models.presets import register_preset_loader
 from keras_moe.models.t5 import T5
 from keras_moe.models.vit import ViT
 from keras_moe.models.vlm import VisionLanguageModel
@@ -25,7 +35,8 @@ ARCHITECTURES = ("t5", "vit")
 def read_checkpoint(path, architecture=None, **kwargs):
     """Reads a T5 or ViT checkpoint of any supported format.
 
-    Supported: original T5 (Mesh TensorFlow) checkpoints, Hugging Face
+    Supported: preset directories that `save_to_preset` writes (dense or
+    MoE), original T5 (Mesh TensorFlow) checkpoints, Hugging Face
     safetensors directories, TF Model Garden checkpoints and keras-hub
     presets or `.weights.h5` files.
 
@@ -33,8 +44,10 @@ def read_checkpoint(path, architecture=None, **kwargs):
         path: a checkpoint path (file, prefix or directory).
         architecture: "t5", "vit" or None to try both (T5 first).
         **kwargs: passed to the family's `read_t5_checkpoint` or
-            `read_vit_checkpoint`: `config=` (a preset name or a dict of
-            model kwargs) fixes what the format does not record.
+            `read_vit_checkpoint`: `config=` (an architecture name or a
+            dict of model kwargs) fixes what the format does not record
+            (a `save_to_preset` directory records everything: `config`
+            is checked against it).
 
     Returns:
         A built keras_moe `T5` or `ViT`.
@@ -50,6 +63,9 @@ def read_checkpoint(path, architecture=None, **kwargs):
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         if not os.path.exists(os.fspath(path) + ".index"):
             raise ValueError(f"checkpoint path does not exist: {path}")
+    if is_keras_moe_preset(path):
+        wanted = _CLASSES[architecture] if architecture else (T5, ViT)
+        return read_keras_moe_preset(path, wanted, **kwargs)
     candidates = [architecture] if architecture else _guess(path)
     errors = []
     for name in candidates:
@@ -144,3 +160,40 @@ def _read_vit(path, **kwargs):
 
 
 _READERS = {"t5": _read_t5, "vit": _read_vit}
+_CLASSES = {"t5": T5, "vit": ViT}
+
+
+def load_preset(preset, model_class):
+    """The loader of `from_preset` (registered at import; see
+    `keras_moe.models.presets`).
+
+    Args:
+        preset: a local directory or a handle (`hf://`, `kaggle://`, a
+            `tf.io.gfile` scheme); see `keras_moe.checkpoints.presets`.
+        model_class: the class `from_preset` was called on.
+
+    Returns:
+        The model the preset holds: read by `read_keras_moe_preset` for a
+        `save_to_preset` directory, else by `read_checkpoint` (keras-hub
+        presets, Hugging Face directories and the other formats it reads;
+        T5 and ViT only).
+    """
+    with local_preset(preset) as directory:
+        if is_keras_moe_preset(directory):
+            return read_keras_moe_preset(directory, model_class)
+        if not issubclass(model_class, (T5, ViT)):
+            raise ValueError(
+                f"{preset} is not a preset save_to_preset wrote; "
+                f"{model_class.__name__}.from_preset reads only those"
+            )
+        try:
+            return read_checkpoint(directory)
+        except CheckpointMismatchError:
+            raise
+        except ValueError as error:
+            if directory == preset:
+                raise
+            raise ValueError(f"{preset} (in {directory}): {error}") from error
+
+
+register_preset_loader(load_preset)

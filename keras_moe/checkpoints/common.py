@@ -64,29 +64,30 @@ def listing(items, limit=20):
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
-def config_kwargs(config, model_class, preset_config):
+def config_kwargs(config, model_class, architecture_config):
     """The model kwargs a reader's `config` argument gives.
 
     Args:
-        config: None, a preset name or a dict of `model_class` kwargs.
+        config: None, an architecture name or a dict of `model_class` kwargs.
         model_class: `T5`, `ViT`, ...: the keys must be its `__init__`'s.
-        preset_config: preset name -> kwargs dict (`t5_config`, ...).
+        architecture_config: architecture name -> kwargs dict
+            (`t5_config`, ...).
 
     Returns:
         A new dict of kwargs ({} for None).
 
     Raises:
-        ValueError: another type, an unknown preset or unknown keys.
+        ValueError: another type, an unknown architecture or unknown keys.
     """
     name = model_class.__name__
     if config is None:
         return {}
     if isinstance(config, str):
-        config = preset_config(config)
+        config = architecture_config(config)
     if not isinstance(config, dict):
         raise ValueError(
-            f"config must be None, a {name} preset name or a dict of {name} "
-            f"kwargs; received {type(config).__name__}."
+            f"config must be None, a {name} architecture name or a dict of "
+            f"{name} kwargs; received {type(config).__name__}."
         )
     accepted = set(inspect.signature(model_class.__init__).parameters)
     accepted -= {"self", "kwargs"}

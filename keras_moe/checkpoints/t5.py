@@ -46,7 +46,7 @@ Layouts (canonical kernels are `x @ W`, `[in, out]`; H heads, B buckets):
 - keras-hub `T5Backbone`: Dense kernels are `[in, out]`; the relative bias
   is `[32, H]`. `.weights.h5` files are read with h5py, without keras_hub.
 
-The `config` argument of every reader is None, a preset name (see
+The `config` argument of every reader is None, an architecture name (see
 `keras_moe.models.t5.t5_config`) or a dict of `T5` keyword arguments.
 Settings the checkpoint determines must agree with it (pass what you expect
 to load and a disagreement is an error that names it); the others
@@ -260,8 +260,8 @@ def read_t5_mtf_checkpoint(path, config=None):
         path: a checkpoint prefix (`.../model.ckpt-1000000`), its `.index`
             file, or a directory holding a `checkpoint` file or one
             checkpoint.
-        config: None, a preset name or a dict of `T5` kwargs; see the module
-            docstring. Without it, `wi` means `"relu"` and `wi_0`/`wi_1`
+        config: None, an architecture name or a dict of `T5` kwargs; see the
+            module docstring. Without it, `wi` means `"relu"` and `wi_0`/`wi_1`
             `"gated_gelu"`.
 
     Returns:
@@ -314,8 +314,8 @@ def read_t5_hf_safetensors(path, config=None):
     Args:
         path: the directory, or one `.safetensors` file (a `config.json`
             beside it is used).
-        config: None, a preset name or a dict of `T5` kwargs; see the module
-            docstring.
+        config: None, an architecture name or a dict of `T5` kwargs; see the
+            module docstring.
 
     Returns:
         A built `T5` holding the checkpoint's weights.
@@ -394,8 +394,8 @@ def read_t5_model_garden_checkpoint(path, config=None):
 
     Args:
         path: a checkpoint prefix, its `.index` file or a directory.
-        config: None, a preset name or a dict of `T5` kwargs; see the module
-            docstring (the activation, `layer_norm_epsilon` and
+        config: None, an architecture name or a dict of `T5` kwargs; see the
+            module docstring (the activation, `layer_norm_epsilon` and
             `relative_attention_max_distance` are not in the checkpoint).
 
     Returns:
@@ -478,9 +478,9 @@ def convert_t5_keras_hub_backbone(backbone, config=None):
     Args:
         backbone: a `keras_hub.models.T5Backbone`, or a model whose
             `backbone` attribute is one (e.g. `T5Seq2SeqLM`).
-        config: None, a preset name or a dict of `T5` kwargs; see the module
-            docstring. keras-hub's T5 v1.1 presets use exact GELU in a gated
-            MLP, which keras_moe does not have: pass
+        config: None, an architecture name or a dict of `T5` kwargs; see the
+            module docstring. keras-hub's T5 v1.1 presets use exact GELU in a
+            gated MLP, which keras_moe does not have: pass
             `config={"activation": "gated_gelu"}` to accept its tanh
             approximation (what the original checkpoints were trained with).
 
@@ -559,8 +559,8 @@ def read_t5_keras_hub(path, config=None):
     Args:
         path: a `.weights.h5` file of a `T5Backbone`, or a preset directory
             holding `config.json` and `model.weights.h5`.
-        config: None, a preset name or a dict of `T5` kwargs; see the module
-            docstring and `convert_t5_keras_hub_backbone`.
+        config: None, an architecture name or a dict of `T5` kwargs; see the
+            module docstring and `convert_t5_keras_hub_backbone`.
 
     Returns:
         A built `T5` holding the file's weights.
@@ -724,7 +724,7 @@ def _t5_kwargs(
         source: for messages.
         facts: T5 kwargs the checkpoint fixes; `config` must agree.
         gated: whether the checkpoint's MLP is gated (`wi_0`/`wi_1`).
-        config: None, a preset name or a dict of T5 kwargs.
+        config: None, an architecture name or a dict of T5 kwargs.
         defaults: T5 kwargs the checkpoint suggests; `config` may replace.
         activation_note: why no activation is known, when neither `facts`
             nor `defaults` give one.

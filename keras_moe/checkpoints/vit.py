@@ -29,7 +29,7 @@ dimension, h heads, dk head dimension (D / h), T tokens, K classes.
   features) unless `config` gives `num_classes`, which adds a new,
   zero-initialised one.
 
-The `config` argument of every reader is None, a preset name (see
+The `config` argument of every reader is None, an architecture name (see
 `keras_moe.models.vit.vit_config`) or a dict of `ViT` keyword arguments: it
 fixes what the format does not record (`num_heads` of a Hugging Face
 directory without `config.json`, `image_size` of a non-square patch grid,
@@ -450,7 +450,7 @@ def read_vit_hf_safetensors(path, config=None):
         path: a directory written by `ViTForImageClassification.
             save_pretrained(..., safe_serialization=True)` (or by
             `ViTModel`: no head), or its `model.safetensors` file.
-        config: None, a preset name or a dict of `ViT` kwargs, checked
+        config: None, an architecture name or a dict of `ViT` kwargs, checked
             against `config.json` and the weights; it must give
             `num_heads` when the directory has no config.json.
 
@@ -646,12 +646,12 @@ def read_vit_model_garden_checkpoint(path, config=None):
     Args:
         path: a checkpoint prefix (`.../ckpt-1`) or a directory (its latest
             checkpoint).
-        config: None, a preset name or a dict of `ViT` kwargs. The heads are
-            checked against the attention kernels <[D, h, dk]>, which say
-            it already; `image_size` is needed for non-square patch grids
-            and otherwise checked against the position embedding; the
-            activation and `layer_norm_epsilon`, which the checkpoint does
-            not record, are taken from it.
+        config: None, an architecture name or a dict of `ViT` kwargs. The heads
+            are checked against the attention kernels <[D, h, dk]>, which say it
+            already; `image_size` is needed for non-square patch grids and
+            otherwise checked against the position embedding; the activation and
+            `layer_norm_epsilon`, which the checkpoint does not record, are
+            taken from it.
 
     Returns:
         A `ViT`, by default with `activation="gelu_tanh"` and
@@ -927,7 +927,7 @@ def read_vit_keras_hub(path, config=None):
             from the position embedding (`config` must give `image_size`
             for non-square grids) and `layer_norm_epsilon` defaults to
             keras-hub's 1e-6 (`config` may give another).
-        config: None, a preset name or a dict of `ViT` kwargs, checked
+        config: None, an architecture name or a dict of `ViT` kwargs, checked
             against the preset's config and the weights. For a backbone (no
             head), `num_classes` adds a zero-initialised head of that size.
 
@@ -981,7 +981,7 @@ def convert_vit_keras_hub_backbone(backbone, config=None):
     Args:
         backbone: a `keras_hub.models.ViTBackbone`, or a
             `ViTImageClassifier` (with its head).
-        config: None, a preset name or a dict of `ViT` kwargs, checked
+        config: None, an architecture name or a dict of `ViT` kwargs, checked
             against the model's config and weights. For a backbone (no
             head), `num_classes` adds a zero-initialised head of that size.
 

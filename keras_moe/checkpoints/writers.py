@@ -27,7 +27,7 @@ Shape letters: D model dimension, C channels, P patch size.
 
 Example:
 
-    model = ViT.from_preset("vit_tiny")
+    model = ViT.from_architecture("vit_tiny")
     write_dense_checkpoint(model, "/tmp/dense_vit")
     same = keras_moe.checkpoints.read_checkpoint("/tmp/dense_vit")
 """

@@ -106,7 +106,7 @@ def moe_stacks(model):
     Example:
 
     >>> from keras_moe.models import ViT
-    >>> [stack.name for stack in moe_stacks(ViT.from_preset("vit_tiny"))]
+    >>> [stack.name for stack in moe_stacks(ViT.from_architecture("vit_tiny"))]
     ['encoder']
     """
     stacks = getattr(type(model), "MOE_STACKS", None)
@@ -152,7 +152,7 @@ def moe_layers(model, stack=None):
 
     >>> import keras_moe
     >>> from keras_moe.models import T5
-    >>> moe = keras_moe.upcycle(T5.from_preset("t5_tiny"), num_experts=4)
+    >>> moe = keras_moe.upcycle(T5.from_architecture("t5_tiny"), num_experts=4)
     >>> len(moe_layers(moe)), len(moe_layers(moe, "decoder"))
     (2, 1)
     """
@@ -199,7 +199,8 @@ def with_eval_capacity_factor(model, eval_capacity_factor):
 
     >>> import keras_moe
     >>> from keras_moe.models import ViT
-    >>> moe = keras_moe.upcycle(ViT.from_preset("vit_tiny"), num_experts=4)
+    >>> moe = keras_moe.upcycle(
+    ...     ViT.from_architecture("vit_tiny"), num_experts=4)
     >>> no_drop = with_eval_capacity_factor(moe, None)
     >>> [layer.eval_capacity_factor for layer in moe_layers(no_drop)]
     [None]

@@ -41,6 +41,8 @@ from keras_moe.layers.mlp import ACTIVATIONS
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.moe_blocks import LANGUAGE
 from keras_moe.models.moe_blocks import MoeStack
+from keras_moe.models.presets import PresetMixin
+from keras_moe.models.presets import register_architectures
 from keras_moe.models.t5_layers import T5Stack
 from keras_moe.models.t5_layers import moe_blocks_config
 from keras_moe.models.t5_layers import plain_config
@@ -58,7 +60,7 @@ _DEFAULTS = {
 }
 
 
-def _preset(
+def _architecture(
     model_dim, num_heads, hidden_dim, num_layers, v1_1, head_dim=64, **kwargs
 ):
     return {
@@ -88,31 +90,33 @@ _TINY = dict(
 )
 # Sizes of the released checkpoints (google-research/text-to-text-transfer-
 # transformer gin configs); the tiny ones are for tests.
-PRESETS = {
-    "t5_small": _preset(512, 8, 2048, 6, v1_1=False),
-    "t5_base": _preset(768, 12, 3072, 12, v1_1=False),
-    "t5_large": _preset(1024, 16, 4096, 24, v1_1=False),
-    "t5_v1_1_small": _preset(512, 6, 1024, 8, v1_1=True),
-    "t5_v1_1_base": _preset(768, 12, 2048, 12, v1_1=True),
-    "t5_v1_1_large": _preset(1024, 16, 2816, 24, v1_1=True),
-    "t5_tiny": _preset(v1_1=False, **_TINY),
-    "t5_v1_1_tiny": _preset(v1_1=True, **_TINY),
+ARCHITECTURES = {
+    "t5_small": _architecture(512, 8, 2048, 6, v1_1=False),
+    "t5_base": _architecture(768, 12, 3072, 12, v1_1=False),
+    "t5_large": _architecture(1024, 16, 4096, 24, v1_1=False),
+    "t5_v1_1_small": _architecture(512, 6, 1024, 8, v1_1=True),
+    "t5_v1_1_base": _architecture(768, 12, 2048, 12, v1_1=True),
+    "t5_v1_1_large": _architecture(1024, 16, 2816, 24, v1_1=True),
+    "t5_tiny": _architecture(v1_1=False, **_TINY),
+    "t5_v1_1_tiny": _architecture(v1_1=True, **_TINY),
 }
+register_architectures("T5", ARCHITECTURES)
 
 
 def t5_config(name):
-    """The `T5` keyword arguments of preset `name` (a fresh dict).
+    """The `T5` keyword arguments of architecture `name` (a fresh dict).
 
     Example:
 
     >>> t5_config("t5_small")["model_dim"]
     512
     """
-    if name not in PRESETS:
+    if name not in ARCHITECTURES:
         raise ValueError(
-            f"Unknown T5 preset {name!r}; available: {sorted(PRESETS)}"
+            f"Unknown T5 architecture {name!r}; available: "
+            f"{sorted(ARCHITECTURES)}"
         )
-    return copy.deepcopy(PRESETS[name])
+    return copy.deepcopy(ARCHITECTURES[name])
 
 
 def _check_token_ids(name, token_ids):
@@ -137,7 +141,7 @@ def _mlp_weights(mlp, prefix):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class T5(keras.Model):
+class T5(PresetMixin, keras.Model):
     """T5 encoder-decoder returning next-token logits.
 
     Call with a dict: `encoder_token_ids` <int>[B, T], `decoder_token_ids`
@@ -149,6 +153,9 @@ class T5(keras.Model):
     <float32>[B, U, V] logits.
 
     Variables by their canonical (checkpoint) names: `canonical_variables()`.
+    `T5.from_preset(preset)` loads a model, weights included (a directory
+    `save_to_preset` wrote, a keras-hub or Hugging Face directory, a hub
+    handle); `T5.from_architecture(name)` builds a randomly initialised one.
 
     Args:
         vocab_size: V.
@@ -173,7 +180,7 @@ class T5(keras.Model):
 
     Example:
 
-    >>> model = T5.from_preset("t5_tiny")
+    >>> model = T5.from_architecture("t5_tiny")
     >>> logits = model({
     ...     "encoder_token_ids": keras.ops.array([[5, 6, 7, 1]]),
     ...     "decoder_token_ids": keras.ops.array([[0, 9]]),
@@ -339,12 +346,14 @@ class T5(keras.Model):
             self.lm_head.build(hidden_shape)
 
     @classmethod
-    def from_preset(cls, name, **overrides):
-        """A randomly initialised T5 of preset `name`, kwargs overridden.
+    def from_architecture(cls, name, **overrides):
+        """A randomly initialised T5 of architecture `name` (see
+        `t5_config`), kwargs overridden; `from_preset` loads weights.
 
         Example:
 
-        >>> T5.from_preset("t5_tiny", num_decoder_layers=1).num_decoder_layers
+        >>> T5.from_architecture(
+        ...     "t5_tiny", num_decoder_layers=1).num_decoder_layers
         1
         """
         return cls(**{**t5_config(name), **overrides})
@@ -860,7 +869,7 @@ def greedy_decode(language_model, encoded, encoder_mask, max_length):
 
     Example:
 
-    >>> model = T5.from_preset("t5_tiny")
+    >>> model = T5.from_architecture("t5_tiny")
     >>> ids = keras.ops.array([[5, 6, 7, 1]])
     >>> tokens = greedy_decode(model, model.encode(ids), ids != 0, 4)
     >>> tuple(tokens.shape)
@@ -991,7 +1000,7 @@ def sample_decode(
 
     Example:
 
-    >>> model = T5.from_preset("t5_tiny")
+    >>> model = T5.from_architecture("t5_tiny")
     >>> ids = keras.ops.array([[5, 6, 7, 1]])
     >>> encoded = model.encode(ids)
     >>> first = sample_decode(model, encoded, ids != 0, 6, seed=1, top_k=5)
@@ -1070,7 +1079,7 @@ def beam_search_decode(
 
     Example:
 
-    >>> model = T5.from_preset("t5_tiny")
+    >>> model = T5.from_architecture("t5_tiny")
     >>> ids = keras.ops.array([[5, 6, 7, 1]])
     >>> tokens = beam_search_decode(
     ...     model, model.encode(ids), ids != 0, 5, num_beams=3)

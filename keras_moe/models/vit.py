@@ -60,6 +60,8 @@ from keras_moe.layers.mlp import get_activation
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.moe_blocks import VISION
 from keras_moe.models.moe_blocks import MoeStack
+from keras_moe.models.presets import PresetMixin
+from keras_moe.models.presets import register_architectures
 
 POOLINGS = ("token", "gap")
 
@@ -71,7 +73,7 @@ _SIZES = {
     "b": (768, 12, 3072, 12),
     "l": (1024, 16, 4096, 24),
 }
-_PRESETS = {
+_ARCHITECTURES = {
     f"vit_{size}{patch}": dict(
         _COMMON,
         patch_size=patch,
@@ -83,7 +85,7 @@ _PRESETS = {
     for size, dims in _SIZES.items()
     for patch in (16, 32)
 }
-_PRESETS["vit_tiny"] = dict(
+_ARCHITECTURES["vit_tiny"] = dict(
     image_size=32,
     patch_size=8,
     num_channels=3,
@@ -93,13 +95,14 @@ _PRESETS["vit_tiny"] = dict(
     num_layers=2,
     num_classes=10,
 )
-PRESETS = tuple(sorted(_PRESETS))
+ARCHITECTURES = tuple(sorted(_ARCHITECTURES))
+register_architectures("ViT", ARCHITECTURES)
 
 
 def vit_config(name):
-    """Returns the ViT constructor kwargs of preset `name` (a new dict).
+    """Returns the ViT constructor kwargs of architecture `name` (a new dict).
 
-    Presets: "vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_ti32",
+    Architectures: "vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_ti32",
     "vit_s32", "vit_b32", "vit_l32" (224 x 224 images, 1000 classes, as in
     the ViT paper and "How to train your ViT") and "vit_tiny" for tests.
 
@@ -108,9 +111,11 @@ def vit_config(name):
     >>> vit_config("vit_b16")["model_dim"]
     768
     """
-    if name not in _PRESETS:
-        raise ValueError(f"Unknown ViT preset {name!r}; known: {PRESETS}")
-    return dict(_PRESETS[name])
+    if name not in _ARCHITECTURES:
+        raise ValueError(
+            f"Unknown ViT architecture {name!r}; known: {ARCHITECTURES}"
+        )
+    return dict(_ARCHITECTURES[name])
 
 
 def _pair(value, name):
@@ -476,7 +481,7 @@ def _moe_blocks(encoder_moe_blocks, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class ViT(keras.Model):
+class ViT(PresetMixin, keras.Model):
     """Vision Transformer classifier whose MLP blocks can be MoE layers.
 
     Call: images <float>[B, H_img, W_img, C] (already normalised, channels
@@ -500,6 +505,9 @@ class ViT(keras.Model):
     Weights are listed under the canonical names of MODELS.md by
     `canonical_variables()`; checkpoint readers in `keras_moe.checkpoints.vit`
     fill them from Hugging Face, TF Model Garden and keras-hub checkpoints.
+    `ViT.from_preset(preset)` loads a model, weights included (a directory
+    `save_to_preset` wrote, a keras-hub or Hugging Face directory, a hub
+    handle); `ViT.from_architecture(name)` builds a randomly initialised one.
 
     Args:
         image_size: int or (height, width) of the input images.
@@ -528,7 +536,7 @@ class ViT(keras.Model):
 
     Example:
 
-    >>> model = ViT.from_preset("vit_tiny")
+    >>> model = ViT.from_architecture("vit_tiny")
     >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape)
     (2, 10)
     """
@@ -823,9 +831,10 @@ class ViT(keras.Model):
         return names
 
     @classmethod
-    def from_preset(cls, name, **overrides):
-        """A new, randomly initialised ViT of preset `name` (see
-        `vit_config`), with `overrides` applied to its kwargs."""
+    def from_architecture(cls, name, **overrides):
+        """A new, randomly initialised ViT of architecture `name` (see
+        `vit_config`), with `overrides` applied to its kwargs;
+        `from_preset` loads weights."""
         config = vit_config(name)
         config.update(overrides)
         return cls(**config)

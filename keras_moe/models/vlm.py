@@ -50,6 +50,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_moe.models.presets import PresetMixin
 from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import PAD_ID
 from keras_moe.models.t5 import T5
@@ -174,7 +175,7 @@ def pack_tokens(text, text_mask, is_image, visual, image_mask):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class VisionLanguageModel(keras.Model):
+class VisionLanguageModel(PresetMixin, keras.Model):
     """ViT image encoder, projection and T5 encoder-decoder (see module).
 
     Call with a dict: `images` <float>[B, Hi, Wi, C] (one image per
@@ -186,12 +187,26 @@ class VisionLanguageModel(keras.Model):
     and `decoder_padding_mask` <bool>[B, U]. Returns <float32>[B, U, V]
     logits.
 
+    Several images per example: with `image_token_id=k`, a prompt holds
+    one id k per real image of its example, and the i-th k (counting from
+    the prompt's start) is replaced by the N visual tokens of image i
+    (`images[:, i]`), so `[k, k, 5, 6, 1]` with two images encodes as
+    `[image 0 (N rows) | image 1 (N rows) | 5 | 6 | 1]` and `[5, k, 6, k,
+    1]` as `[5 | image 0 | 6 | image 1 | 1]`. Examples with fewer images
+    than the batch's M mask the unused slots (`image_mask` False) and hold
+    fewer placeholders. Eager calls, `embed_inputs`, `encode` and
+    `generate` raise a ValueError naming the example and both counts when
+    a prompt's placeholders and its real images differ in number.
+    `with_image_size` makes a copy for another image size (PaLI-X's
+    higher-resolution stage).
+
     Sub-models: `vision_encoder` (a `ViT` without head), `projection` (a
     `Dense` <[Dv, D]> with bias) and `language_model` (a `T5`).
     `canonical_variables()` names the ViT's weights `vision/...` (its
     `encoder/` prefix dropped: `vision/block_0/mlp/wi`), the projection's
     `projection/kernel` and `projection/bias`, and the T5's by their own
-    names.
+    names. `save_to_preset` writes the model, weights included, and
+    `VisionLanguageModel.from_preset` loads it back.
 
     Args:
         vision_config: `ViT` kwargs (image_size, patch_size, model_dim,
@@ -211,7 +226,7 @@ class VisionLanguageModel(keras.Model):
 
     Example:
 
-    >>> model = VisionLanguageModel.from_presets("vit_tiny", "t5_tiny")
+    >>> model = VisionLanguageModel.from_architectures("vit_tiny", "t5_tiny")
     >>> logits = model({
     ...     "images": keras.ops.zeros((2, 32, 32, 3)),
     ...     "prompt_token_ids": keras.ops.array([[5, 6, 1], [7, 1, 0]]),
@@ -316,17 +331,19 @@ class VisionLanguageModel(keras.Model):
         return (*self.vision_encoder.image_hw, self.vision_encoder.num_channels)
 
     @classmethod
-    def from_presets(cls, vision_preset, text_preset, **kwargs):
-        """A randomly initialised model from a ViT and a T5 preset.
+    def from_architectures(cls, vision_name, text_name, **kwargs):
+        """A randomly initialised model from a ViT and a T5 architecture
+        name (see `vit_config` and `t5_config`); `from_preset` loads a
+        saved one, weights included.
 
         Example:
 
-        >>> VisionLanguageModel.from_presets(
+        >>> VisionLanguageModel.from_architectures(
         ...     "vit_tiny", "t5_tiny").num_image_tokens
         16
         """
-        vision = _strip(vit_config(vision_preset), _VISION_RESERVED)
-        return cls(vision, t5_config(text_preset), **kwargs)
+        vision = _strip(vit_config(vision_name), _VISION_RESERVED)
+        return cls(vision, t5_config(text_name), **kwargs)
 
     @classmethod
     def from_models(cls, vit, t5, **kwargs):
@@ -385,6 +402,51 @@ class VisionLanguageModel(keras.Model):
         ) in model.language_model.canonical_variables().items():
             variable.assign(sources[name])
         return model
+
+    @classmethod
+    def with_image_size(cls, model, image_size, freeze_vision=None):
+        """A copy of `model` whose ViT takes images of `image_size`.
+
+        The second stage of PaLI-X's recipe: the same model at a higher
+        resolution, more visual tokens per image. The ViT is
+        `ViT.with_image_size` of `model.vision_encoder` (its position
+        embedding resampled to the new patch grid by
+        `interpolate_position_embedding`, every other weight copied); the
+        projection and the T5 are copied unchanged.
+
+        Args:
+            model: a `VisionLanguageModel`.
+            image_size: int or (height, width), multiples of the patch size.
+            freeze_vision: None keeps `model.freeze_vision`; a bool sets it.
+
+        Example:
+
+        >>> model = VisionLanguageModel.from_architectures(
+        ...     "vit_tiny", "t5_tiny")
+        >>> VisionLanguageModel.with_image_size(model, 64).num_image_tokens
+        64
+        """
+        if not isinstance(model, VisionLanguageModel):
+            raise ValueError(
+                "model must be a VisionLanguageModel; received "
+                f"{type(model).__name__}"
+            )
+        vit = ViT.with_image_size(model.vision_encoder, image_size)
+        config = model.get_config()
+        config["vision_config"] = _strip(vit.get_config(), _VISION_RESERVED)
+        if freeze_vision is not None:
+            config["freeze_vision"] = freeze_vision
+        new = cls.from_config(config)
+        for target, source in (
+            (new.vision_encoder, vit),
+            (new.language_model, model.language_model),
+        ):
+            sources = source.canonical_variables()
+            for name, variable in target.canonical_variables().items():
+                variable.assign(sources[name])
+        new.projection.kernel.assign(model.projection.kernel)
+        new.projection.bias.assign(model.projection.bias)
+        return new
 
     # ------------------------------------------------------------- inputs
 
@@ -472,9 +534,11 @@ class VisionLanguageModel(keras.Model):
             if p != n
         ]
         if bad:
+            example, found, real = bad[0]
             raise ValueError(
                 f"Each prompt must hold one image_token_id="
-                f"{self.image_token_id} per real image; (example, "
+                f"{self.image_token_id} per real image: example {example} "
+                f"has {found} placeholder(s) and {real} image(s); (example, "
                 f"placeholders, images): {bad[:5]}"
             )
 
@@ -654,7 +718,8 @@ class VisionLanguageModel(keras.Model):
 
         Example:
 
-        >>> model = VisionLanguageModel.from_presets("vit_tiny", "t5_tiny")
+        >>> model = VisionLanguageModel.from_architectures(
+        ...     "vit_tiny", "t5_tiny")
         >>> images = keras.ops.zeros((1, 32, 32, 3))
         >>> prompt = keras.ops.array([[5, 6, 1]])
         >>> tuple(model.generate(images, prompt, 5, num_beams=3).shape)

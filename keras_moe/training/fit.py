@@ -125,7 +125,7 @@ def dense_model(architecture, spec, size=None, seed=0):
         spec: the `DataSpec` it will train on.
         size: {"model_dim", "num_heads", "hidden_dim", "num_layers",
             "patch_size" (ViT)}; None for the defaults (ViT: 64, 4, 128, 4,
-            2; T5: the "t5_tiny" preset's sizes).
+            2; T5: the "t5_tiny" architecture's sizes).
         seed: weight initialisation seed.
     """
     if architecture not in ARCHITECTURES:

@@ -66,7 +66,7 @@ def architecture(model):
     Example:
 
     >>> from keras_moe.models import T5
-    >>> modality, stacks = architecture(T5.from_preset("t5_tiny"))
+    >>> modality, stacks = architecture(T5.from_architecture("t5_tiny"))
     >>> modality, [stack.name for stack in stacks]
     ('language', ['encoder', 'decoder'])
     """

@@ -63,7 +63,7 @@ UPCYCLE_KEYS = COMMON_KEYS | {
 
 def test_checkpoint_bytes_counts_weights_and_slots(tmp_path):
     # The writer itself is tested in tests/checkpoints/test_writers.py.
-    model = T5.from_preset("t5_tiny")
+    model = T5.from_architecture("t5_tiny")
     prefix = benchmarks_upcycle.write_mtf_checkpoint(model, tmp_path)
     expected = model.canonical_variables()
     # Weights and slots are float32; the step an int64.

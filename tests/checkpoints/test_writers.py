@@ -73,7 +73,7 @@ def test_vit_round_trip(image_size, tmp_path):
 
 def test_t5_round_trip(tmp_path):
     model = _randomize(
-        T5.from_preset("t5_tiny", relative_attention_max_distance=128)
+        T5.from_architecture("t5_tiny", relative_attention_max_distance=128)
     )
     path = write_dense_checkpoint(model, tmp_path / "t5")
     assert "checkpoint" in os.listdir(path)  # the original T5 layout
@@ -89,8 +89,8 @@ def test_t5_round_trip(tmp_path):
 
 
 def test_overwrite_replaces_and_refuses_without_it(tmp_path):
-    first = _randomize(ViT.from_preset("vit_tiny"), seed=1)
-    second = _randomize(ViT.from_preset("vit_tiny"), seed=2)
+    first = _randomize(ViT.from_architecture("vit_tiny"), seed=1)
+    second = _randomize(ViT.from_architecture("vit_tiny"), seed=2)
     write_dense_checkpoint(first, tmp_path / "vit")
     with pytest.raises(ValueError, match="exists; pass overwrite=True"):
         write_dense_checkpoint(second, tmp_path / "vit")
@@ -103,14 +103,14 @@ def test_overwrite_replaces_and_refuses_without_it(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    dense = ViT.from_preset("vit_tiny")
+    dense = ViT.from_architecture("vit_tiny")
     with pytest.raises(ValueError, match="has MoE layers"):
         write_dense_checkpoint(
             keras_moe.upcycle(dense, num_experts=2), tmp_path / "moe"
         )
     with pytest.raises(ValueError, match="needs a class token"):
         write_dense_checkpoint(
-            ViT.from_preset("vit_tiny", pooling="gap"), tmp_path / "gap"
+            ViT.from_architecture("vit_tiny", pooling="gap"), tmp_path / "gap"
         )
     with pytest.raises(ValueError, match="takes a keras_moe ViT or T5"):
         write_dense_checkpoint(
@@ -126,7 +126,7 @@ def test_bad_inputs(tmp_path):
 @pytest.mark.parametrize("preset", ["t5_tiny", "t5_v1_1_tiny"])
 def test_mtf_checkpoint_reads_back_exactly(preset, tmp_path):
     keras.utils.set_random_seed(1)
-    model = T5.from_preset(preset)
+    model = T5.from_architecture(preset)
     prefix = write_mtf_checkpoint(model, tmp_path)
     listed = dict(tf.train.list_variables(prefix))
     # The released checkpoints' names, Adafactor slots and step included.
@@ -158,7 +158,7 @@ def test_mtf_checkpoint_reads_back_exactly(preset, tmp_path):
 
 @pytest.mark.parametrize("preset", ["t5_tiny", "t5_v1_1_tiny"])
 def test_mtf_names_invert_the_readers_map(preset):
-    variables = T5.from_preset(preset).canonical_variables()
+    variables = T5.from_architecture(preset).canonical_variables()
     v1_1 = "lm_head/kernel" in variables
     for name in variables:
         mtf_name, transpose = t5_names.mtf_name(name, v1_1)
@@ -168,7 +168,7 @@ def test_mtf_names_invert_the_readers_map(preset):
 
 
 def test_vit_hf_names_invert_the_readers_map():
-    variables = ViT.from_preset("vit_tiny").canonical_variables()
+    variables = ViT.from_architecture("vit_tiny").canonical_variables()
     for name in variables:
         hf_name, axes = vit_names.hf_name(name)
         canonical, back = vit_names._hf_canonical_name(hf_name)

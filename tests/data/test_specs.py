@@ -21,10 +21,10 @@ def test_check_model_fits_data():
     with pytest.raises(ValueError, match=r"images \(8, 8, 1\) and 10"):
         specs.check_model_fits_data(tiny_models.tiny_vit(num_classes=4), digits)
     with pytest.raises(ValueError, match="needs a ViT"):
-        specs.check_model_fits_data(T5.from_preset("t5_tiny"), digits)
+        specs.check_model_fits_data(T5.from_architecture("t5_tiny"), digits)
     words = specs.DataSpec("number_words", specs.TRANSLATION, "/unused")
     with pytest.raises(ValueError, match="vocab_size=128"):
-        specs.check_model_fits_data(T5.from_preset("t5_tiny"), words)
+        specs.check_model_fits_data(T5.from_architecture("t5_tiny"), words)
     with pytest.raises(ValueError, match="needs a T5"):
         specs.check_model_fits_data(tiny_models.tiny_vit(), words)
 

@@ -32,7 +32,7 @@ def test_score_classifier_against_keras_metrics():
 
 def test_score_translation_against_keras_and_hand_made_targets():
     keras.utils.set_random_seed(0)
-    model = T5.from_preset("t5_tiny", vocab_size=40)
+    model = T5.from_architecture("t5_tiny", vocab_size=40)
     rng = np.random.default_rng(0)
     encoder = rng.integers(3, 40, size=(4, 6)).astype("int32")
     encoder[:, -1] = 1  # end of sequence
@@ -74,7 +74,7 @@ def test_score_translation_against_keras_and_hand_made_targets():
 
 def test_score_translation_skips_padding():
     keras.utils.set_random_seed(0)
-    model = T5.from_preset("t5_tiny", vocab_size=40)
+    model = T5.from_architecture("t5_tiny", vocab_size=40)
     encoder = np.array([[5, 6, 7, 1]], "int32")
     targets = np.array([[9, 1, 0, 0]], "int32")
     decoder = np.array([[0, 9, 1, 0]], "int32")

@@ -75,7 +75,7 @@ def export_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_models():
     keras.utils.set_random_seed(0)
-    dense = utils.randomize(ViT.from_preset("vit_tiny"), seed=0)
+    dense = utils.randomize(ViT.from_architecture("vit_tiny"), seed=0)
     # Paper recipe: block 1 becomes expert-choice MoE with capacity factor 2.
     moe = utils.randomize(keras_moe.upcycle(dense, num_experts=4), seed=1)
     return {"dense": dense, "moe": moe}
@@ -89,7 +89,7 @@ def sentencepiece_model():
 @pytest.fixture(scope="module")
 def t5_models():
     keras.utils.set_random_seed(0)
-    dense = utils.randomize(T5.from_preset("t5_tiny"), seed=2)
+    dense = utils.randomize(T5.from_architecture("t5_tiny"), seed=2)
     # A likelier end-of-sequence token, so that some sequences end early.
     embeddings = dense.shared.embeddings
     embeddings.assign(
@@ -927,7 +927,7 @@ def test_t5_beam_search_signature(export_base):
     # the same options, in Python and through the C API. Larger random
     # weights than the other T5 exports', so that the beams matter.
     keras.utils.set_random_seed(0)
-    model = utils.randomize(T5.from_preset("t5_tiny"), seed=7, scale=1.0)
+    model = utils.randomize(T5.from_architecture("t5_tiny"), seed=7, scale=1.0)
     options = ServingOptions(
         max_length=T5_MAX_LENGTH,
         max_input_length=T5_INPUT_LENGTH,

@@ -33,7 +33,7 @@ XLA_BATCH = 4
 @pytest.fixture(scope="module")
 def e3_served(tmp_path_factory):
     keras.utils.set_random_seed(0)
-    dense = ViT.from_preset("vit_tiny")
+    dense = ViT.from_architecture("vit_tiny")
     e3 = keras_moe.upcycle(
         dense,
         num_experts=4,

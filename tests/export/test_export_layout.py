@@ -33,7 +33,9 @@ OPTIONS = ServingOptions(top_k=2, xla_batch_size=2)
 @pytest.fixture(scope="module")
 def vit():
     keras.utils.set_random_seed(0)
-    return utils.randomize(ViT.from_preset("vit_tiny", num_layers=1), seed=0)
+    return utils.randomize(
+        ViT.from_architecture("vit_tiny", num_layers=1), seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -318,14 +320,14 @@ def test_bad_layout_parts_are_refused(vit, tmp_path, model_name, version):
 
 
 def test_headless_vit_is_refused(tmp_path):
-    model = ViT.from_preset("vit_tiny", num_layers=1, num_classes=0)
+    model = ViT.from_architecture("vit_tiny", num_layers=1, num_classes=0)
     with pytest.raises(ValueError, match="num_classes=0"):
         saved_model.export_saved_model(model, tmp_path, "vit", version=1)
 
 
 def test_bad_capacity_factor_is_refused(tmp_path):
     model = keras_moe.upcycle(
-        ViT.from_preset("vit_tiny", num_layers=2), num_experts=2
+        ViT.from_architecture("vit_tiny", num_layers=2), num_experts=2
     )
     with pytest.raises(ValueError):
         saved_model.export_saved_model(

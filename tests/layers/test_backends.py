@@ -25,11 +25,11 @@ from keras_moe.layers import MoeLayer
 from keras_moe.layers import losses
 from keras_moe.layers import routing
 from tests.layers import reference_routing as ref
-from tests.layers.test_losses import np_importance
-from tests.layers.test_losses import np_load
-from tests.layers.test_losses import np_load_balancing
-from tests.layers.test_losses import np_z_loss
-from tests.layers.test_moe import _np_moe
+from tests.layers.reference_losses import np_importance
+from tests.layers.reference_losses import np_load
+from tests.layers.reference_losses import np_load_balancing
+from tests.layers.reference_losses import np_z_loss
+from tests.layers.reference_moe import np_moe
 from tests.tiny_models import images
 from tests.tiny_models import tiny_vit
 
@@ -146,7 +146,7 @@ def test_moe_layer_matches_numpy(kwargs):
         **kwargs,
     )
     y = ops.convert_to_numpy(layer(x, training=True))
-    expected, _ = _np_moe(layer, x.astype(np.float64), training=True)
+    expected, _ = np_moe(layer, x.astype(np.float64), training=True)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
     # z-loss, and load balancing where tokens choose.
     expected_losses = 1 if kwargs.get("router") == "experts_choose" else 2

@@ -17,44 +17,13 @@ from keras_moe.layers.moe import MoeLayer
 from keras_moe.layers.routers import TokensChooseRouter
 from keras_moe.models.vit import ViT
 from tests.layer_test_case import run_layer_test
-
-try:
-    from tests.layers import reference_routing as ref
-except ImportError:
-    import reference_routing as ref
+from tests.layers.reference_moe import np_moe
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
 def _np(x):
     return keras.ops.convert_to_numpy(x)
-
-
-def _np_moe(layer, x, training):
-    """NumPy MoeLayer for relu experts, groups = sequences (group_size None)."""
-    kernel = _np(layer.router.kernel).astype(np.float64)
-    wi = _np(layer.experts.input_kernels[0]).astype(np.float64)
-    wo = _np(layer.experts.wo).astype(np.float64)
-    probs = np.exp(x @ kernel)
-    probs /= probs.sum(-1, keepdims=True)
-    capacity = layer.capacity(x.shape[1], training)
-    if layer.router_type == "tokens_choose":
-        routed = ref.tokens_choose(
-            probs,
-            layer.num_selected_experts,
-            capacity,
-            batch_priority=layer.batch_priority,
-            normalize=layer.normalize_combine_weights,
-        )
-    else:
-        routed = ref.experts_choose(
-            probs, capacity, normalize=layer.normalize_combine_weights
-        )
-    # Every expert on every token, then the combine array picks and weighs.
-    expert_out = np.einsum(
-        "gseh,ehd->gsed", np.maximum(np.einsum("gsd,edh->gseh", x, wi), 0), wo
-    )
-    return np.einsum("gsec,gsed->gsd", routed.combine, expert_out), routed
 
 
 @pytest.mark.parametrize(
@@ -80,7 +49,7 @@ def test_matches_numpy(kwargs, dispatcher, jit_compile):
         **kwargs,
     )
     y = _np(layer(x, training=True))
-    expected, routed = _np_moe(layer, x.astype(np.float64), training=True)
+    expected, routed = np_moe(layer, x.astype(np.float64), training=True)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
     if kwargs.get("train_capacity_factor") == 0.5:
         assert routed.num_dropped > 0  # the case exercises overflow
@@ -545,7 +514,7 @@ _UPCYCLED_VIT_WEIGHTS = [
 
 @pytest.mark.parametrize("ensemble_size", [1, 2])
 def test_upcycled_vit_weight_paths(ensemble_size):
-    vit = ViT.from_preset("vit_tiny", num_layers=2)
+    vit = ViT.from_architecture("vit_tiny", num_layers=2)
     moe = upcycling.upcycle(
         vit,
         num_experts=4,

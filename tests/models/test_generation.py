@@ -270,7 +270,7 @@ def test_length_penalty_by_hand(length_penalty, expected):
 def model():
     """A randomly initialised tiny T5 v1.1 (no torch needed)."""
     keras.utils.set_random_seed(3)
-    return T5.from_preset("t5_v1_1_tiny", vocab_size=48)
+    return T5.from_architecture("t5_v1_1_tiny", vocab_size=48)
 
 
 def test_one_beam_is_greedy(model):
@@ -470,7 +470,7 @@ def test_xla_compiled_generation(model):
 
 def test_moe_decoder_beam_search_and_sampling():
     keras.utils.set_random_seed(0)
-    model = T5.from_preset(
+    model = T5.from_architecture(
         "t5_v1_1_tiny",
         decoder_moe_blocks={1: {"num_experts": 4, "num_selected_experts": 2}},
     )

@@ -1,4 +1,4 @@
-"""T5 against Hugging Face's PyTorch T5, plus generation, saving, presets.
+"""T5 against Hugging Face's PyTorch T5, plus generation, saving, architectures.
 
 The reference checks build tiny random `T5ForConditionalGeneration` models
 (transformers and torch are test-only dependencies, skipped when absent),
@@ -409,7 +409,7 @@ def test_cached_generation_equals_uncached_argmax(version):
 
 
 def test_generate_lengths_and_retracing():
-    model = T5.from_preset("t5_tiny")
+    model = T5.from_architecture("t5_tiny")
     encoder, _, _ = _batch(vocab_size=128)
     assert _np(model.generate(encoder, 1)).tolist() == [[0]] * 3
     short = _np(model.generate(encoder, 4))
@@ -419,7 +419,7 @@ def test_generate_lengths_and_retracing():
     np.testing.assert_array_equal(long[:, :4], short)
 
 
-# --- Saving, presets, MoE blocks --------------------------------------------
+# --- Saving, architectures, MoE blocks ------------------------------------
 
 
 @pytest.mark.parametrize("version", ["v1_0", "v1_1"])
@@ -443,7 +443,7 @@ def test_keras_round_trip(version, tmp_path):
 
 
 def test_config_round_trip():
-    model = T5.from_preset(
+    model = T5.from_architecture(
         "t5_v1_1_tiny", decoder_moe_blocks={1: {"num_experts": 2}}
     )
     config = model.get_config()
@@ -481,15 +481,15 @@ _PUBLISHED = {
 
 
 @pytest.mark.parametrize("name", sorted(_PUBLISHED))
-def test_preset_configs_have_published_sizes(name):
+def test_architecture_configs_have_published_sizes(name):
     assert _count(t5_lib.t5_config(name)) == _PUBLISHED[name]
 
 
 @pytest.mark.parametrize(
     "name", ["t5_small", "t5_v1_1_small", "t5_tiny", "t5_v1_1_tiny"]
 )
-def test_preset_models_parameter_counts(name):
-    model = T5.from_preset(name)
+def test_architecture_parameter_counts(name):
+    model = T5.from_architecture(name)
     assert model.count_params() == _count(t5_lib.t5_config(name))
     if name in _PUBLISHED:
         assert model.count_params() == _PUBLISHED[name]
@@ -536,7 +536,7 @@ def test_assign_weights_rejects_a_mismatched_checkpoint():
 
 
 def test_moe_decoder_block(tmp_path):
-    model = T5.from_preset(
+    model = T5.from_architecture(
         "t5_v1_1_tiny",
         decoder_moe_blocks={1: {"num_experts": 4, "num_selected_experts": 2}},
     )
@@ -587,7 +587,7 @@ def test_moe_decoder_block(tmp_path):
 
 
 def test_moe_block_indices_accept_strings():
-    model = T5.from_preset(
+    model = T5.from_architecture(
         "t5_tiny",
         encoder_moe_blocks={"0": {"num_experts": 2}},
         decoder_moe_blocks={"1": {"num_experts": 2, "hidden_dim": 16}},
@@ -604,7 +604,7 @@ def test_mixed_precision_logits_are_float32():
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        model = T5.from_preset("t5_v1_1_tiny")
+        model = T5.from_architecture("t5_v1_1_tiny")
     finally:
         keras.config.set_dtype_policy(policy)
     encoder, decoder, _ = _batch(vocab_size=128)
@@ -635,18 +635,18 @@ def test_mixed_precision_logits_are_float32():
 )
 def test_bad_kwargs_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
-        T5.from_preset("t5_tiny", **overrides)
+        T5.from_architecture("t5_tiny", **overrides)
 
 
-def test_unknown_preset_raises():
-    with pytest.raises(ValueError, match="Unknown T5 preset 't5_huge'"):
-        T5.from_preset("t5_huge")
+def test_unknown_architecture_raises():
+    with pytest.raises(ValueError, match="Unknown T5 architecture 't5_huge'"):
+        T5.from_architecture("t5_huge")
     with pytest.raises(ValueError, match="available"):
         t5_lib.t5_config("vit_b16")
 
 
 def test_bad_inputs_raise():
-    model = T5.from_preset("t5_tiny")
+    model = T5.from_architecture("t5_tiny")
     ids = np.array([[3, 4, 1]], "int32")
     with pytest.raises(ValueError, match="encoder_token_ids must have rank 2"):
         model({"encoder_token_ids": ids[0], "decoder_token_ids": ids})

@@ -15,7 +15,7 @@ import pytest
 
 from keras_moe.layers.mlp import Mlp
 from keras_moe.layers.moe import MoeLayer
-from keras_moe.models.vit import PRESETS
+from keras_moe.models.vit import ARCHITECTURES
 from keras_moe.models.vit import ViT
 from keras_moe.models.vit import interpolate_position_embedding
 from keras_moe.models.vit import vit_config
@@ -123,15 +123,15 @@ def _numpy_weights(model):
         ("vit_l32", (32, 1024, 16, 4096, 24)),
     ],
 )
-def test_presets_match_the_vit_paper(name, dims):
+def test_architectures_match_the_vit_paper(name, dims):
     config = vit_config(name)
     keys = ("patch_size", "model_dim", "num_heads", "hidden_dim", "num_layers")
     assert tuple(config[k] for k in keys) == dims
     assert config["image_size"] == 224 and config["num_classes"] == 1000
 
 
-def test_preset_names_and_overrides():
-    assert set(PRESETS) == {
+def test_architecture_names_and_overrides():
+    assert set(ARCHITECTURES) == {
         "vit_ti16",
         "vit_s16",
         "vit_b16",
@@ -142,12 +142,12 @@ def test_preset_names_and_overrides():
         "vit_l32",
         "vit_tiny",
     }
-    with pytest.raises(ValueError, match="Unknown ViT preset 'vit_h14'"):
+    with pytest.raises(ValueError, match="Unknown ViT architecture 'vit_h14'"):
         vit_config("vit_h14")
     config = vit_config("vit_tiny")
     config["num_layers"] = 99
     assert vit_config("vit_tiny")["num_layers"] == 2  # a copy each time
-    model = ViT.from_preset("vit_tiny", num_classes=3, pooling="gap")
+    model = ViT.from_architecture("vit_tiny", num_classes=3, pooling="gap")
     assert model.num_classes == 3 and model.pooling == "gap"
 
 
@@ -434,6 +434,54 @@ def test_with_image_size(pooling):
     )
     with pytest.raises(ValueError, match="divide"):
         ViT.with_image_size(model, 50)
+
+
+def _doubling(size):
+    """Bilinear 2x upsampling of `size` points, half-pixel centres, edges
+    clamped, as a <[2*size, size]> matrix: output i samples the input at
+    i / 2 - 1/4."""
+    matrix = np.zeros((2 * size, size))
+    for i in range(2 * size):
+        x = min(max(i / 2 - 0.25, 0.0), size - 1)
+        low = int(np.floor(x))
+        high = min(low + 1, size - 1)
+        matrix[i, low] += 1 - (x - low)
+        matrix[i, high] += x - low
+    return matrix
+
+
+def test_with_image_size_rectangular_doubling():
+    """The vision-language model's stage 2: a 4 x 8 ViT (patch 2, one
+    channel, 2 x 4 grid) to 8 x 16 (4 x 8 grid). The patch part of the
+    position embedding is R @ grid @ C^T per channel, with the
+    hand-written doubling matrices; the class token's is kept; the model
+    at the new size matches the NumPy forward."""
+    np.testing.assert_allclose(
+        _doubling(2), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]]
+    )
+    config = dict(
+        TINY, image_size=[4, 8], patch_size=2, num_channels=1, num_classes=5
+    )
+    model = _randomize(ViT(**config), seed=3)
+    bigger = ViT.with_image_size(model, [8, 16])
+    assert bigger.grid_size == (4, 8) and bigger.num_patches == 32
+    old = _numpy_weights(model)["position_embedding"][0]  # (1 + 8, D)
+    grid = old[1:].reshape(2, 4, -1)
+    expected = np.einsum("ij,jkd,lk->ild", _doubling(2), grid, _doubling(4))
+    new = _numpy_weights(bigger)["position_embedding"][0]
+    np.testing.assert_allclose(new[0], old[0], atol=1e-6)
+    np.testing.assert_allclose(new[1:], expected.reshape(32, -1), atol=1e-5)
+    images = np.random.default_rng(4).normal(size=(2, 8, 16, 1))
+    tokens, logits = _np_vit(
+        _numpy_weights(bigger), images, bigger.get_config()
+    )
+    images = images.astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(bigger.encode(images)), tokens, atol=2e-5
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(bigger(images)), logits, atol=2e-5
+    )
 
 
 if __name__ == "__main__":

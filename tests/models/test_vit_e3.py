@@ -17,7 +17,16 @@ from keras_moe.models.vit import ViT
 from keras_moe.models.vit import vit_config
 
 TINY = dict(vit_config("vit_tiny"), num_layers=4)  # MoE blocks 1 and 3
-_NO_AUX = {"router_z_loss_weight": 0.0, "load_balancing_loss_weight": 0.0}
+# No auxiliary loss and no router noise (E^3 layers default to vmoe's noisy
+# top-K and importance/load losses), so members can be compared with plain
+# V-MoE models in training mode too.
+_NO_AUX = {
+    "router_z_loss_weight": 0.0,
+    "load_balancing_loss_weight": 0.0,
+    "importance_loss_weight": 0.0,
+    "load_loss_weight": 0.0,
+    "noise_std": 0.0,
+}
 _LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -356,7 +365,9 @@ def test_upcycle_refuses_to_change_an_ensemble_or_non_vit(dense):
 
     from keras_moe.models.t5 import T5
 
-    t5 = T5.from_preset("t5_tiny", num_encoder_layers=2, num_decoder_layers=2)
+    t5 = T5.from_architecture(
+        "t5_tiny", num_encoder_layers=2, num_decoder_layers=2
+    )
     with pytest.raises(ValueError, match="needs a model with an ensemble_size"):
         upcycling.upcycle(t5, 4, ensemble_size=2)
 

@@ -16,6 +16,7 @@ from keras_moe.models.t5 import EOS_ID
 from keras_moe.models.t5 import T5
 from keras_moe.models.t5 import t5_config
 from keras_moe.models.vit import ViT
+from keras_moe.models.vit import interpolate_position_embedding
 from keras_moe.models.vlm import VisionLanguageModel
 from keras_moe.models.vlm import pack_tokens
 
@@ -161,6 +162,95 @@ def test_placeholder_layout_interleaves(placeholder_model):
     np.testing.assert_allclose(_np(packed), expected, atol=1e-6)
 
 
+def test_three_images_land_where_the_placeholders_say(placeholder_model):
+    """Hand-worked positions (N = 4 tokens per image). Example 0 is the
+    experiment's convention, three placeholders then text; example 1
+    interleaves two images with text and leaves slot 2 unused:
+
+        example 0: ids [ph, ph, ph, 5, 6, 1]
+            positions 0-3 image 0, 4-7 image 1, 8-11 image 2,
+            12 token 5, 13 token 6, 14 EOS; 15-17 padding
+        example 1: ids [7, ph, 8, ph, 1, 0]
+            position 0 token 7, 1-4 image 0, 5 token 8, 6-9 image 1,
+            10 EOS; 11-17 padding
+    """
+    ph = IMAGE_TOKEN
+    images = _images(2, 3, seed=4)
+    ids = np.array([[ph, ph, ph, 5, 6, 1], [7, ph, 8, ph, 1, 0]], "int32")
+    image_mask = np.array([[True, True, True], [True, True, False]])
+    packed, mask = placeholder_model.embed_inputs(images, ids, image_mask)
+    packed, mask = _np(packed), _np(mask)
+    visual, text = _embedded(placeholder_model, images, ids)
+    assert placeholder_model.num_image_tokens == 4
+    # S = T + M * (N - 1) = 6 + 3 * 3
+    assert packed.shape == (2, 15, 32) and mask.shape == (2, 15)
+    np.testing.assert_array_equal(mask[0], [True] * 15)
+    np.testing.assert_array_equal(mask[1], [True] * 11 + [False] * 4)
+    for image in range(3):
+        np.testing.assert_allclose(
+            packed[0, 4 * image : 4 * image + 4], visual[0, image], atol=1e-6
+        )
+    np.testing.assert_allclose(packed[0, 12:15], text[0, 3:6], atol=1e-6)
+    np.testing.assert_allclose(packed[1, 0], text[1, 0], atol=1e-6)
+    np.testing.assert_allclose(packed[1, 1:5], visual[1, 0], atol=1e-6)
+    np.testing.assert_allclose(packed[1, 5], text[1, 2], atol=1e-6)
+    np.testing.assert_allclose(packed[1, 6:10], visual[1, 1], atol=1e-6)
+    np.testing.assert_allclose(packed[1, 10], text[1, 4], atol=1e-6)
+    assert not packed[1, 11:].any()
+    # The images are distinct, so each block is the image it should be.
+    assert not np.allclose(visual[0, 0], visual[0, 1])
+
+
+def test_with_image_size_is_the_vit_at_the_new_size(placeholder_model):
+    """Stage 2: the ViT is `ViT.with_image_size` of the old one (position
+    embedding interpolated as `interpolate_position_embedding` does),
+    the projection and the T5 are unchanged, and freeze_vision is set."""
+    model = VisionLanguageModel.with_image_size(
+        placeholder_model, [32, 16], freeze_vision=True
+    )
+    assert model.image_shape == (32, 16, 3) and model.num_image_tokens == 8
+    assert model.freeze_vision and not model.vision_encoder.trainable
+    assert model.image_token_id == IMAGE_TOKEN
+    vit = ViT.with_image_size(placeholder_model.vision_encoder, [32, 16])
+    old = placeholder_model.vision_encoder.canonical_variables()
+    np.testing.assert_allclose(
+        _np(model.vision_encoder.position_embedding),
+        interpolate_position_embedding(
+            _np(old["position_embedding"]), (4, 2), old_grid=(2, 2)
+        ),
+        atol=1e-6,
+    )
+    for name, variable in model.vision_encoder.canonical_variables().items():
+        if name != "position_embedding":
+            np.testing.assert_array_equal(_np(variable), _np(old[name]))
+    images = np.random.default_rng(3).uniform(size=(2, 2, 32, 16, 3))
+    images = images.astype("float32")
+    tokens = _np(vit.encode(images.reshape(4, 32, 16, 3)))[:, 1:]
+    kernel = _np(placeholder_model.projection.kernel)
+    bias = _np(placeholder_model.projection.bias)
+    np.testing.assert_allclose(
+        _np(model.visual_tokens(images)),
+        (tokens @ kernel + bias).reshape(2, 2, 8, 32),
+        atol=1e-5,
+    )
+    old_text = placeholder_model.language_model.canonical_variables()
+    for name, variable in model.language_model.canonical_variables().items():
+        np.testing.assert_array_equal(_np(variable), _np(old_text[name]))
+    # At the same size the model is the same function.
+    same = VisionLanguageModel.with_image_size(placeholder_model, 16)
+    images = _images(2, 1)
+    ids = np.array([[IMAGE_TOKEN, 5, 1], [IMAGE_TOKEN, 6, 1]], "int32")
+    inputs = _inputs(images, ids, [[0, 3], [0, 4]])
+    np.testing.assert_array_equal(
+        _np(same(inputs)), _np(placeholder_model(inputs))
+    )
+    assert not same.freeze_vision
+    with pytest.raises(ValueError, match="must be a VisionLanguageModel"):
+        VisionLanguageModel.with_image_size(vit, 32)
+    with pytest.raises(ValueError, match="divide"):
+        VisionLanguageModel.with_image_size(placeholder_model, 20)
+
+
 def _inputs(images, ids, decoder_ids, image_mask=None):
     inputs = {
         "images": images,
@@ -272,7 +362,7 @@ def test_config_round_trip_and_keras_file(placeholder_model, tmp_path):
 def dense_models():
     keras.utils.set_random_seed(7)
     vit = _randomize(ViT(**VISION, num_classes=10), seed=7)
-    t5 = _randomize(T5.from_preset("t5_tiny"), seed=8)
+    t5 = _randomize(T5.from_architecture("t5_tiny"), seed=8)
     return vit, t5
 
 
@@ -529,6 +619,13 @@ def test_placeholders_must_match_the_images(placeholder_model):
     images = _images(1, 2)
     with pytest.raises(ValueError, match=r"\(example, placeholders, images"):
         placeholder_model.generate(images, [[IMAGE_TOKEN, 5, 1]], 4)
+    with pytest.raises(
+        ValueError, match="example 1 has 3 placeholder\\(s\\) and 2 image"
+    ):
+        placeholder_model.embed_inputs(
+            _images(2, 2),
+            np.array([[IMAGE_TOKEN] * 2 + [1, 0], [IMAGE_TOKEN] * 3 + [1]]),
+        )
     with pytest.raises(ValueError, match="one image_token_id=100 per real"):
         placeholder_model.embed_inputs(
             images, [[IMAGE_TOKEN, 5, 1]], [[True, True]]
