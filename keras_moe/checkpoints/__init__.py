@@ -21,6 +21,7 @@ import keras
 
 from keras_moe.checkpoints.common import CheckpointMismatchError
 from keras_moe.checkpoints.common import assign_weights
+from keras_moe.checkpoints.presets import is_hub_handle
 from keras_moe.checkpoints.presets import is_keras_moe_preset
 from keras_moe.checkpoints.presets import local_preset
 from keras_moe.checkpoints.presets import read_keras_moe_preset
@@ -41,7 +42,10 @@ def read_checkpoint(path, architecture=None, **kwargs):
     presets or `.weights.h5` files.
 
     Args:
-        path: a checkpoint path (file, prefix or directory).
+        path: a checkpoint path (file, prefix or directory), or a hub
+            handle: `hf://org/name` (Hugging Face, through
+            `huggingface_hub`) or `kaggle://org/model/keras/variant`
+            (keras-hub presets, through `kagglehub`).
         architecture: "t5", "vit" or None to try both (T5 first).
         **kwargs: passed to the family's `read_t5_checkpoint` or
             `read_vit_checkpoint`: `config=` (an architecture name or a
@@ -60,6 +64,11 @@ def read_checkpoint(path, architecture=None, **kwargs):
             f"architecture must be one of {ARCHITECTURES} or None; received "
             f"{architecture!r}"
         )
+    if is_hub_handle(path):
+        # hf://org/name or kaggle://org/model/keras/variant: downloaded (or
+        # read from the hub's cache) into a local directory first.
+        with local_preset(path) as directory:
+            return read_checkpoint(directory, architecture, **kwargs)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         if not os.path.exists(os.fspath(path) + ".index"):
             raise ValueError(f"checkpoint path does not exist: {path}")

@@ -178,6 +178,13 @@ def _check_agrees(cls, saved, config, path):
         )
 
 
+def is_hub_handle(path):
+    """Whether `path` is an `hf://` or `kaggle://` handle."""
+    if not isinstance(path, str) or "://" not in path:
+        return False
+    return path.split("://", 1)[0].lower() in (HF_SCHEME, KAGGLE_SCHEME)
+
+
 @contextlib.contextmanager
 def local_preset(preset):
     """Yields a local directory holding `preset` (see the module docstring).

@@ -458,6 +458,10 @@ def test_hf_handle_from_an_offline_cache(hf_vit, tmp_path, monkeypatch):
     assert huggingface_hub.constants.is_offline_mode()
     model = ViT.from_preset("hf://someone/tiny-vit")
     assert _max_diff(_outputs(model), hf_vit[1]) < TOLERANCE
+    # read_checkpoint takes the same handles.
+    model = read_checkpoint("hf://someone/tiny-vit")
+    assert isinstance(model, ViT)
+    assert _max_diff(_outputs(model), hf_vit[1]) < TOLERANCE
     with pytest.raises(
         ValueError,
         match="Cannot download hf://someone/missing .*LocalEntryNotFound",
@@ -477,6 +481,8 @@ def test_kaggle_handle_goes_through_kagglehub(keras_hub_presets, monkeypatch):
     model = ViT.from_preset("kaggle://someone/vit/keras/tiny/2")
     assert calls == ["someone/vit/keras/tiny/2"]
     expected = keras_hub_presets["vit"][1]
+    assert _max_diff(_outputs(model), expected) < TOLERANCE
+    model = read_checkpoint("kaggle://someone/vit/keras/tiny/2", "vit")
     assert _max_diff(_outputs(model), expected) < TOLERANCE
 
     def gated(handle):
