@@ -36,6 +36,12 @@ Usage:
     # A smoke run on tiny shapes (seconds of compute, plus tracing):
     python -m apps.benchmark --quick
 
+    # Expert-parallel training on 8 virtual CPU devices: step time and
+    # peak per-device memory of the GShard and replicated layouts on the
+    # meshes 1x8 and 2x4 against data parallelism (8x1); see
+    # benchmarks/expert_parallel.py and docs/EXPERT_PARALLEL.md:
+    python -m apps.benchmark --expert_parallel [--quick]
+
     # Whole-step XLA, E=32 only, MoeLayer against Model Garden, with a
     # process-level memory cross-check, saved to a file:
     python -m apps.benchmark --jit_compile --num_experts=32 \
@@ -51,6 +57,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from benchmarks import expert_parallel as expert_parallel_benchmark
 from benchmarks import moe_layer as benchmarks
 
 _CONFIGS = flags.DEFINE_list(
@@ -125,6 +132,13 @@ _ISOLATE_MEMORY = flags.DEFINE_boolean(
 _OUTPUT = flags.DEFINE_string(
     "output", None, "Also write the JSON lines to this file."
 )
+_EXPERT_PARALLEL = flags.DEFINE_boolean(
+    "expert_parallel",
+    False,
+    "Instead of the layer benchmark: expert-parallel training steps on 8 "
+    "virtual CPU devices (benchmarks/expert_parallel.py), with --repeats "
+    "(default there: 5), --warmup and --quick.",
+)
 _QUICK = flags.DEFINE_boolean(
     "quick",
     False,
@@ -142,9 +156,32 @@ def _ints(flag):
         raise app.UsageError(f"--{flag.name}: {e}") from e
 
 
+def _expert_parallel():
+    ep = expert_parallel_benchmark
+    shapes = ep.QUICK_SHAPES if _QUICK.value else ep.DEFAULT_SHAPES
+    repeats = _REPEATS.value if _REPEATS.present else (1 if _QUICK.value else 5)
+    warmup = _WARMUP.value if _WARMUP.present else (1 if _QUICK.value else 2)
+    try:
+        ep.check_arguments(shapes, repeats, warmup)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    records, ratios = ep.run_expert_parallel_benchmark(shapes, repeats, warmup)
+    _write([json.dumps(r) for r in records + ratios])
+
+
+def _write(lines):
+    print("\n".join(lines), flush=True)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _EXPERT_PARALLEL.value:
+        _expert_parallel()
+        return
     repeats, warmup = _REPEATS.value, _WARMUP.value
     try:
         if _QUICK.value:
@@ -215,11 +252,7 @@ def main(argv):
         if "must divide" in str(e):
             raise app.UsageError(str(e)) from e
         raise
-    lines = [json.dumps(r) for r in records + ratios]
-    print("\n".join(lines), flush=True)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+    _write([json.dumps(r) for r in records + ratios])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ outside the Keras model, in DTensor variables (`dtensor.DVariable`):
 
     expert weights <[E, ...]>       sharded on `expert` (E/n per device)
     other weights, optimizer state  replicated (slots follow their weight)
-    inputs, labels <[B, ...]>       sharded on `batch` (B/b per device)
+    inputs, labels <[B, ...]>       split over all b*n devices (B/(b*n)
+                                    per device; `layout="gshard"`, the
+                                    default) or over `batch` only
+                                    (`layout="replicated"`)
 
 and runs one `tf.function` per step: `stateless_call` forward (with the
 MoE auxiliary losses, `return_losses=True`), `tf.GradientTape` gradients
@@ -17,11 +20,10 @@ MoE auxiliary losses, `return_losses=True`), `tf.GradientTape` gradients
 of the Keras optimizer given, applied to the DTensor variables by
 `DTensorOptimizer` (Keras 3's rules for SGD, Adam and AdamW, checked
 against Keras by test; see its docstring for why not tf_keras' DTensor
-optimizers). Inside every `MoeLayer`
-the dispatched rows <[E, G*C, D]> are relaid out from batch-sharded to
-expert-sharded before the experts and back after them
-(`MoeLayer.relayout_hook`), so that each device runs only its E/n experts
-on the tokens of its batch shard.
+optimizers; Adafactor too). Inside every
+`MoeLayer` the dispatched rows <[E, G*C, D]> are moved to the devices of
+their experts before the experts and back after them
+(`MoeLayer.relayout_hook`), so that each device runs only its E/n experts.
 
 The Keras model stays the source of truth for saving and export:
 `sync_to_model()` copies the trained values into its variables. `save`
@@ -51,11 +53,32 @@ Example (runs on one device; with 8 devices use `"batch:2,expert:4"`):
 2
 >>> trainer.sync_to_model()  # the Keras model now holds the new weights
 
-Relayouts: with tokens sharded on `batch` and replicated over `expert`,
-entering the experts is a local slice and leaving them an all-gather over
-`expert`; layers other than the experts run replicated over `expert`. A
-mesh `batch:1,expert:n` therefore splits only the expert computation and
-memory, `batch:b,expert:1` is plain data parallelism.
+Layouts. GShard (default): the global batch is split over all b*n
+devices, device (i, j) of the mesh holding part i*n + j, so attention,
+routers, embeddings and heads run on 1/(b*n) of the examples. A DTensor
+layout cannot split one tensor axis over two mesh axes, so these
+activations are batch-sharded DTensors nominally replicated over
+`expert` whose devices along `expert` hold different examples; the
+trainer crosses the expert axis explicitly (see `_spread_over_experts`):
+in every MoE layer, rows <[N, E, D]> (N = G*C of a device's groups) ->
+<[n, N, E, D]> with the new axis on `expert` -> all-to-all to
+<[n, N, E, D]> with E on `expert` -> <[E, N*n, D]> for the experts, and
+the inverse after them; the loss is the mean of the devices' losses and
+the gradients of weights outside the experts are summed over `expert`
+too. The routing groups of a device are its own tokens, so a model whose
+`group_size` lets a group span two devices' examples routes differently
+from one device (with `group_size=None`, a group is a sequence). The
+batch size must be a multiple of b*n. Known DTensor limit (TensorFlow
+2.20): on a `batch:1` mesh with one routing group per device (one
+sequence each), a forward-only trace (`test_step`) fails in DTensor's
+SPMD expansion ("The last dimensions of TopKV2Op outputs should be
+UNSHARDED"; training steps expand): give each device two or more
+examples there. Replicated (`layout="replicated"`,
+the earlier layout, kept as a baseline): the batch is split over `batch`
+and replicated over `expert`; entering the experts is a local slice and
+leaving them an all-gather over `expert`, and every other layer runs
+replicated over `expert`. On `batch:b,expert:1` both are plain data
+parallelism.
 
 Limits: router noise and dropout draw from the same seeds as on one
 device but DTensor may split the draws differently, so such runs are not
@@ -114,7 +137,11 @@ from keras_moe.utils.files import atomic_path
 
 CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v1"
 # Keras 3 optimizers whose update rule `DTensorOptimizer` implements.
-SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "SGD")
+SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "Adafactor", "SGD")
+# Token layouts of `ExpertParallelTrainer(layout=...)`.
+GSHARD = "gshard"
+REPLICATED = "replicated"
+LAYOUTS = (GSHARD, REPLICATED)
 # Options the trainer does not implement, with the values that disable them.
 _UNSUPPORTED_OPTIMIZER_OPTIONS = {
     "use_ema": False,
@@ -210,6 +237,8 @@ class DTensorOptimizer:
                 learning_rate
             )
         self.slot_names = ["m", "v"] if kind in ("Adam", "AdamW") else []
+        if kind == "Adafactor":
+            self.slot_names = ["r", "c", "v"]
         if kind in ("Adam", "AdamW") and config["amsgrad"]:
             self.slot_names.append("v_hat")
         if kind == "SGD" and config["momentum"] != 0:
@@ -236,10 +265,12 @@ class DTensorOptimizer:
         self.slots = [
             {
                 name: dtensor.DVariable(
-                    _to_mesh(tf.zeros(v.shape, v.dtype), layout),
+                    _to_mesh(tf.zeros(shape, v.dtype), slot_layout),
                     trainable=False,
                 )
-                for name in self.slot_names
+                for name, (shape, slot_layout) in self._slot_specs(
+                    v, layout
+                ).items()
             }
             for v, layout in zip(keras_variables, layouts)
         ]
@@ -252,6 +283,26 @@ class DTensorOptimizer:
             bool(decay) and self.keras_optimizer._use_weight_decay(v.value)
             for v in keras_variables
         ]
+
+    def _slot_specs(self, variable, layout):
+        """{slot name: (shape, layout)} of one weight's slots."""
+        shape = tuple(variable.shape)
+        if self.kind != "Adafactor":
+            return {name: (shape, layout) for name in self.slot_names}
+        specs = list(layout.sharding_specs)
+        if len(shape) < 2:
+            # Keras keeps scalar placeholders for r and c of such weights.
+            scalar = mesh_lib.replicated_layout(layout.mesh, 0)
+            return {"r": ((), scalar), "c": ((), scalar), "v": (shape, layout)}
+        # r drops the last axis, c the second to last: [..., M, N] ->
+        # [..., M] and [..., N], each keeping the other axes' sharding.
+        row = dtensor.Layout(specs[:-1], layout.mesh)
+        col = dtensor.Layout(specs[:-2] + specs[-1:], layout.mesh)
+        return {
+            "r": (shape[:-1], row),
+            "c": (shape[:-2] + shape[-1:], col),
+            "v": (shape, layout),
+        }
 
     @property
     def variables(self):
@@ -319,6 +370,8 @@ class DTensorOptimizer:
                 value = value - value * decay * lr
             if self.kind == "SGD":
                 value, slots = self._sgd(value, slots, grad, lr)
+            elif self.kind == "Adafactor":
+                value, slots = self._adafactor(value, slots, grad, lr, step)
             else:
                 value, slots = self._adam(value, slots, grad, lr, step)
             variable.assign(value)
@@ -356,6 +409,46 @@ class DTensorOptimizer:
         value = value - (m * alpha) / (tf.sqrt(v) + config["epsilon"])
         return value, new_slots
 
+    def _adafactor(self, value, slots, grad, lr, step):
+        """Keras 3's Adafactor: second moments factored over the last two
+        axes (rows r, columns c) for weights of rank >= 2, the relative
+        step size `min(lr, 1/sqrt(t))` and the update clipped by its RMS."""
+        config = self.config
+        dtype = value.dtype
+        local_step = tf.cast(step + 1, dtype)
+        if self._schedule is None and config["relative_step"]:
+            lr = tf.minimum(lr, 1 / tf.sqrt(local_step))
+        rho = tf.minimum(lr, 1 / tf.sqrt(local_step))
+        alpha = (
+            tf.maximum(tf.cast(config["epsilon_2"], dtype), _rms(value)) * rho
+        )
+        grad_square = tf.square(grad) + config["epsilon_1"]
+        beta_2 = 1 - tf.pow(local_step, config["beta_2_decay"])
+        if value.shape.rank >= 2:
+            r = beta_2 * slots["r"] + (1 - beta_2) * tf.reduce_mean(
+                grad_square, axis=-1
+            )
+            c = beta_2 * slots["c"] + (1 - beta_2) * tf.reduce_mean(
+                grad_square, axis=-2
+            )
+            # v[..., i, j] = r[..., i] / mean(r) * c[..., j]
+            v = (r / tf.reduce_mean(r, axis=-1, keepdims=True))[
+                ..., None
+            ] * tf.expand_dims(c, -2)
+            new_slots = {"r": r, "c": c, "v": v}
+        else:
+            v = beta_2 * slots["v"] + (1 - beta_2) * grad_square
+            new_slots = {"r": slots["r"], "c": slots["c"], "v": v}
+        update = grad / tf.sqrt(v)
+        update = update / tf.maximum(
+            tf.cast(1.0, dtype), _rms(update) / config["clip_threshold"]
+        )
+        return value - alpha * update, new_slots
+
+
+def _rms(x):
+    return tf.sqrt(tf.reduce_mean(tf.square(x)))
+
 
 def _to_mesh(value, layout):
     """A whole (host) value -> a DTensor of `layout`."""
@@ -389,13 +482,31 @@ class ExpertParallelTrainer:
         loss: a Keras loss (object, name or function) of
             `(y_true, y_pred)`; the MoE auxiliary losses are added to it.
         devices: devices of a mesh given as a spec or dict.
+        layout: `"gshard"` (default): each global batch is split over all
+            `batch * expert` devices, so every layer but the experts runs
+            on 1/(b*n) of the examples, and each MoE layer moves its
+            dispatched rows to the devices of their experts and back
+            (two all-to-alls over `expert`); the batch size must be a
+            multiple of `batch * expert`. `"replicated"`: the batch is
+            split over `batch` only and replicated over `expert` (entering
+            the experts is a local slice, leaving them an all-gather);
+            kept as the baseline the benchmarks compare against. The two
+            are the same on a mesh with `expert:1`.
 
     Attributes:
         model, mesh, optimizer (the Keras optimizer, kept for its config),
         loss, step (the number of steps applied).
     """
 
-    def __init__(self, model, mesh, optimizer="adam", loss=None, devices=None):
+    def __init__(
+        self,
+        model,
+        mesh,
+        optimizer="adam",
+        loss=None,
+        devices=None,
+        layout=GSHARD,
+    ):
         if not isinstance(model, keras.Model):
             raise ValueError(
                 f"model must be a keras.Model; received {type(model).__name__}"
@@ -407,6 +518,10 @@ class ExpertParallelTrainer:
             )
         if loss is None:
             raise ValueError("loss is required (a Keras loss or its name)")
+        if layout not in LAYOUTS:
+            raise ValueError(
+                f"layout must be one of {LAYOUTS}; received {layout!r}"
+            )
         if getattr(model, "ensemble_size", 1) > 1:
             # EnsembleTile tiles the batch with `tf.tile`, which DTensor
             # cannot expand on a batch-sharded tensor (even on one device).
@@ -433,6 +548,12 @@ class ExpertParallelTrainer:
                         "experts"
                     )
                 expert_weights.update(id(w) for w in layer.weights)
+        if not self._moe_layers:
+            raise ValueError(
+                f"model {model.name!r} has no MoeLayer: there are no experts "
+                "to shard (train a dense model with a tf.distribute "
+                "strategy, keras_moe.distribution.strategies)"
+            )
         self._optimizer = DTensorOptimizer(optimizer)
         self.loss = keras.losses.get(loss)
         if not callable(self.loss):
@@ -444,6 +565,16 @@ class ExpertParallelTrainer:
         )
         self.model = model
         self.mesh = mesh
+        self.layout_name = layout
+        # GShard spreads the batch over the expert axis too (see
+        # `_spread_over_experts`); with one device on that axis the two
+        # layouts are the same computation.
+        self._spread = layout == GSHARD and expert_size > 1
+        # <[n]> zeros sharded on `expert`: adding them to a value with a new
+        # leading axis gives each device's own value a place on that axis.
+        self._expert_zeros = _to_mesh(
+            tf.zeros([expert_size]), mesh_lib.expert_weight_layout(mesh, 1)
+        )
         self.optimizer = self._optimizer.keras_optimizer
         self.step = 0
         self._expert_weights = expert_weights
@@ -458,6 +589,7 @@ class ExpertParallelTrainer:
         ]
         self._optimizer.build(model.trainable_variables, self._layouts, mesh)
         self._train_step = tf.function(self._step)
+        self._test_step = tf.function(self._eval_step)
 
     # Layouts ---------------------------------------------------------------
 
@@ -483,12 +615,126 @@ class ExpertParallelTrainer:
         """DTensor values of `model.non_trainable_variables`."""
         return [v.read_value() for v in self._non_trainable]
 
+    # GShard: every device holds its own part of the batch -------------------
+    #
+    # A DTensor layout shards a tensor axis over one mesh axis, so a batch
+    # axis cannot be split over `batch` and `expert` together, and a Keras
+    # model's activations have no second axis to put `expert` on. The
+    # trainer therefore gives the model batch-sharded values that are
+    # nominally replicated over `expert` while each device along `expert`
+    # holds a different part of the batch ("per-device" values). DTensor
+    # never communicates over an axis it believes replicated, so every
+    # layer runs on its device's rows alone; the trainer crosses the
+    # expert axis only explicitly, where the step needs it:
+    #
+    #   `_spread_over_experts`   per-device <[...]> -> <[n, ...]> sharded on
+    #                            `expert` (slice j: the value of devices
+    #                            at expert coordinate j; no communication)
+    #   `_gather_from_experts`   the inverse (no communication)
+    #
+    # The MoE rows go through the spread, an all-to-all over `expert` and
+    # the experts, and back; the loss is averaged and the gradients of the
+    # weights outside the experts are summed over the spread axis. The
+    # spread and the gather are each other's gradient.
+
+    def _spread_over_experts(self, value, specs):
+        """Per-device `value` (layout `specs` on its axes) -> <[n, ...]>
+        with the new axis on `expert`."""
+
+        @tf.custom_gradient
+        def spread(value):
+            def grad(upstream):
+                return self._gather_values(upstream, specs)
+
+            return self._spread_values(value, specs), grad
+
+        return spread(value)
+
+    def _gather_from_experts(self, value, specs):
+        """<[n, ...]> sharded on `expert` (layout `specs` on the other
+        axes) -> the per-device value of slice j on expert coordinate j."""
+
+        @tf.custom_gradient
+        def gather(value):
+            def grad(upstream):
+                return self._spread_values(upstream, specs)
+
+            return self._gather_values(value, specs), grad
+
+        return gather(value)
+
+    def _spread_values(self, value, specs):
+        # Pin the per-device layout: DTensor would otherwise propagate the
+        # sharding chosen after the spread back into the ops before it.
+        value = dtensor.relayout(value, dtensor.Layout(specs, self.mesh))
+        zeros = tf.reshape(
+            tf.cast(self._expert_zeros, value.dtype),
+            [-1] + [1] * value.shape.rank,
+        )
+        # (...) -> (1, ...) + (n, 1, ...): local (1, ...) on every device.
+        spread = tf.expand_dims(value, 0) + zeros
+        return dtensor.relayout(
+            spread,
+            dtensor.Layout([mesh_lib.EXPERT_AXIS] + list(specs), self.mesh),
+        )
+
+    def _gather_values(self, value, specs):
+        specs = [mesh_lib.EXPERT_AXIS] + list(specs)
+        value = dtensor.relayout(value, dtensor.Layout(specs, self.mesh))
+        # A parted layout keeps each device's shard as it is: the sum over
+        # the spread axis is then the local one-row sum, no all-reduce.
+        parted = dtensor.Layout(specs, self.mesh).to_parted()
+        value = tf.reduce_sum(dtensor.relayout(value, parted), axis=0)
+        return dtensor.relayout(value, dtensor.Layout(specs[1:], self.mesh))
+
+    def _gshard_rows(self, rows, to):
+        """The all-to-alls of GShard around the experts.
+
+        Before the experts: per-device rows <[E, N, D]> (N = G*C of this
+        device's groups, on `batch`) -> <[E, n*N, D]> with E on `expert`:
+        each device receives, from the n devices of its `batch` row, their
+        rows of its E/n experts. After them, the inverse.
+        """
+        unsharded = dtensor.UNSHARDED
+        batch, expert = mesh_lib.BATCH_AXIS, mesh_lib.EXPERT_AXIS
+        if to == RELAYOUT_TO_EXPERTS:
+            # (E, N, D) -> (N, E, D) -> (n, N, E, D), spread on expert
+            rows = tf.transpose(rows, (1, 0, 2))
+            rows = self._spread_over_experts(
+                rows, [batch, unsharded, unsharded]
+            )
+            # All-to-all: the spread axis first, then the groups, is the
+            # order whose relayout DTensor computes exactly (see tests).
+            rows = dtensor.relayout(
+                rows,
+                dtensor.Layout(
+                    [unsharded, batch, expert, unsharded], self.mesh
+                ),
+            )
+            # (n, N, E, D) -> (E, N, n, D) -> (E, N*n, D)
+            rows = tf.transpose(rows, (2, 1, 0, 3))
+            return tf.reshape(rows, [rows.shape[0], -1, rows.shape[-1]])
+        n = self.mesh.dim_size(expert)
+        num_experts, model_dim = rows.shape[0], rows.shape[-1]
+        # (E, N*n, D) -> (E, N, n, D) -> (n, N, E, D)
+        rows = tf.reshape(rows, [num_experts, -1, n, model_dim])
+        rows = tf.transpose(rows, (2, 1, 0, 3))
+        rows = dtensor.relayout(
+            rows,
+            dtensor.Layout([expert, batch, unsharded, unsharded], self.mesh),
+        )
+        rows = self._gather_from_experts(rows, [batch, unsharded, unsharded])
+        # (N, E, D) -> (E, N, D)
+        return tf.transpose(rows, (1, 0, 2))
+
     def _relayout_rows(self, rows, to):
         """`MoeLayer.relayout_hook`: expert rows <[E, G*C, D]> between the
         token layout (N on `batch`) and the expert layout (E on `expert`,
         N on `batch`)."""
         if to not in (RELAYOUT_TO_EXPERTS, RELAYOUT_TO_TOKENS):
             raise ValueError(f"unknown relayout target {to!r}")
+        if self._spread:
+            return self._gshard_rows(rows, to)
         expert = dtensor.UNSHARDED
         if to == RELAYOUT_TO_EXPERTS:
             expert = mesh_lib.EXPERT_AXIS
@@ -531,7 +777,31 @@ class ExpertParallelTrainer:
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
         for aux in aux_losses:
             loss = loss + tf.reduce_sum(tf.cast(aux, loss.dtype))
+        if self._spread:
+            # Each device's loss is a mean over its equal share of the
+            # batch (and of the routing groups): the step's loss is their
+            # mean over the expert axis.
+            loss = tf.reduce_mean(self._spread_over_experts(loss, []))
         return loss
+
+    def _sum_over_experts(self, grads):
+        """Gradients of the weights outside the experts are per-device
+        (summed over `batch` only): sum them over `expert` as well."""
+        if not self._spread:
+            return grads
+        return [
+            (
+                g
+                if g is None or id(v) in self._expert_weights
+                else tf.reduce_sum(
+                    self._spread_over_experts(
+                        g, [dtensor.UNSHARDED] * g.shape.rank
+                    ),
+                    axis=0,
+                )
+            )
+            for g, v in zip(grads, self.model.trainable_variables)
+        ]
 
     def _step(self, x, y, sample_weight=None):
         with tf.GradientTape() as tape:
@@ -541,6 +811,7 @@ class ExpertParallelTrainer:
             loss = self._total_loss(y, y_pred, sample_weight, aux_losses)
         with _dtensor_safe_top_k_gradient():
             grads = tape.gradient(loss, self._trainable)
+        grads = self._sum_over_experts(grads)
         # Reduce the gradients of weights that the batch shards share (they
         # come back as pending sums over `batch`) into the weights' layouts.
         grads = [
@@ -552,28 +823,47 @@ class ExpertParallelTrainer:
             variable.assign(value)
         return loss
 
+    def _eval_step(self, x, y, sample_weight=None):
+        y_pred, _, aux_losses = self._forward(
+            self.trainable_values, self.non_trainable_values, x, False
+        )
+        return self._total_loss(y, y_pred, sample_weight, aux_losses)
+
     def _shard_batch(self, value):
         """A host array <[B, ...]> -> a DTensor sharded on `batch`: each
-        local device gets only its own rows."""
+        local device gets only its own rows. With the GShard layout the
+        rows are split over all b*n devices: device (i, j) gets part
+        i*n + j (a per-device value of global batch B/n)."""
         value = tf.convert_to_tensor(value)
         batch_size = self.mesh.dim_size(mesh_lib.BATCH_AXIS)
+        expert_size = self.mesh.dim_size(mesh_lib.EXPERT_AXIS)
         if value.shape.rank == 0:
             raise ValueError("inputs and labels need a batch axis")
         rows = value.shape[0]
-        if rows % batch_size:
+        parts = batch_size * expert_size if self._spread else batch_size
+        if rows % parts:
+            where = (
+                f"batch * expert = {batch_size} * {expert_size} = {parts} "
+                "devices (the GShard layout splits it over every device)"
+                if self._spread
+                else f"batch axis of size {batch_size}"
+            )
             raise ValueError(
                 f"a batch of {rows} examples cannot be split over the mesh's "
-                f"batch axis of size {batch_size}: use a batch size that is a "
-                "multiple of it (drop_remainder=True for tf.data)"
+                f"{where}: use a batch size that is a multiple of {parts} "
+                "(drop_remainder=True for tf.data)"
             )
-        per_shard = rows // batch_size
-        shards = [
-            value[i * per_shard : (i + 1) * per_shard]
-            for i in (
-                location[mesh_lib.BATCH_AXIS]
-                for location in self.mesh.local_device_locations()
-            )
-        ]
+        per_shard = rows // parts
+        locations = self.mesh.local_device_locations()
+        if self._spread:
+            index = [
+                loc[mesh_lib.BATCH_AXIS] * expert_size
+                + loc[mesh_lib.EXPERT_AXIS]
+                for loc in locations
+            ]
+        else:
+            index = [loc[mesh_lib.BATCH_AXIS] for loc in locations]
+        shards = [value[i * per_shard : (i + 1) * per_shard] for i in index]
         layout = mesh_lib.batch_layout(self.mesh, value.shape.rank)
         return dtensor.pack(shards, layout)
 
@@ -592,6 +882,17 @@ class ExpertParallelTrainer:
         loss = self._train_step(*args)
         self.step += 1
         return float(dtensor.unpack(loss)[0])
+
+    def test_step(self, x, y, sample_weight=None):
+        """The loss of a global batch with `training=False`, no update.
+
+        The same loss as `train_step` (the model's loss plus the MoE
+        auxiliary losses), with the layers in inference mode (the MoE
+        layers' `eval_capacity_factor`); arguments as for `train_step`.
+        """
+        args = [x, y] if sample_weight is None else [x, y, sample_weight]
+        args = tf.nest.map_structure(self._shard_batch, args)
+        return float(dtensor.unpack(self._test_step(*args))[0])
 
     def fit(self, dataset, steps=None, callbacks=None):
         """Trains on batches of `dataset`; returns the per-step losses.

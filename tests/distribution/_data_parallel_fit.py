@@ -70,9 +70,9 @@ def _reference_model(name):
 
     keras.utils.set_random_seed(0)
     if name == "vit":
-        dense = ViT.from_preset("vit_tiny", dropout_rate=0.0)
+        dense = ViT.from_architecture("vit_tiny", dropout_rate=0.0)
     else:
-        dense = T5.from_preset("t5_tiny", dropout_rate=0.0)
+        dense = T5.from_architecture("t5_tiny", dropout_rate=0.0)
     # Router noise is off by default (jitter_noise = noise_std = 0).
     model = keras_moe.upcycle(dense, num_experts=4, seed=0)
     return type(model), model.get_config(), model.get_weights()

@@ -7,8 +7,9 @@ Run by tests/distribution/test_expert_parallel.py in a subprocess:
 Prints one JSON line with
 
 * the ValueError messages of a mesh whose expert axis does not divide a
-  MoE layer's experts, of a batch that does not split over the batch axis
-  (and the trainer's step count after it), and of a spec whose size is not
+  MoE layer's experts, of a batch that does not split over the mesh's
+  devices (GShard layout; and the trainer's step count after it) or over
+  its batch axis (replicated layout), and of a spec whose size is not
   the device count; the default devices;
 * the losses and final weights of 3 Adam steps of a model with two MoE
   layers (token and expert choice) on the mesh batch:2,expert:4 and with
@@ -95,6 +96,12 @@ def main():
     y = np.zeros((6,), "int32")
     report["batch_axis"] = message(lambda: trainer.train_step(x, y))
     report["steps_after_bad_batch"] = trainer.step
+    replicated = ExpertParallelTrainer(
+        model(8), "batch:4,expert:2", loss=LOSS, layout="replicated"
+    )
+    report["batch_axis_replicated"] = message(
+        lambda: replicated.train_step(x, y)
+    )
 
     rng = np.random.default_rng(1)
     data = [

@@ -460,7 +460,9 @@ def test_e3_models_are_refused():
     from keras_moe.models.vit import ViT
     from keras_moe.upcycling import upcycle
 
-    model = upcycle(ViT.from_preset("vit_tiny"), num_experts=4, ensemble_size=2)
+    model = upcycle(
+        ViT.from_architecture("vit_tiny"), num_experts=4, ensemble_size=2
+    )
     with pytest.raises(
         ValueError, match="ensemble_size=2\\) are not supported"
     ):
@@ -490,8 +492,9 @@ def small_eight_device_run():
 
 
 def test_mesh_checks_on_eight_devices(small_eight_device_run):
-    """Expert axis not dividing E, a batch not splitting over the batch
-    axis: raised before any work, with the numbers."""
+    """Expert axis not dividing E, a batch not splitting over the devices
+    (GShard) or the batch axis (replicated layout): raised before any
+    work, with the numbers."""
     report = small_eight_device_run
     assert report["expert_axis"] == (
         "MoE layer 'moe' has num_experts=6, which the mesh's expert "
@@ -499,6 +502,10 @@ def test_mesh_checks_on_eight_devices(small_eight_device_run):
         "number of experts"
     )
     assert report["batch_axis"].startswith(
+        "a batch of 6 examples cannot be split over the mesh's batch * "
+        "expert = 4 * 2 = 8 devices"
+    )
+    assert report["batch_axis_replicated"].startswith(
         "a batch of 6 examples cannot be split over the mesh's batch axis "
         "of size 4"
     )
@@ -589,15 +596,17 @@ def test_expert_weights_and_rows_are_expert_sharded(
     assert kernel["shards"] == [[experts_per_device, 32, 64]] * 8
     to_experts, to_tokens = summary[f"{mesh}/expert_rows"]
     batch_shards = 2 if mesh == "2x4" else 1
-    # [E, G*C, D]: G = 8 images, C = ceil(17 * 2 / 8) = 5 slots per group.
-    assert to_experts["global"] == [8, 40, 32]
+    # [E, G*C, D]: G = 16 images, C = ceil(17 * 2 / 8) = 5 slots per group.
+    assert to_experts["global"] == [8, 80, 32]
     assert to_experts["specs"] == ["expert", "batch", "unsharded"]
     assert (
         to_experts["shards"]
-        == [[experts_per_device, 40 // batch_shards, 32]] * 8
+        == [[experts_per_device, 80 // batch_shards, 32]] * 8
     )
+    # Back in the token layout, each device holds the rows of its own 2
+    # images (GShard: the batch of 16 is split over all 8 devices).
     assert to_tokens["specs"] == ["unsharded", "batch", "unsharded"]
-    assert to_tokens["shards"] == [[8, 40 // batch_shards, 32]] * 8
+    assert to_tokens["shards"] == [[8, 2 * 5, 32]] * 8
 
 
 @pytest.mark.slow
