@@ -1,25 +1,33 @@
-r"""Trains the small vision-language model on the digits task mixture.
+r"""Trains the small vision-language model as PaLI-X builds it.
 
-Trains a `VisionLanguageModel` (ViT image encoder, T5 encoder-decoder) on
-multilingual digit captioning, questions about two-digit images and
-text-only span corruption (`keras_moe.data.vlm_tasks`), then prints and
-writes exact match on held-out images, per captioning language, with the
+Pre-trains a ViT (digit classification) and a T5 (span corruption), reads
+both back as checkpoints into a `VisionLanguageModel`, trains it on the
+digits task mixture (`keras_moe.data.vlm_tasks`: captions in four
+languages, questions about two-digit images, two multi-image tasks
+(few-shot captioning, "which image shows 7?"), text-only span corruption)
+with the ViT frozen at low resolution (stage 1), then at a higher
+resolution with the ViT trained (stage 2); with `--upcycle` the stage-2
+model is also upcycled to MoE and trained further beside its dense
+continuation. Prints and writes exact match on held-out images, with the
 real images and with the images blanked out (zeros). See
 `keras_moe/experiments/vlm.py` for what is measured and the files written
-to `--output_dir` (results.csv, results.md, exact_match.png, loss.png and
-the trained `.keras` models). The embedded datasets are prepared on first
-use in `--data_dir`.
+to `--output_dir` (results.csv, paired.csv, pretraining.csv, results.md,
+exact_match.png, loss.png); `--model_dir` keeps the pre-trained checkpoints
+and the trained `.keras` models. The embedded datasets are prepared on
+first use in `--data_dir`.
 
 Usage:
 
-    # The default run (2 CPU cores: a few minutes):
-    python -m apps.train_vlm --output_dir=/tmp/vlm
+    # The committed results (docs/VLM.md; 2 CPU cores: about 20 minutes):
+    python -m apps.train_vlm --upcycle --output_dir=docs/results/vlm
 
-    # Three languages, another mixture, then upcycled to 8 experts:
-    python -m apps.train_vlm --languages=en,de,es --caption_rate=0.6 \
-        --vqa_rate=0.3 --span_corruption_rate=0.1 --upcycle --num_experts=8
+    # Three languages, another mixture, models kept:
+    python -m apps.train_vlm --languages=en,de,es --caption_rate=0.4 \
+        --vqa_rate=0.2 --fewshot_rate=0.2 --which_rate=0.1 \
+        --span_corruption_rate=0.1 \
+        --model_dir=/tmp/vlm_models
 
-    # Skip the blank-image ablation:
+    # Skip the blank-image control:
     python -m apps.train_vlm --noblank_images
 
     # The CI smoke run (a tiny model, a few steps):
@@ -33,7 +41,7 @@ from keras_moe.data import vlm_tasks
 from keras_moe.experiments import vlm
 
 _OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", "results/vlm", "Directory of the results and models."
+    "output_dir", "results/vlm", "Directory of the result files."
 )
 _LANGUAGES = flags.DEFINE_list(
     "languages",
@@ -50,37 +58,58 @@ _VQA_RATE = flags.DEFINE_float(
     vlm_tasks.DEFAULT_RATES["vqa"],
     "Sampling rate of the digit question-answering task.",
 )
+_FEWSHOT_RATE = flags.DEFINE_float(
+    "fewshot_rate",
+    vlm_tasks.DEFAULT_RATES["fewshot"],
+    "Sampling rate of multi-image few-shot captioning.",
+)
+_WHICH_RATE = flags.DEFINE_float(
+    "which_rate",
+    vlm_tasks.DEFAULT_RATES["which"],
+    "Sampling rate of the multi-image 'which image shows N?' task.",
+)
 _SPAN_RATE = flags.DEFINE_float(
     "span_corruption_rate",
     vlm_tasks.DEFAULT_RATES["span_corruption"],
     "Sampling rate of text-only span corruption.",
 )
-_STEPS = flags.DEFINE_integer(
-    "steps", None, "Training steps (default 1000; 20 with --small)."
-)
-_BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", None, "Examples per step (default 64; 16 with --small)."
-)
+_STEP_FLAGS = {
+    name: flags.DEFINE_integer(
+        name,
+        None,
+        f"{what} (default {getattr(vlm.VlmConfig, name)}; "
+        f"{vlm._SMALL[name]} with --small).",
+    )
+    for name, what in (
+        ("vit_pretrain_steps", "Steps of the ViT's pre-training"),
+        ("t5_pretrain_steps", "Steps of the T5's pre-training"),
+        ("stage1_steps", "Mixture steps with the ViT frozen"),
+        ("stage2_steps", "Mixture steps at the higher resolution"),
+        ("upcycle_steps", "Steps of the upcycled and continued arms"),
+        ("batch_size", "Examples per step"),
+    )
+}
 _LEARNING_RATE = flags.DEFINE_float(
-    "learning_rate", 2e-3, "Peak Adam learning rate."
+    "learning_rate",
+    2e-3,
+    "Peak Adam learning rate of pre-training and stage 1.",
+)
+_STAGE2_LEARNING_RATE = flags.DEFINE_float(
+    "stage2_learning_rate", 5e-4, "Peak Adam learning rate of stage 2."
 )
 _UPCYCLE = flags.DEFINE_boolean(
     "upcycle",
     False,
-    "Upcycle the trained model (paper recipe) and train it further.",
+    "Upcycle the stage-2 model (paper recipe) and train it further, beside "
+    "its dense continuation.",
 )
 _NUM_EXPERTS = flags.DEFINE_integer(
     "num_experts", 8, "Experts per upcycled MLP block (with --upcycle)."
 )
-_UPCYCLE_STEPS = flags.DEFINE_integer(
-    "upcycle_steps",
-    None,
-    "Training steps of the upcycled model (default 300; 10 with --small).",
-)
 _BLANK_IMAGES = flags.DEFINE_boolean(
     "blank_images",
     True,
-    "Also score the model with the images replaced by zeros (ablation).",
+    "Also score the models with the images replaced by zeros (control).",
 )
 _SMALL = flags.DEFINE_boolean(
     "small", False, "A tiny model and a few steps, for CI."
@@ -90,10 +119,21 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "TFDS data directory (default: keras_moe's)."
 )
 _VIT_CHECKPOINT = flags.DEFINE_string(
-    "vit_checkpoint", None, "Dense ViT checkpoint to start from."
+    "vit_checkpoint",
+    None,
+    "Dense ViT checkpoint to start from instead of pre-training one "
+    "(it must take the stage-1 image size, 4x8).",
 )
 _T5_CHECKPOINT = flags.DEFINE_string(
-    "t5_checkpoint", None, "Dense T5 checkpoint to start from."
+    "t5_checkpoint",
+    None,
+    "Dense T5 checkpoint to start from instead of pre-training one.",
+)
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Where to keep the pre-trained checkpoints and the trained models "
+    "(default: not kept).",
 )
 _JIT_COMPILE = flags.DEFINE_boolean(
     "jit_compile", False, "XLA-compile the training step."
@@ -107,9 +147,12 @@ def config_from_flags():
         "rates": {
             "caption": _CAPTION_RATE.value,
             "vqa": _VQA_RATE.value,
+            "fewshot": _FEWSHOT_RATE.value,
+            "which": _WHICH_RATE.value,
             "span_corruption": _SPAN_RATE.value,
         },
         "learning_rate": _LEARNING_RATE.value,
+        "stage2_learning_rate": _STAGE2_LEARNING_RATE.value,
         "upcycle": _UPCYCLE.value,
         "num_experts": _NUM_EXPERTS.value,
         "blank_images": _BLANK_IMAGES.value,
@@ -117,13 +160,10 @@ def config_from_flags():
         "data_dir": _DATA_DIR.value,
         "vit_checkpoint": _VIT_CHECKPOINT.value,
         "t5_checkpoint": _T5_CHECKPOINT.value,
+        "model_dir": _MODEL_DIR.value,
         "jit_compile": _JIT_COMPILE.value,
     }
-    for name, holder in (
-        ("steps", _STEPS),
-        ("batch_size", _BATCH_SIZE),
-        ("upcycle_steps", _UPCYCLE_STEPS),
-    ):
+    for name, holder in _STEP_FLAGS.items():
         if holder.value is not None:
             overrides[name] = holder.value
     make = vlm.VlmConfig.small if _SMALL.value else vlm.VlmConfig
