@@ -174,9 +174,13 @@ def test_small_e3_run_end_to_end(tmp_path):
         "vmoe_k2",
         "e3_m2_k1",
         "ensemble_2x_vmoe_k1",
+        "dense_continued",
+        "upcycled_vmoe_k2",
+        "upcycled_e3_m2_k1",
     ]
-    assert (output_dir / "results.md").read_text().count("\n| ") >= 6
-    assert (output_dir / "e3_metrics.png").stat().st_size > 0
+    assert (output_dir / "results.md").read_text().count("\n| ") >= 9
+    assert (output_dir / "paired.csv").stat().st_size > 0
+    assert (output_dir / "e3_quality_vs_flops.png").stat().st_size > 0
 
 
 if __name__ == "__main__":

@@ -48,8 +48,39 @@ from keras_moe.layers import routing
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.layers.routers import ExpertsChooseRouter
 from keras_moe.layers.routers import TokensChooseRouter
+from keras_moe.utils.checks import check_positive_int
 
 AVERAGE_MODES = ("probabilities", "log_probabilities", "logits")
+# vmoe's E^3 router losses (V-MoE's importance and load losses, 0.005 each).
+VMOE_LOSS_WEIGHTS = {
+    "router_z_loss_weight": 0.0,
+    "load_balancing_loss_weight": 0.0,
+    "importance_loss_weight": 0.005,
+    "load_loss_weight": 0.005,
+}
+# The Switch recipe (`MoeLayer`'s defaults): load balancing and z-loss.
+SWITCH_LOSS_WEIGHTS = {
+    "router_z_loss_weight": 1e-3,
+    "load_balancing_loss_weight": 1e-2,
+    "importance_loss_weight": 0.0,
+    "load_loss_weight": 0.0,
+}
+
+
+def default_noise_std(num_experts, ensemble_size):
+    """vmoe's router noise of an E^3 layer: 1 / (E/M), E/M experts a member.
+
+    vmoe configures `noise_std=1.0` and divides it by the experts a token
+    chooses among, which in E^3 are the E/M experts of its member.
+
+    Example:
+
+    >>> default_noise_std(num_experts=8, ensemble_size=2)
+    0.25
+    """
+    check_positive_int("num_experts", num_experts)
+    check_ensemble_size(ensemble_size, num_experts)
+    return 1.0 / (num_experts // ensemble_size)
 
 
 def check_ensemble_size(ensemble_size, num_experts=None):
@@ -238,6 +269,16 @@ class EnsembleMoeLayer(MoeLayer):
     like any MoE layer. With `ensemble_size=1` it computes exactly what
     `MoeLayer` does.
 
+    Router defaults are vmoe's E^3 configuration
+    (`eee_s32_last2_ilsvrc2012_ft_cifar100`): noisy top-K gating, Gaussian
+    noise of std `1 / (E/M)` on each member's E/M logits during training
+    only (`noise_std=None`), and V-MoE's importance and load losses with
+    weight 0.005 each (`VMOE_LOSS_WEIGHTS`); no Switch load-balancing loss
+    and no z-loss. Both losses are computed per member, over the member's
+    E/M experts, and averaged over members (`MoeLayer`'s routers average
+    them over the member-major groups). The Switch recipe stays available:
+    pass `noise_std=0.0, **SWITCH_LOSS_WEIGHTS` (MoeLayer's defaults).
+
     `group_size` S counts the tokens of all M members (as in vmoe) and must
     be a multiple of M: each member routes S/M tokens per group, padded per
     member like `MoeLayer` pads. With `group_size=None` each member's
@@ -250,6 +291,11 @@ class EnsembleMoeLayer(MoeLayer):
         num_experts: E, a multiple of `ensemble_size`.
         hidden_dim: H of each expert.
         ensemble_size: M.
+        noise_std: std of the router noise (training only); None (default)
+            for vmoe's `1 / (E/M)`, 0 for none.
+        router_z_loss_weight, load_balancing_loss_weight,
+        importance_loss_weight, load_loss_weight: auxiliary loss weights
+            (defaults: `VMOE_LOSS_WEIGHTS`).
         **kwargs: `MoeLayer` arguments (`num_selected_experts` at most E/M).
 
     Example:
@@ -260,8 +306,30 @@ class EnsembleMoeLayer(MoeLayer):
     (6, 16, 8)
     """
 
-    def __init__(self, num_experts, hidden_dim, ensemble_size=1, **kwargs):
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        ensemble_size=1,
+        noise_std=None,
+        router_z_loss_weight=VMOE_LOSS_WEIGHTS["router_z_loss_weight"],
+        load_balancing_loss_weight=VMOE_LOSS_WEIGHTS[
+            "load_balancing_loss_weight"
+        ],
+        importance_loss_weight=VMOE_LOSS_WEIGHTS["importance_loss_weight"],
+        load_loss_weight=VMOE_LOSS_WEIGHTS["load_loss_weight"],
+        **kwargs,
+    ):
         check_ensemble_size(ensemble_size, num_experts)
+        if noise_std is None:
+            noise_std = default_noise_std(num_experts, ensemble_size)
+        kwargs.update(
+            noise_std=noise_std,
+            router_z_loss_weight=router_z_loss_weight,
+            load_balancing_loss_weight=load_balancing_loss_weight,
+            importance_loss_weight=importance_loss_weight,
+            load_loss_weight=load_loss_weight,
+        )
         group_size = kwargs.get("group_size")
         if (
             isinstance(group_size, int)

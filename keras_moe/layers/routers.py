@@ -193,7 +193,8 @@ class TokensChooseRouter(Router):
     """Token-choice router: top-K experts per token (Switch K=1, GShard K=2).
 
     Auxiliary losses: `router_z_loss`, `load_balancing_loss` (Switch, on the
-    chosen experts before capacity drops), `importance_loss` (V-MoE) and,
+    chosen experts before capacity drops), `importance_loss` (V-MoE, on the
+    softmax of the clean logits, as vmoe computes it) and,
     when `noise_std > 0` during training, `load_loss` (V-MoE noisy top-K).
 
     Args:
@@ -249,7 +250,10 @@ class TokensChooseRouter(Router):
             "load_balancing_loss": losses.load_balancing_loss(
                 probs, ops.cast(chosen, "int32")
             ),
-            "importance_loss": losses.importance_loss(probs),
+            # V-MoE: importance of the clean softmax, before the noise.
+            "importance_loss": losses.importance_loss(
+                ops.softmax(logits, axis=-1)
+            ),
         }
         if training and self.noise_std > 0:
             aux["load_loss"] = losses.load_loss(

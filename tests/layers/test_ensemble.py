@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from keras_moe.layers import losses
+from keras_moe.layers.ensemble import SWITCH_LOSS_WEIGHTS
 from keras_moe.layers.ensemble import EnsembleAverage
 from keras_moe.layers.ensemble import EnsembleExpertsChooseRouter
 from keras_moe.layers.ensemble import EnsembleMoeLayer
@@ -51,11 +52,14 @@ def _np_member_groups(tokens, group_size):
     )
 
 
-def _np_ensemble(layer, x, training):
+def _np_ensemble(layer, x, training, noise=None):
     """NumPy E^3 layer (relu experts). Returns (outputs, gates, combine).
 
     gates and combine are <float64>[M*B, T, E]: the block-diagonal router
     probabilities and the per-expert combine weights of every token.
+    `noise`, if given, is the standard normal draw <[M*G, S, E/M]> of the
+    router (member-major groups): member m's logits get
+    `layer.noise_std * noise[m*G:(m+1)*G]` before the softmax (noisy top-K).
     """
     members = layer.ensemble_size
     per_member = layer.num_experts // members
@@ -87,7 +91,12 @@ def _np_ensemble(layer, x, training):
         experts = slice(m * per_member, (m + 1) * per_member)
         tokens = x[m * batch : (m + 1) * batch].reshape(-1, dim)
         groups, mask = _np_member_groups(tokens, group_size)
-        probs = _softmax(groups @ kernel[:, experts])  # (G, S, E/M)
+        logits = groups @ kernel[:, experts]  # (G, S, E/M)
+        if noise is not None:
+            num_groups = len(groups)
+            member_noise = noise[m * num_groups : (m + 1) * num_groups]
+            logits = logits + layer.noise_std * member_noise
+        probs = _softmax(logits)
         if layer.router_type == "tokens_choose":
             routed = ref.tokens_choose(
                 probs,
@@ -143,6 +152,8 @@ def _layer(members=2, **kwargs):
     kwargs.setdefault(
         "router_kernel_initializer", keras.initializers.RandomNormal(stddev=1.0)
     )
+    # Noise-free unless a test asks for it (the default is vmoe's noise).
+    kwargs.setdefault("noise_std", 0.0)
     return EnsembleMoeLayer(
         num_experts=8, hidden_dim=12, ensemble_size=members, **kwargs
     )
@@ -214,7 +225,10 @@ def test_one_member_is_the_plain_moe_layer(kwargs, training):
         hidden_dim=12,
         noise_std=0.5,
         seed=7,
+        router_z_loss_weight=1e-3,
+        load_balancing_loss_weight=1e-2,
         importance_loss_weight=0.1,
+        load_loss_weight=0.2,
         router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
         **kwargs,
     )
@@ -245,6 +259,7 @@ def test_aux_losses_are_the_mean_of_each_members_losses():
         router_z_loss_weight=1.0,
         load_balancing_loss_weight=1.0,
         importance_loss_weight=1.0,
+        load_loss_weight=1.0,  # not added: no noise, no load loss
     )
     layer(x, training=True)
     kernel = _np(layer.router.kernel)
@@ -262,6 +277,136 @@ def test_aux_losses_are_the_mean_of_each_members_losses():
     np.testing.assert_allclose(
         [float(v) for v in layer.losses], expected, rtol=1e-5
     )
+
+
+def _fixed_normal(monkeypatch, draw):
+    """Makes the router's `keras.random.normal` return `draw` (its shape
+    checked), so that a noisy call sees a known noise; counts the calls."""
+    calls = []
+
+    def normal(shape, *args, **kwargs):
+        assert tuple(int(d) for d in shape) == draw.shape, shape
+        calls.append(tuple(shape))
+        return keras.ops.convert_to_tensor(draw, "float32")
+
+    monkeypatch.setattr(keras.random, "normal", normal)
+    return calls
+
+
+def test_defaults_are_vmoes_noisy_top_k_and_importance_load_losses():
+    layer = EnsembleMoeLayer(num_experts=8, hidden_dim=4, ensemble_size=2)
+    # vmoe: noise_std 1.0 divided by the E/M = 4 experts of a member.
+    assert layer.noise_std == 0.25
+    assert layer.loss_weights == {
+        "router_z_loss": 0.0,
+        "load_balancing_loss": 0.0,
+        "importance_loss": 0.005,
+        "load_loss": 0.005,
+    }
+    assert EnsembleMoeLayer(12, 4, ensemble_size=4).noise_std == 1.0 / 3
+    # The Switch recipe, still available.
+    switch = EnsembleMoeLayer(
+        8, 4, ensemble_size=2, noise_std=0.0, **SWITCH_LOSS_WEIGHTS
+    )
+    assert switch.noise_std == 0.0
+    assert switch.loss_weights == MoeLayer(8, 4).loss_weights
+    restored = EnsembleMoeLayer.from_config(layer.get_config())
+    assert restored.noise_std == 0.25
+    assert restored.loss_weights == layer.loss_weights
+    with pytest.raises(ValueError, match="noise_std must be >= 0"):
+        EnsembleMoeLayer(8, 4, ensemble_size=2, noise_std=-0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_selected_experts": 2},
+        {"num_selected_experts": 1, "train_capacity_factor": 0.5},
+    ],
+)
+def test_noisy_top_k_routing_matches_numpy_member_by_member(
+    kwargs, monkeypatch
+):
+    """Training routes on the noisy logits of each member (std 1/(E/M));
+    evaluation on the clean ones."""
+    members, batch, seq = 2, 3, 5
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(members * batch, seq, 8)).astype("float32")
+    # One group per member sequence: M*G = M*B groups of S = T tokens.
+    draw = rng.normal(size=(members * batch, seq, 4)).astype("float32")
+    layer = _layer(noise_std=None, dispatcher="indices", **kwargs)
+    assert layer.noise_std == 0.25
+    layer.build(x.shape)
+    calls = _fixed_normal(monkeypatch, draw)
+    y = _np(layer(x, training=True))
+    expected, gates, combine = _np_ensemble(
+        layer, x.astype(np.float64), True, noise=draw.astype(np.float64)
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    weights = layer.routing_weights(x, training=True)
+    np.testing.assert_allclose(
+        _np(weights["router_probs"]), gates, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        _np(weights["combine_weights"]), combine, rtol=1e-5, atol=1e-6
+    )
+    # The noise changes the routing of some tokens (else the test is moot).
+    _, _, clean_combine = _np_ensemble(layer, x.astype(np.float64), True)
+    assert np.any((combine > 0) != (clean_combine > 0))
+    assert len(calls) == 2
+    # No noise outside training.
+    y_eval = _np(layer(x, training=False))
+    assert len(calls) == 2
+    expected_eval, _, _ = _np_ensemble(layer, x.astype(np.float64), False)
+    np.testing.assert_allclose(y_eval, expected_eval, rtol=1e-4, atol=1e-5)
+
+
+def _np_cv_squared(totals):
+    """Squared coefficient of variation over the last axis (ddof=0)."""
+    return totals.var(axis=-1) / totals.mean(axis=-1) ** 2
+
+
+def test_importance_and_load_losses_match_numpy_member_by_member(
+    monkeypatch,
+):
+    """V-MoE's losses (Riquelme et al. 2021, A.2), per member and group:
+    importance of the clean softmax; load from the probability that a new
+    noise draw keeps each expert above the token's K-th noisy logit."""
+    members, batch, seq, k = 2, 3, 6, 2
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(members * batch, seq, 8)).astype("float32")
+    draw = rng.normal(size=(members * batch, seq, 4)).astype("float32")
+    layer = _layer(noise_std=None, num_selected_experts=k)
+    layer.build(x.shape)
+    _fixed_normal(monkeypatch, draw)
+    layer(x, training=True)
+    kernel = _np(layer.router.kernel).astype(np.float64)
+    std = 0.25
+    importance, load = [], []
+    for m in range(members):
+        rows = slice(m * batch, (m + 1) * batch)
+        # (B, T, E/M): B groups of one sequence each.
+        logits = x[rows].astype(np.float64) @ kernel[:, 4 * m : 4 * m + 4]
+        noisy = logits + std * draw[rows]
+        importance.append(_np_cv_squared(_softmax(logits).sum(axis=1)))
+        threshold = np.sort(noisy, axis=-1)[..., -k]  # K-th largest, (B, T)
+        p_above = np.vectorize(lambda z: 0.5 * math.erfc(z / math.sqrt(2)))(
+            (threshold[..., None] - logits) / std
+        )
+        load.append(_np_cv_squared(p_above.sum(axis=1)))
+    # Mean over each member's groups, then over members.
+    expected = [
+        0.005 * np.mean(importance),
+        0.005 * np.mean(load),
+    ]
+    got = [float(v) for v in layer.losses]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # Per member, the two members' losses differ: each has its own.
+    assert not np.allclose(np.mean(load[0]), np.mean(load[1]))
+    # Evaluation adds the importance loss only (no noise, no load loss).
+    layer(x, training=False)
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(float(layer.losses[0]), expected[0], rtol=1e-4)
 
 
 def test_routing_stats_count_all_experts():
