@@ -49,6 +49,7 @@ from keras_moe.layers.moe import MoeLayer
 from keras_moe.layers.routers import ExpertsChooseRouter
 from keras_moe.layers.routers import TokensChooseRouter
 from keras_moe.utils.checks import check_positive_int
+from keras_moe.utils.checks import require_tensorflow_backend
 
 AVERAGE_MODES = ("probabilities", "log_probabilities", "logits")
 # vmoe's E^3 router losses (V-MoE's importance and load losses, 0.005 each).
@@ -320,6 +321,8 @@ class EnsembleMoeLayer(MoeLayer):
         load_loss_weight=VMOE_LOSS_WEIGHTS["load_loss_weight"],
         **kwargs,
     ):
+        # Member tiling and averaging use TensorFlow ops.
+        require_tensorflow_backend("E^3 (EnsembleMoeLayer)")
         check_ensemble_size(ensemble_size, num_experts)
         if noise_std is None:
             noise_std = default_noise_std(num_experts, ensemble_size)

@@ -24,6 +24,7 @@ import keras_moe
 from keras_moe.layers import MoeLayer
 from keras_moe.layers import losses
 from keras_moe.layers import routing
+from keras_moe.layers.ensemble import EnsembleMoeLayer
 from tests.layers import reference_routing as ref
 from tests.layers.reference_losses import np_importance
 from tests.layers.reference_losses import np_load
@@ -216,6 +217,14 @@ def test_tensorflow_only_options_are_refused(kwargs):
 
 
 @pytest.mark.skipif(
+    BACKEND == "tensorflow", reason="the refusals are for other backends"
+)
+def test_e3_is_refused():
+    with pytest.raises(ValueError, match=f"E\\^3.*TensorFlow.*{BACKEND}"):
+        EnsembleMoeLayer(num_experts=4, ensemble_size=2, hidden_dim=8)
+
+
+@pytest.mark.skipif(
     BACKEND != "tensorflow", reason="starts the torch run from TensorFlow"
 )
 def test_checks_pass_under_torch():
@@ -235,7 +244,7 @@ def test_checks_pass_under_torch():
     # Every check ran under torch; only this launcher skipped itself.
     passed = int(re.search(r"(\d+) passed", summary)[1])
     assert re.search(r"\b1 skipped", summary), summary
-    assert passed == 13, summary
+    assert passed == 14, summary
 
 
 if __name__ == "__main__":
