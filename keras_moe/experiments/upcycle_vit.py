@@ -1,30 +1,34 @@
-"""Sparse upcycling of a ViT at small scale, at equal extra compute.
+"""Sparse upcycling of a ViT at small scale, at equal extra compute, on
+data that never repeats.
 
 Reproduces the vision claims of "Sparse Upcycling: Training
-Mixture-of-Experts from Dense Checkpoints" (Komatsuzaki et al., 2023) on
-composed digits (two real 8x8 handwritten digits side by side, label
-10 * left + right, 100 classes): a dense `keras_moe.models.vit.ViT` is
-pre-trained, then continued densely, sparsely upcycled, tiled deeper, or
-replaced by an MoE trained from scratch, each for the same extra FLOPs
-(see `upcycling_common` for the protocol).
+Mixture-of-Experts from Dense Checkpoints" (Komatsuzaki et al., 2023) in
+the paper's regime: the data is an unbounded stream
+(`keras_moe.data.glyphs`: the 62 characters 0-9, a-z, A-Z rendered from
+matplotlib's fonts with random font, stroke weight, rotation, scale,
+shear, position, contrast and noise; no image is ever seen twice), so
+extra compute buys new examples and the dense model is limited by its
+capacity, not by its data. The dense `keras_moe.models.vit.ViT` is
+pre-trained until its learning curve flattens, checked by a convergence
+gate, then trained further for each extra budget in a 2x2 design,
+{dense, upcycled} x {learning-rate schedule continued, re-warmed} (the
+optimizer state is kept in all four), beside an MoE of the upcycled
+architecture trained from scratch; every evaluation is of a cooled-down
+branch (see `upcycling_common.run_seed_converged`).
 
-Training pairs are composed afresh for every batch from the 1,437 images of
-the `digits` train split, as `composed_digits` composes its train split
-(about two million distinct pairs, so no composed image repeats in a run):
-like the paper's upstream data, the training set is not cycled through
-until it is memorised, and extra compute buys new examples rather than
-more epochs. The held-out set is `composed_digits`' test split, composed
-only of `digits` test images.
-
-Shape letters: B batch, H x W image (8 x 16), C channels (1), K classes
-(100), T tokens (8 patches of 4 x 4; mean pooling, no class token, so
+Shape letters: B batch, H x W image (16 x 16), C channels (1), K classes
+(62), T tokens (16 patches of 4 x 4; mean pooling, no class token, so
 expert choice with E=8 and capacity factor 2 gives every expert exactly
-C = 2 slots per image).
+C = 4 slots per image), D model dim.
 
-Metrics on the 2,000 held-out images: accuracy, negative log-likelihood
-and expected calibration error (`keras_moe.evaluation.metrics`). Expert-choice
-routing uses one group per image, so a prediction never depends on the other
-images of a batch.
+Metrics: held-out accuracy, negative log-likelihood and expected
+calibration error on a fixed held-out stream (its own key: disjoint from
+every training stream, same distribution), and a 10-shot linear probe:
+a ridge regression on the frozen pooled features of 10 images of each of
+10 symbol classes (`glyphs.SYMBOLS`, never seen in training), scored on
+other images of them, averaged over `PROBE_DRAWS` draws of the shots.
+Expert-choice routing uses one group per image, so a prediction never
+depends on the other images of a batch.
 
 Example (a smoke run of about a minute):
 
@@ -32,48 +36,68 @@ Example (a smoke run of about a minute):
     upcycle_vit.run("/tmp/upcycle_vit", seeds=(0,), small=True)
 """
 
+import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_moe import data as data_lib
+from keras_moe.data import glyphs
 from keras_moe.evaluation import metrics as metrics_lib
 from keras_moe.experiments import common
-from keras_moe.experiments import upcycling_common
+from keras_moe.experiments import upcycling_common as uc
 from keras_moe.models import flops
 from keras_moe.models.vit import ViT
+from keras_moe.utils.files import write_text
 
 NAME = "upcycle_vit"
-DATASET = "composed_digits"
-SUPPORTED_OPTIONS = upcycling_common.SUPPORTED_OPTIONS
+SUPPORTED_OPTIONS = uc.SUPPORTED_OPTIONS
 METRICS = {
-    "accuracy": "held-out accuracy",
     "nll": "held-out NLL (nats)",
+    "accuracy": "held-out accuracy",
+    "probe_accuracy": "10-shot linear probe accuracy (unseen symbols)",
     "ece": "held-out ECE",
 }
+# Lower is better for these metrics (the others: higher).
+LOWER_IS_BETTER = ("nll", "ece")
+# Glyph stream numbers of each training phase (cooldown i: 10 + i).
 _STREAMS = {"pretrain": 0, "continue": 1, "scratch": 2}
+_COOLDOWN_STREAM = 10
+# Held-out streams (split "heldout", seed 0): the test set and the probe's
+# shot pool and test set.
+_HELDOUT_STREAM, _PROBE_SHOT_STREAM, _PROBE_TEST_STREAM = 0, 1, 2
+PROBE_SHOTS = 10
+PROBE_DRAWS = 5
+PROBE_L2 = 1.0
+_PROBE_SEED = 7
 
 _MODEL = dict(
-    image_size=(8, 16),
+    image_size=(16, 16),
     patch_size=4,
     num_channels=1,
-    num_classes=100,
+    num_classes=len(glyphs.ALPHANUMERIC),
     pooling="gap",
 )
 CONFIGS = {
     "default": dict(
+        # D=16 and lr 6e-3 were chosen on calibration runs (seed 0): of
+        # D=16 and D=32, 3e-3 and 6e-3, this pair's curve flattened
+        # soonest within the wall time of the run (docs/RESULTS.md).
         model=dict(
-            _MODEL, model_dim=32, num_heads=4, hidden_dim=128, num_layers=4
+            _MODEL, model_dim=16, num_heads=4, hidden_dim=64, num_layers=4
         ),
         batch_size=64,
-        pretrain_steps=2000,
-        learning_rate=2e-3,
-        warmup_steps=100,
-        eval_examples=None,
-        # Whole-step XLA ran these steps 1.4x (dense) to 2x (MoE) faster
-        # here, for about 15 s of compilation per architecture.
+        pretrain_steps=6000,
+        learning_rate=6e-3,
+        warmup_steps=200,
+        cooldown_fraction=0.03,
+        eval_per_class=50,
+        probe_pool_per_class=40,
+        probe_test_per_class=100,
+        reset_arm=False,
+        # Whole-step XLA: faster steps for some seconds of compilation
+        # per architecture.
         jit_compile=True,
     ),
     "small": dict(
@@ -84,47 +108,40 @@ CONFIGS = {
         pretrain_steps=20,
         learning_rate=2e-3,
         warmup_steps=5,
-        eval_examples=200,
+        cooldown_fraction=0.1,
+        eval_per_class=3,
+        probe_pool_per_class=PROBE_SHOTS,
+        probe_test_per_class=5,
+        reset_arm=True,
         jit_compile=False,
     ),
 }
-# Expert choice over 8 tokens with E=8, capacity factor 2: C = 2, below
-# MoeLayer's default floor of 4 slots.
+# Expert choice over 16 tokens with E=8, capacity factor 2: C = 4, the
+# floor of MoeLayer; the floor of 1 keeps smaller settings exact too.
 MOE_KWARGS = {"min_expert_capacity": 1}
 
 
-def _arrays(name, split, limit=None):
-    """(images <float32>[N, H, W, C] in [0, 1], labels <int32>[N]) of a
-    split."""
-    dataset = data_lib.classification_dataset(name, split, 1 << 16)
-    images, labels = next(iter(dataset))
-    images, labels = images.numpy(), labels.numpy()
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images, labels
+def stream_number(stream):
+    """The glyph stream number of a protocol stream name ("pretrain",
+    "continue", "scratch" or "cooldown/<i>")."""
+    if stream in _STREAMS:
+        return _STREAMS[stream]
+    prefix = "cooldown/"
+    if isinstance(stream, str) and stream.startswith(prefix):
+        index = stream[len(prefix) :]
+        if index.isdigit():
+            return _COOLDOWN_STREAM + int(index)
+    raise ValueError(
+        f"stream must be one of {sorted(_STREAMS)} or 'cooldown/<i>'; "
+        f"received {stream!r}"
+    )
 
 
-def _batches(digits, batch_size, stream, seed):
-    """Endless batches of freshly composed pairs of `digits` images,
-    drawn uniformly; the draws are fixed by (seed, stream).
-
-    Args:
-        digits: (images <float32>[N, 8, 8, 1], labels <int32>[N]).
-        batch_size: B.
-        stream: a key of `_STREAMS`.
-        seed: the run's seed.
-
-    Yields:
-        (images <float32>[B, 8, 16, 1], labels <int32>[B]), label
-        10 * left + right.
-    """
-    images, labels = digits
-    rng = np.random.default_rng([seed, _STREAMS[stream]])
-    while True:
-        left, right = rng.integers(0, len(labels), size=(2, batch_size))
-        # (B, 8, 8, 1) twice -> (B, 8, 16, 1)
-        pairs = np.concatenate([images[left], images[right]], axis=2)
-        yield pairs, (10 * labels[left] + labels[right]).astype(np.int32)
+def _batches(batch_size, image_size, stream, seed):
+    """Endless training batches of the run's `seed` and `stream`."""
+    return glyphs.GlyphStream(
+        image_size=image_size, seed=seed, stream=stream_number(stream)
+    ).batches(batch_size)
 
 
 _CROSS_ENTROPY = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -134,21 +151,102 @@ def _loss(model, images, labels):
     return _CROSS_ENTROPY(labels, model(images, training=True))
 
 
-def _evaluator(images, labels):
-    """`fn(trainer, seed, budget, arm) -> metrics` on the held-out
-    images."""
+def softmax(logits):
+    """Row-wise softmax in float64."""
+    logits = np.asarray(logits, np.float64)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def ridge_probe_accuracy(train_x, train_y, test_x, test_y, num_classes, l2):
+    """Accuracy of a closed-form ridge-regression classifier.
+
+    Features are standardised with the training set's mean and std; the
+    weights (a bias column included, not penalised) minimise
+    `|X W - Y|^2 + l2 |W|^2` for one-hot targets Y; a test example gets
+    the class of its largest score.
+
+    Args:
+        train_x: <float>[N, D] features; train_y: <int>[N] labels.
+        test_x: <float>[M, D]; test_y: <int>[M].
+        num_classes: K.
+        l2: the ridge penalty (>= 0).
+
+    Returns:
+        The test accuracy, a float.
+    """
+    if not l2 >= 0:
+        raise ValueError(f"l2 must be >= 0; received {l2!r}")
+    train_x = np.asarray(train_x, np.float64)
+    test_x = np.asarray(test_x, np.float64)
+    mean = train_x.mean(axis=0)
+    std = train_x.std(axis=0) + 1e-6
+    x = np.c_[(train_x - mean) / std, np.ones(len(train_x))]
+    targets = np.eye(num_classes)[np.asarray(train_y)]
+    penalty = l2 * np.eye(x.shape[1])
+    penalty[-1, -1] = 0.0  # the bias
+    weights = np.linalg.solve(x.T @ x + penalty, x.T @ targets)
+    scores = np.c_[(test_x - mean) / std, np.ones(len(test_x))] @ weights
+    return float(np.mean(scores.argmax(axis=1) == np.asarray(test_y)))
+
+
+def probe_shots(labels, shots, draws, seed=_PROBE_SEED):
+    """Indices of `shots` examples per class, for each of `draws` draws.
+
+    Returns:
+        A list of `draws` sorted index arrays of `shots * K` entries.
+    """
+    labels = np.asarray(labels)
+    out = []
+    for draw in range(draws):
+        rng = np.random.default_rng([seed, draw])
+        picks = []
+        for label in np.unique(labels):
+            where = np.flatnonzero(labels == label)
+            if len(where) < shots:
+                raise ValueError(
+                    f"class {label} has {len(where)} examples, fewer than "
+                    f"shots={shots}"
+                )
+            picks.append(rng.choice(where, shots, replace=False))
+        out.append(np.sort(np.concatenate(picks)))
+    return out
+
+
+def _evaluator(heldout, probe_pool, probe_test):
+    """`fn(trainer, seed, budget, arm) -> metrics` on the held-out stream
+    and the few-shot probe."""
+    images, labels = heldout
     images = tf.constant(images)
+    pool_images, pool_labels = tf.constant(probe_pool[0]), probe_pool[1]
+    test_images, test_labels = tf.constant(probe_test[0]), probe_test[1]
+    draws = probe_shots(pool_labels, PROBE_SHOTS, PROBE_DRAWS)
+    num_classes = len(glyphs.SYMBOLS)
 
     def evaluate(trainer, seed, budget, arm):
         del seed, budget, arm  # The same images for every run.
-        logits = trainer.forward(images).numpy().astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = softmax(trainer.forward(images).numpy())
         values = metrics_lib.uncertainty_metrics(labels, probs)
+        pool_x = trainer.features(pool_images).numpy()
+        test_x = trainer.features(test_images).numpy()
+        probe = np.mean(
+            [
+                ridge_probe_accuracy(
+                    pool_x[d],
+                    pool_labels[d],
+                    test_x,
+                    test_labels,
+                    num_classes,
+                    PROBE_L2,
+                )
+                for d in draws
+            ]
+        )
         return {
-            "accuracy": 1.0 - values["error"],
             "nll": values["nll"],
+            "accuracy": 1.0 - values["error"],
+            "probe_accuracy": float(probe),
             "ece": values["ece"],
         }
 
@@ -162,14 +260,33 @@ def _stack_layers(config):
 def validate_options(options):
     """Raises a ValueError naming a bad option (value or name); the
     launcher calls it before any work."""
-    upcycling_common.parse_options(
-        NAME, options, _stack_layers(CONFIGS["default"])
+    uc.parse_options(NAME, options, _stack_layers(CONFIGS["default"]))
+
+
+def _heldout(config):
+    size = config["model"]["image_size"][0]
+
+    def examples(classes, stream, per_class):
+        return glyphs.GlyphStream(
+            classes=classes, image_size=size, split="heldout", stream=stream
+        ).examples(per_class * len(classes))
+
+    return (
+        examples(
+            glyphs.ALPHANUMERIC, _HELDOUT_STREAM, config["eval_per_class"]
+        ),
+        examples(
+            glyphs.SYMBOLS, _PROBE_SHOT_STREAM, config["probe_pool_per_class"]
+        ),
+        examples(
+            glyphs.SYMBOLS, _PROBE_TEST_STREAM, config["probe_test_per_class"]
+        ),
     )
 
 
 def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
-    """Runs the experiment and writes results.csv, results.md and
-    upcycle_vit.png into `output_dir`.
+    """Runs the experiment and writes results.csv, pretrain_curve.csv,
+    results.md and upcycle_vit.png into `output_dir`.
 
     Args:
         output_dir: created if needed.
@@ -178,64 +295,189 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         options: ablation options (see `upcycling_common.parse_options`).
 
     Returns:
-        {"rows": result rows, "summary": mean/std rows, "files": paths}.
+        {"rows": result rows, "curve": pre-training curve rows,
+        "summary": mean/std rows, "gates": per-seed convergence gates,
+        "files": paths}.
     """
     if not isinstance(small, bool):
         raise ValueError(f"small must be a bool; received {small!r}")
     config = CONFIGS["small" if small else "default"]
     seeds = common.check_seeds(seeds)
-    settings = upcycling_common.parse_options(
-        NAME, options, _stack_layers(config)
-    )
+    settings = uc.parse_options(NAME, options, _stack_layers(config))
     output_dir = common.prepare_output_dir(output_dir)
     start = time.perf_counter()
     print(f"[{NAME}] {settings.describe()}", flush=True)
-    digits = _arrays("digits", "train")
-    test_images, test_labels = _arrays(DATASET, "test", config["eval_examples"])
+    heldout, probe_pool, probe_test = _heldout(config)
     batch_size = config["batch_size"]
+    image_size = config["model"]["image_size"][0]
 
     def step_flops(model):
         return batch_size * flops.training_step_flops(model)
 
-    task = upcycling_common.Task(
+    task = uc.ConvergedTask(
         name=NAME,
         build_dense=lambda: ViT(**config["model"]),
         loss_fn=_loss,
-        batches=lambda stream, seed: _batches(digits, batch_size, stream, seed),
+        batches=lambda stream, seed: _batches(
+            batch_size, image_size, stream, seed
+        ),
         step_flops=step_flops,
-        evaluate=_evaluator(test_images, test_labels),
+        evaluate=_evaluator(heldout, probe_pool, probe_test),
         pretrain_steps=config["pretrain_steps"],
         learning_rate=config["learning_rate"],
         warmup_steps=config["warmup_steps"],
+        cooldown_fraction=config["cooldown_fraction"],
+        reset_arm=config["reset_arm"],
         moe_kwargs=MOE_KWARGS,
         jit_compile=config["jit_compile"],
     )
-    cache = {}
-    rows = common.for_each_seed(
-        seeds,
-        lambda seed: upcycling_common.run_seed(task, settings, seed, cache),
-        label=f"[{NAME}] ",
+    cache, rows, curve = {}, [], []
+    for seed in seeds:
+        tic = time.perf_counter()
+        seed_rows, seed_curve = uc.run_seed_converged(
+            task, settings, seed, cache
+        )
+        rows += seed_rows
+        curve += seed_curve
+        print(
+            f"[{NAME}] seed {seed} done in {time.perf_counter() - tic:.0f} s",
+            flush=True,
+        )
+    result = write_outputs(
+        output_dir,
+        rows,
+        curve,
+        task,
+        settings,
+        config,
+        (heldout, probe_pool, probe_test),
+        time.perf_counter() - start,
     )
+    print(f"[{NAME}] wrote {', '.join(result['files'])}", flush=True)
+    return {"rows": rows, "curve": curve, **result}
+
+
+def gates(rows):
+    """{seed: `uc.convergence_gate`} of the dense-continued rows."""
+    return {
+        seed: uc.convergence_gate([r for r in rows if r["seed"] == seed])
+        for seed in sorted({r["seed"] for r in rows})
+    }
+
+
+def curve_table(curve):
+    """Markdown table of the pre-training curve, mean ± std over seeds."""
+    steps = sorted({row["step"] for row in curve})
+    table = []
+    for step in steps:
+        at = [row for row in curve if row["step"] == step]
+        cells = {"step": str(step)}
+        for key in ("train_loss", "nll", "accuracy"):
+            values = np.array([row[key] for row in at], np.float64)
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            cells[key] = common.format_mean_std(values.mean(), std, 4)
+        table.append(cells)
+    return common.markdown_table(
+        table,
+        ("step", "train_loss", "nll", "accuracy"),
+        (
+            "dense step",
+            "train loss (mean of the interval)",
+            "held-out NLL",
+            "held-out accuracy",
+        ),
+    )
+
+
+def write_outputs(
+    output_dir, rows, curve, task, settings, config, data, wall_seconds
+):
+    """Writes results.csv, pretrain_curve.csv, results.md and
+    upcycle_vit.png; returns {"files", "summary", "gates"}."""
+    uc.check_compute_matched(rows)
+    arms = task.arms()
+    labels = uc.CONVERGED_LABELS
+    summary = uc.summarize(rows, tuple(METRICS), arms)
+    seeds = sorted({row["seed"] for row in rows})
+    plot = f"{NAME}.png"
+    paths = [
+        f"{output_dir}/results.csv",
+        f"{output_dir}/pretrain_curve.csv",
+        f"{output_dir}/results.md",
+        f"{output_dir}/{plot}",
+    ]
+    uc.plot_against_compute(
+        summary,
+        {k: METRICS[k] for k in ("nll", "accuracy", "probe_accuracy")},
+        paths[3],
+        f"{NAME} on glyphs: quality against extra compute, cooled down "
+        f"(mean ± std over {len(seeds)} seed(s))",
+        arms=arms,
+        labels=labels,
+    )
+    common.write_csv(paths[0], rows)
+    common.write_csv(paths[1], curve)
+    seed_gates = gates(rows)
+    gate_lines = [
+        f"- seed {seed}: {gate['message']}" for seed, gate in seed_gates.items()
+    ]
+    failed = [s for s, g in seed_gates.items() if g["passed"] is False]
+    if failed:
+        gate_lines.insert(
+            0,
+            f"**WARNING: the convergence gate FAILED for seed(s) {failed}: "
+            "the dense model was still improving, so these results do not "
+            "test the converged regime.**\n",
+        )
     model = config["model"]
+    heldout, probe_pool, probe_test = data
     header = (
         f"Dense ViT (D={model['model_dim']}, H={model['hidden_dim']}, "
         f"{model['num_layers']} blocks, {model['num_heads']} heads, "
-        f"{model['patch_size']}x{model['patch_size']} patches, mean "
-        f"pooling) pre-trained for {config['pretrain_steps']} steps of "
-        f"{batch_size} pairs of digits train images composed afresh each "
-        f"step ({upcycling_common.describe_optimizer(task)}); extra "
-        f"budgets as fractions of those FLOPs. MoE recipe: "
-        f"{settings.describe()}. Tiled dense: {cache['extra_layers']} "
-        f"extra block(s). Held-out: {len(test_labels)} {DATASET} test "
-        f"images.\n"
+        f"{model['patch_size']}x{model['patch_size']} patches of "
+        f"{model['image_size'][0]}x{model['image_size'][1]} images, mean "
+        f"pooling) pre-trained for {task.pretrain_steps} steps of "
+        f"{config['batch_size']} glyph images, never repeated "
+        f"({len(glyphs.ALPHANUMERIC)} classes, "
+        f"{len(glyphs.glyph_bank()[1])} fonts). "
+        f"{uc.describe_converged_protocol(task)}. Extra budgets are "
+        f"fractions of the pre-training FLOPs P; the MoE from scratch is "
+        f"trained for (1 + budget) P. MoE recipe: {settings.describe()}. "
+        f"Held-out: {len(heldout[1])} images of a disjoint stream. Probe: "
+        f"{PROBE_SHOTS}-shot ridge regression (penalty {PROBE_L2:g}) on "
+        f"pooled features, {len(glyphs.SYMBOLS)} unseen symbol classes, "
+        f"{len(probe_test[1])} test images, mean of {PROBE_DRAWS} draws of "
+        "the shots.\n"
     )
-    files, summary = upcycling_common.write_outputs(
-        output_dir,
-        NAME,
-        rows,
-        METRICS,
-        header,
-        time.perf_counter() - start,
+    paired = []
+    for metric in METRICS:
+        paired.append(
+            uc.paired_table(
+                rows,
+                metric,
+                [p for p in uc.CONVERGED_PAIRS if set(p) <= set(arms)],
+                metric in LOWER_IS_BETTER,
+                labels,
+            )
+        )
+    text = "\n".join(
+        [
+            f"# {NAME}\n",
+            header,
+            f"Seeds: {seeds}. Wall time: {wall_seconds:.0f} s on "
+            f"{os.cpu_count()} CPU core(s).\n",
+            "## Convergence gate\n",
+            "\n".join(gate_lines) + "\n",
+            "## Dense pre-training (no cooldown)\n",
+            curve_table(curve),
+            "## Arms\n",
+            uc.arm_table(rows, arms, labels),
+            "## Results (cooled down)\n",
+            uc.results_table(summary, tuple(METRICS), arms=arms, labels=labels),
+            "## Paired differences\n",
+            "\n".join(paired),
+            f"![{NAME}]({plot})\n",
+        ]
     )
-    print(f"[{NAME}] wrote {', '.join(files)}", flush=True)
-    return {"rows": rows, "summary": summary, "files": files}
+    write_text(paths[2], text)
+    return {"files": paths, "summary": summary, "gates": seed_gates}

@@ -38,6 +38,20 @@ step 0). Training steps are compiled `tf.function`s, traced once per
 architecture (`TrainerPool`); the loss adds the MoE auxiliary losses
 (`model.losses`).
 
+`run_seed` is that protocol (used by `upcycle_t5`). `run_seed_converged`
+(used by `upcycle_vit`) is a second one, for data that never repeats: the
+dense model is pre-trained with its learning-rate curve recorded, then
+six arms (`CONVERGED_ARMS`) go on: {dense, upcycled} x {schedule
+continued (the dense step count goes on), schedule re-warmed (a new
+warm-up from step 0)}, all keeping their optimizer state; optionally the
+upcycled model with `state="reset"`; and the MoE from scratch. Each
+evaluation is of a branch cooled down for `cooldown_fraction` of P FLOPs
+(learning rate decaying linearly from the arm's current rate to 0), the
+same for every arm and outside the budgets. A convergence gate
+(`convergence_gate`) reports how much +50% dense training lowered the
+held-out NLL. The learning rate is driven from Python
+(`Trainer.learning_rate_fn`), so one traced step serves every schedule.
+
 Options (`SUPPORTED_OPTIONS`, see `parse_options`) change the MoE arms:
 num_experts, capacity_factor, router and moe_blocks change both MoE arms
 (and so the tiled depth); expert_noise, reinit_fraction,
@@ -46,6 +60,7 @@ starts; budgets the extra budgets.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -304,6 +319,12 @@ class Trainer:
         self.step_flops = int(step_flops)
         self.steps = 0
         self.seconds = 0.0
+        # Set by the caller to drive the learning rate from Python:
+        # `learning_rate_fn(schedule_step)` is assigned to the optimizer's
+        # (float) learning rate before each step, and `schedule_step`
+        # counts the steps since the caller last set it.
+        self.learning_rate_fn = None
+        self.schedule_step = 0
 
         # No AutoGraph: the step has no tensor-dependent Python control
         # flow, and AutoGraph would re-read the source files at trace time.
@@ -325,6 +346,13 @@ class Trainer:
         self.forward = tf.function(
             lambda inputs: model(inputs, training=False), autograph=False
         )
+        # Pooled pre-logit features of models that have them (ViT).
+        self.features = None
+        if hasattr(model, "encode") and hasattr(model, "pool"):
+            self.features = tf.function(
+                lambda inputs: model.pool(model.encode(inputs)),
+                autograph=False,
+            )
 
     @property
     def flops(self):
@@ -349,17 +377,21 @@ class Trainer:
         self.seconds = 0.0
 
     def snapshot(self):
-        """The weights, optimizer state and counters, for `restore`."""
+        """The weights, optimizer state, counters and learning-rate driver,
+        for `restore`."""
         return (
             self.model.get_weights(),
             [v.numpy() for v in self.optimizer.variables],
             self.steps,
             self.seconds,
+            self.learning_rate_fn,
+            self.schedule_step,
         )
 
     def restore(self, snapshot):
         """Returns to a `snapshot`."""
-        weights, state, self.steps, self.seconds = snapshot
+        weights, state, self.steps, self.seconds = snapshot[:4]
+        self.learning_rate_fn, self.schedule_step = snapshot[4:]
         self.model.set_weights(weights)
         _assign_all(self.optimizer.variables, state)
 
@@ -371,9 +403,20 @@ class Trainer:
         """
         start = time.perf_counter()
         losses = []
+        rate = None
+        if self.learning_rate_fn is not None:
+            rate = self.optimizer._learning_rate
+            if not isinstance(rate, keras.Variable):
+                raise ValueError(
+                    "learning_rate_fn needs an optimizer built with a float "
+                    f"learning rate; this one has {type(rate).__name__}"
+                )
         for _ in range(num_steps):
+            if rate is not None:
+                rate.assign(self.learning_rate_fn(self.schedule_step))
             inputs, targets = next(batches)
             losses.append(self._train_step(inputs, targets))
+            self.schedule_step += 1
         self.steps += num_steps
         self.seconds += time.perf_counter() - start
         if not losses:
@@ -849,9 +892,9 @@ def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
 # Results.
 
 
-def summarize(rows, metrics):
+def summarize(rows, metrics, arms=ARMS):
     """Mean and sample std (ddof=1; 0 for one seed) of `metrics` over
-    seeds, per arm and budget, arms in `ARMS` order.
+    seeds, per arm and budget, arms in `arms` order.
 
     A metric missing from (or None in) every row of a group is None in the
     summary (e.g. the T5 fine-tune, run at some budgets only).
@@ -859,7 +902,7 @@ def summarize(rows, metrics):
     groups = {}
     for row in rows:
         groups.setdefault((row["arm"], row["budget"]), []).append(row)
-    order = {arm: i for i, arm in enumerate(ARMS)}
+    order = {arm: i for i, arm in enumerate(arms)}
     summary = []
     for (arm, budget), members in sorted(
         groups.items(), key=lambda item: (order[item[0][0]], item[0][1])
@@ -877,8 +920,10 @@ def summarize(rows, metrics):
     return summary
 
 
-def results_table(summary, metrics, digits=4):
-    """Markdown table: one row per budget, one column per arm and metric."""
+def results_table(summary, metrics, digits=4, arms=ARMS, labels=None):
+    """Markdown table: one row per budget, one column per arm and metric
+    (`labels`: {arm: column title}, default `ARM_LABELS`)."""
+    labels = ARM_LABELS if labels is None else labels
     budgets = sorted({row["budget"] for row in summary})
     cells = {(row["arm"], row["budget"]): row for row in summary}
     lines = []
@@ -886,7 +931,7 @@ def results_table(summary, metrics, digits=4):
         table_rows = []
         for budget in budgets:
             out = {"budget": f"+{budget:.0%}"}
-            for arm in ARMS:
+            for arm in arms:
                 row = cells.get((arm, budget))
                 out[arm] = (
                     common.format_mean_std(
@@ -900,14 +945,14 @@ def results_table(summary, metrics, digits=4):
         lines.append(
             common.markdown_table(
                 table_rows,
-                ("budget", *ARMS),
-                ("extra compute", *(ARM_LABELS[a] for a in ARMS)),
+                ("budget", *arms),
+                ("extra compute", *(labels[a] for a in arms)),
             )
         )
     return "\n".join(lines)
 
 
-def plot_against_compute(summary, metrics, path, title):
+def plot_against_compute(summary, metrics, path, title, arms=ARMS, labels=None):
     """Each metric against extra compute, one line per arm, std bars.
 
     Args:
@@ -915,7 +960,10 @@ def plot_against_compute(summary, metrics, path, title):
         metrics: {metric key: axis label}, one panel each.
         path: the .png path.
         title: the figure title.
+        arms: the arms to draw, in order.
+        labels: {arm: legend label}, default `ARM_LABELS`.
     """
+    labels = ARM_LABELS if labels is None else labels
     import matplotlib
 
     matplotlib.use("Agg")
@@ -925,7 +973,7 @@ def plot_against_compute(summary, metrics, path, title):
         1, len(metrics), figsize=(5.0 * len(metrics), 3.9), squeeze=False
     )
     for axis, (metric, label) in zip(axes[0], metrics.items()):
-        for i, arm in enumerate(ARMS):
+        for i, arm in enumerate(arms):
             points = [
                 r for r in summary if r["arm"] == arm and r[metric] is not None
             ]
@@ -939,9 +987,9 @@ def plot_against_compute(summary, metrics, path, title):
                 markersize=4,
                 capsize=3,
                 color=f"C{i}",
-                label=ARM_LABELS[arm],
+                label=labels[arm],
             )
-        _zoom(axis, summary, metric)
+        _zoom(axis, summary, metric, arms, labels)
         axis.set_xlabel(
             "extra training compute (% of dense pre-training FLOPs)"
         )
@@ -953,7 +1001,7 @@ def plot_against_compute(summary, metrics, path, title):
     common.save_figure(figure, path)
 
 
-def _zoom(axis, summary, metric):
+def _zoom(axis, summary, metric, arms=ARMS, labels=None):
     """Fits the y axis to the points after extra training.
 
     A starting point (budget 0) more than the trained points' spread away
@@ -976,16 +1024,17 @@ def _zoom(axis, summary, metric):
             low, high = min(low, value), max(high, value)
         else:
             outliers.append(r)
+    labels = ARM_LABELS if labels is None else labels
     pad = 0.08 * (high - low or spread)
     low, high = low - pad, high + pad
     for r in outliers:
         above = r[metric] > high
         axis.annotate(
-            f"{ARM_LABELS[r['arm']]} at +0%: {r[metric]:.3g}",
+            f"{labels[r['arm']]} at +0%: {r[metric]:.3g}",
             (1.0, high if above else low),
             fontsize=7,
             va="top" if above else "bottom",
-            color=f"C{ARMS.index(r['arm'])}",
+            color=f"C{arms.index(r['arm'])}",
         )
     axis.set_ylim(low, high)
 
@@ -1006,21 +1055,22 @@ def check_compute_matched(rows):
             )
 
 
-def arm_table(rows):
+def arm_table(rows, arms=ARMS, labels=None):
     """Markdown table of each arm's size and step cost (seed-independent)."""
+    labels = ARM_LABELS if labels is None else labels
     seen = {}
     for row in rows:
         seen.setdefault(row["arm"], row)
     table = [
         {
-            "arm": ARM_LABELS[arm],
+            "arm": labels[arm],
             "params": f"{seen[arm]['params']:,}",
             "step": common.format_flops(seen[arm]["step_flops"]),
             "ratio": "{:.2f}".format(
                 seen[arm]["step_flops"] / seen["dense"]["step_flops"]
             ),
         }
-        for arm in ARMS
+        for arm in arms
         if arm in seen
     ]
     return common.markdown_table(
@@ -1074,3 +1124,468 @@ def write_outputs(output_dir, name, rows, metrics, header, wall_seconds):
     )
     write_text(paths[1], text)
     return paths, summary
+
+
+# --------------------------------------------------------------------------
+# The converged protocol: {dense, upcycled} x {schedule continued, schedule
+# re-warmed}, a cooldown before every evaluation, a convergence gate.
+
+CONVERGED_ARMS = (
+    "dense",
+    "dense_rewarm",
+    "upcycled",
+    "upcycled_rewarm",
+    "upcycled_reset",
+    "moe_scratch",
+)
+CONVERGED_LABELS = {
+    "dense": "dense, schedule continued",
+    "dense_rewarm": "dense, schedule re-warmed",
+    "upcycled": "upcycled, schedule continued",
+    "upcycled_rewarm": "upcycled, schedule re-warmed",
+    "upcycled_reset": "upcycled (state reset), schedule continued",
+    "moe_scratch": "MoE from scratch",
+}
+# Paired differences reported (arm, baseline): the same seed, data and
+# compute, one factor changed.
+CONVERGED_PAIRS = (
+    ("upcycled", "dense"),
+    ("upcycled_rewarm", "dense_rewarm"),
+    ("upcycled_rewarm", "dense"),
+    ("upcycled_reset", "dense"),
+    ("dense_rewarm", "dense"),
+    ("upcycled", "moe_scratch"),
+)
+# The dense model counts as converged if +50% more dense training lowers
+# its (cooled-down) held-out NLL by at most this fraction.
+GATE_BUDGET = 0.5
+GATE_MAX_DROP = 0.15
+
+
+def inverse_sqrt_rate(peak, warmup_steps, step):
+    """`InverseSqrtWarmup(peak, warmup_steps)(step)` as a Python float.
+
+    Example:
+
+    >>> round(inverse_sqrt_rate(1.0, 100, 399), 6)
+    0.5
+    """
+    t = step + 1.0
+    return peak * min(t / warmup_steps, math.sqrt(warmup_steps / t))
+
+
+def cooldown_rate(start_rate, num_steps, step):
+    """Linear decay from `start_rate` at step 0 towards 0 at `num_steps`.
+
+    Example:
+
+    >>> [cooldown_rate(1.0, 4, i) for i in range(4)]
+    [1.0, 0.75, 0.5, 0.25]
+    """
+    return start_rate * max(0.0, 1.0 - step / num_steps)
+
+
+@dataclasses.dataclass
+class ConvergedTask:
+    """What an experiment plugs into `run_seed_converged`.
+
+    Attributes:
+        name: the experiment name, for progress lines.
+        build_dense: `fn() -> dense model` (randomly initialised).
+        loss_fn: `fn(model, inputs, targets) -> scalar` (see `Trainer`).
+        batches: `fn(stream, seed) -> iterator of (inputs, targets)`;
+            stream "pretrain", "continue" (shared by every continuing arm,
+            so they see the same batches), "scratch" or "cooldown/<i>"
+            (the cooldown before the i-th evaluation, shared by every arm).
+        step_flops: `fn(model) -> FLOPs of one training step`.
+        evaluate: `fn(trainer, seed, budget, arm) -> {metric: float}`.
+        pretrain_steps: dense pre-training steps (P FLOPs).
+        learning_rate: peak learning rate of every arm.
+        warmup_steps: linear warm-up of every schedule that starts (or
+            re-starts) at step 0.
+        cooldown_fraction: FLOPs of each cooldown, as a fraction of P.
+        curve_points: evaluations (without cooldown) along the dense
+            pre-training, for its learning curve.
+        reset_arm: whether to run `upcycled_reset` (state "reset").
+        moe_kwargs: extra `MoeLayer` kwargs of the MoE arms.
+        jit_compile: XLA for the training steps.
+    """
+
+    name: str
+    build_dense: object
+    loss_fn: object
+    batches: object
+    step_flops: object
+    evaluate: object
+    pretrain_steps: int
+    learning_rate: float
+    warmup_steps: int
+    cooldown_fraction: float = 0.03
+    curve_points: int = 5
+    reset_arm: bool = False
+    moe_kwargs: dict = dataclasses.field(default_factory=dict)
+    jit_compile: bool = False
+
+    def rate(self, step):
+        """The schedule's learning rate at `step` (from its start)."""
+        return inverse_sqrt_rate(self.learning_rate, self.warmup_steps, step)
+
+    def arms(self):
+        """The arms this task runs, in `CONVERGED_ARMS` order."""
+        return tuple(
+            a for a in CONVERGED_ARMS if a != "upcycled_reset" or self.reset_arm
+        )
+
+
+def describe_converged_protocol(task):
+    """The schedules and cooldown of `task`, in words."""
+    return (
+        "Adam with gradient-norm clipping at 1; learning rate warmed up "
+        f"linearly to {task.learning_rate:g} over {task.warmup_steps} "
+        "steps, then inverse square-root decay. Schedule continued: the "
+        "dense step count goes on (no second warm-up). Schedule "
+        "re-warmed: the schedule starts again at step 0 (a new warm-up "
+        "to the peak), the optimizer state is kept. Before every "
+        "evaluation a branched copy of the arm is cooled down for "
+        f"{task.cooldown_fraction:.0%} of P FLOPs (the same for every "
+        "arm, outside the budget), its learning rate decaying linearly "
+        "from the arm's current rate to 0, on batches shared by every arm "
+        "at that budget; the arm then goes on from before the cooldown"
+    )
+
+
+def _fresh_optimizer():
+    """Adam with clipping; its float rate is driven by `Trainer`."""
+    return keras.optimizers.Adam(learning_rate=0.0, global_clipnorm=1.0)
+
+
+def run_seed_converged(task, settings, seed, cache):
+    """Pre-trains the dense model of one seed and trains every arm of
+    `task.arms()` through `settings.budgets`.
+
+    Args:
+        task: the `ConvergedTask`.
+        settings: the `Settings` (its `optimizer_state` is the upcycled
+            arms' state; `reuse_optimizer_state=False` gives them a fresh
+            Adam).
+        seed: the seed of initialisation, routers and data.
+        cache: a dict kept across the seeds (the `TrainerPool`).
+
+    Returns:
+        `(rows, curve)`: result rows (one per arm and evaluated budget;
+        the re-warmed arms start at +10%, their +0% being the continued
+        arms') and the pre-training curve rows.
+    """
+    pool = cache.setdefault(
+        "pool", TrainerPool(task.loss_fn, task.step_flops, task.jit_compile)
+    )
+    seed_everything(seed)
+    trainer = pool.trainer(task.build_dense(), _fresh_optimizer())
+    trainer.learning_rate_fn, trainer.schedule_step = task.rate, 0
+    curve = _pretrain(task, trainer, seed)
+    sunk = trainer.flops
+    pretrain_steps = trainer.steps
+    context = dict(task=task, settings=settings, seed=seed, sunk=sunk)
+
+    def continued(step):
+        return task.rate(pretrain_steps + step)
+
+    dense_start = trainer.snapshot()
+    rows = _converged_arm("dense", trainer, continued, **context)
+    gate = convergence_gate(rows)
+    print(f"[{task.name} seed {seed}] {gate['message']}", flush=True)
+    trainer.restore(dense_start)
+    rows += _converged_arm(
+        "dense_rewarm", trainer, task.rate, **context, start_budget=False
+    )
+    trainer.restore(dense_start)
+    dense = trainer.model
+    dense_optimizer = trainer.optimizer
+
+    # Each trainer of the pool owns the first model it was given, so
+    # every MoE arm starts from a model of its own.
+    moe = upcycling.upcycle(
+        dense, **settings.upcycle_kwargs(seed, task.moe_kwargs)
+    )
+    moe_config = moe.get_config()
+    if settings.reuse_optimizer_state:
+        moe_optimizer = upcycling.upcycle_optimizer(
+            dense_optimizer, dense, moe, state=settings.optimizer_state
+        )
+    else:
+        moe_optimizer = _fresh_optimizer()
+    moe_trainer = pool.trainer(moe, moe_optimizer)
+    moe_start = moe_trainer.snapshot()
+    rows += _converged_arm("upcycled", moe_trainer, continued, **context)
+    moe_trainer.restore(moe_start)
+    rows += _converged_arm(
+        "upcycled_rewarm", moe_trainer, task.rate, **context, start_budget=False
+    )
+    del moe, moe_optimizer, moe_start
+    if task.reset_arm:
+        moe = upcycling.upcycle(
+            dense, **settings.upcycle_kwargs(seed, task.moe_kwargs)
+        )
+        moe_optimizer = upcycling.upcycle_optimizer(
+            dense_optimizer, dense, moe, state="reset"
+        )
+        rows += _converged_arm(
+            "upcycled_reset",
+            pool.trainer(moe, moe_optimizer),
+            continued,
+            **context,
+        )
+        del moe, moe_optimizer
+
+    seed_everything(seed + 10_000)
+    scratch = pool.trainer(
+        type_of_config(moe_config).from_config(moe_config), _fresh_optimizer()
+    )
+    rows += _converged_arm(
+        "moe_scratch",
+        scratch,
+        task.rate,
+        **dict(context, sunk=0),
+        pretrain_flops=sunk,
+    )
+    for row in rows:
+        row["gate_drop"] = gate["drop"]
+    return rows, curve
+
+
+def _pretrain(task, trainer, seed):
+    """Dense pre-training with `task.curve_points` evaluations along the
+    way (no cooldown): train loss of the interval and held-out metrics."""
+    batches = task.batches("pretrain", seed)
+    points = max(1, task.curve_points)
+    ends = [
+        round(task.pretrain_steps * (i + 1) / points) for i in range(points)
+    ]
+    curve = []
+    for end in ends:
+        loss = trainer.train(batches, end - trainer.steps)
+        metrics = task.evaluate(trainer, seed, -1.0, "dense")
+        curve.append(
+            {"seed": seed, "step": trainer.steps, "train_loss": loss, **metrics}
+        )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(
+            f"[{task.name} seed {seed}] dense pre-training step "
+            f"{trainer.steps}: train loss {loss:.4f}, held-out {shown} "
+            f"({trainer.seconds:.0f} s)",
+            flush=True,
+        )
+    return curve
+
+
+def _converged_arm(
+    arm,
+    trainer,
+    schedule,
+    task,
+    settings,
+    seed,
+    sunk,
+    pretrain_flops=None,
+    start_budget=True,
+):
+    """Trains one arm through every budget, evaluating a cooled-down copy
+    at each.
+
+    `schedule(i)` is the arm's learning rate at its own step i. `sunk` is
+    the compute the arm inherits (P for continuing arms, 0 from scratch);
+    its own steps make up the rest of (1 + budget) * P.
+    """
+    pretrain_flops = sunk if pretrain_flops is None else pretrain_flops
+    trainer.learning_rate_fn, trainer.schedule_step = schedule, 0
+    batches = task.batches(
+        "scratch" if arm == "moe_scratch" else "continue", seed
+    )
+    start_steps = trainer.steps
+    budgets = ((0.0,) if start_budget else ()) + tuple(settings.budgets)
+    rows = []
+    done = 0
+    for budget in budgets:
+        own = (1.0 + budget) * pretrain_flops - sunk
+        target = steps_for_flops(own, trainer.step_flops)
+        loss = trainer.train(batches, target - done)
+        done = target
+        index = (0.0, *settings.budgets).index(budget)
+        tic = time.perf_counter()
+        metrics, cooldown_steps = cooled_evaluation(
+            trainer, task, seed, budget, arm, index, pretrain_flops
+        )
+        arm_flops = (trainer.steps - start_steps) * trainer.step_flops
+        row = {
+            "seed": seed,
+            "arm": arm,
+            "budget": budget,
+            "steps": trainer.steps - start_steps,
+            "step_flops": trainer.step_flops,
+            "arm_flops": arm_flops,
+            "total_flops": sunk + arm_flops,
+            "pretrain_flops": pretrain_flops,
+            "compute_ratio": (sunk + arm_flops) / pretrain_flops,
+            "cooldown_steps": cooldown_steps,
+            "cooldown_flops": cooldown_steps * trainer.step_flops,
+            "params": trainer.model.count_params(),
+            # The mean training loss since the previous evaluation.
+            "train_loss": None if math.isnan(loss) else loss,
+            **metrics,
+            "train_seconds": round(trainer.seconds, 2),
+            "eval_seconds": round(time.perf_counter() - tic, 2),
+        }
+        rows.append(row)
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
+        )
+        print(
+            f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
+            f"{row['steps']} steps (train loss {loss:.4f}), cooled down: "
+            f"{shown} ({row['eval_seconds']:.1f} s cooldown and eval)",
+            flush=True,
+        )
+    return rows
+
+
+def cooled_evaluation(trainer, task, seed, budget, arm, index, pretrain_flops):
+    """Evaluates a cooled-down branch of `trainer`, then restores it.
+
+    The branch trains for `task.cooldown_fraction * pretrain_flops` FLOPs
+    on the "cooldown/<index>" batches, its learning rate decaying linearly
+    from the arm's current rate to 0.
+
+    Returns:
+        `(metrics, cooldown steps)`.
+    """
+    saved = trainer.snapshot()
+    start_rate = trainer.learning_rate_fn(trainer.schedule_step)
+    steps = steps_for_flops(
+        task.cooldown_fraction * pretrain_flops, trainer.step_flops
+    )
+    trainer.learning_rate_fn = functools.partial(
+        cooldown_rate, start_rate, max(steps, 1)
+    )
+    trainer.schedule_step = 0
+    trainer.train(task.batches(f"cooldown/{index}", seed), steps)
+    metrics = task.evaluate(trainer, seed, budget, arm)
+    trainer.restore(saved)
+    return metrics, steps
+
+
+def convergence_gate(dense_rows, metric="nll"):
+    """The convergence gate of one seed from its dense-continued rows.
+
+    Returns:
+        {"drop": relative drop of `metric` from +0% to +`GATE_BUDGET`
+        (None if either is missing), "passed": drop <= `GATE_MAX_DROP`,
+        "message": a line for the log}.
+    """
+    by_budget = {
+        r["budget"]: r[metric] for r in dense_rows if r["arm"] == "dense"
+    }
+    start, later = by_budget.get(0.0), by_budget.get(GATE_BUDGET)
+    if start is None or later is None:
+        return {
+            "drop": None,
+            "passed": None,
+            "message": f"CONVERGENCE GATE NOT MEASURED: no +0% and "
+            f"+{GATE_BUDGET:.0%} dense evaluations",
+        }
+    drop = (start - later) / start
+    passed = drop <= GATE_MAX_DROP
+    verdict = (
+        "PASSED" if passed else "FAILED (the dense model is NOT converged)"
+    )
+    return {
+        "drop": drop,
+        "passed": passed,
+        "message": (
+            f"CONVERGENCE GATE {verdict}: +{GATE_BUDGET:.0%} dense training "
+            f"moved held-out {metric} {start:.4f} -> {later:.4f} "
+            f"({-drop:+.1%}; the gate allows a drop of at most "
+            f"{GATE_MAX_DROP:.0%})"
+        ),
+    }
+
+
+def paired_differences(rows, metric, arm, baseline, lower_is_better):
+    """`arm` minus `baseline` of `metric`, paired by seed, per budget.
+
+    Args:
+        rows: result rows.
+        metric: a metric key.
+        arm, baseline: arm names.
+        lower_is_better: whether a negative difference is a win of `arm`.
+
+    Returns:
+        One dict per budget where both arms have a value for some seed:
+        {"budget", "n", "mean", "std" (ddof=1; 0 for one seed),
+        "per_seed": [(seed, difference)], "wins": seeds where `arm` is
+        better}.
+    """
+    values = {}
+    for row in rows:
+        if row["arm"] in (arm, baseline) and row.get(metric) is not None:
+            values[(row["arm"], row["budget"], row["seed"])] = float(
+                row[metric]
+            )
+    out = []
+    for budget in sorted({key[1] for key in values}):
+        per_seed = [
+            (
+                seed,
+                values[(arm, budget, seed)] - values[(baseline, budget, seed)],
+            )
+            for seed in sorted({key[2] for key in values})
+            if (arm, budget, seed) in values
+            and (baseline, budget, seed) in values
+        ]
+        if not per_seed:
+            continue
+        diffs = np.array([d for _, d in per_seed])
+        wins = int(np.sum(diffs < 0 if lower_is_better else diffs > 0))
+        out.append(
+            {
+                "budget": budget,
+                "n": len(diffs),
+                "mean": float(diffs.mean()),
+                "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+                "per_seed": per_seed,
+                "wins": wins,
+            }
+        )
+    return out
+
+
+def paired_table(rows, metric, pairs, lower_is_better, labels, digits=4):
+    """Markdown tables of `paired_differences`, one per (arm, baseline)."""
+    lines = []
+    for arm, baseline in pairs:
+        diffs = paired_differences(rows, metric, arm, baseline, lower_is_better)
+        if not diffs:
+            continue
+        table = [
+            {
+                "budget": f"+{d['budget']:.0%}",
+                "mean": common.format_mean_std(d["mean"], d["std"], digits),
+                "per_seed": ", ".join(
+                    f"{s}: {v:+.{digits}f}" for s, v in d["per_seed"]
+                ),
+                "wins": f"{d['wins']} of {d['n']}",
+            }
+            for d in diffs
+        ]
+        better = "lower" if lower_is_better else "higher"
+        lines.append(
+            f"**{metric}: {labels[arm]} − {labels[baseline]}** (paired by "
+            f"seed; a win is a {better} {metric} for the first)\n"
+        )
+        lines.append(
+            common.markdown_table(
+                table,
+                ("budget", "mean", "per_seed", "wins"),
+                ("extra compute", "mean ± std", "per seed", "wins"),
+            )
+        )
+    return "\n".join(lines)

@@ -257,7 +257,8 @@ def _vit_step_flops(config, batch, moe_blocks=(), experts=8, factor=2.0):
     """3 x forward matmul FLOPs: patch embedding, attention projections and
     scores, MLPs (E * C slots in MoE blocks) and routers, head."""
     d, h = config["model_dim"], config["hidden_dim"]
-    tokens = (8 // config["patch_size"]) * (16 // config["patch_size"])
+    height, width = config["image_size"]
+    tokens = (height // config["patch_size"]) * (width // config["patch_size"])
     total = 2 * tokens * config["patch_size"] ** 2 * d  # 1 channel
     for block in range(config["num_layers"]):
         total += 8 * tokens * d * d + 4 * tokens * tokens * d
@@ -348,11 +349,101 @@ def _check_compute(rows):
     assert steps["dense_tiled"] > steps["dense"]
 
 
+# The ViT runs the converged protocol: the re-warmed arms start at +10%.
+_VIT_ARMS = tuple(
+    arm
+    for arm in uc.CONVERGED_ARMS
+    if arm != "upcycled_reset" or upcycle_vit.CONFIGS["small"]["reset_arm"]
+)
+
+
+def _vit_rows_expected():
+    return {
+        (arm, budget)
+        for arm in _VIT_ARMS
+        for budget in BUDGETS
+        if budget > 0 or not arm.endswith("_rewarm")
+    }
+
+
 @pytest.mark.slow
 def test_vit_smoke_run_writes_every_arm_and_budget(vit_run):
     output_dir, result = vit_run
-    _check_outputs(upcycle_vit, output_dir, result)
-    _check_compute(result["rows"])
+    names = sorted(os.listdir(output_dir))
+    assert names == sorted(
+        ["results.csv", "pretrain_curve.csv", "results.md", "upcycle_vit.png"]
+    )
+    with open(output_dir / "upcycle_vit.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = common.read_csv(output_dir / "results.csv")
+    assert len(rows) == len(result["rows"]) == len(_vit_rows_expected())
+    assert {(r["arm"], float(r["budget"])) for r in rows} == (
+        _vit_rows_expected()
+    )
+    for row in rows:
+        for metric in upcycle_vit.METRICS:
+            assert math.isfinite(float(row[metric])), (row, metric)
+        # No training loss before an arm's first step.
+        if row["steps"] == "0":
+            assert row["train_loss"] == ""
+        else:
+            assert math.isfinite(float(row["train_loss"])), row
+        assert 0.0 <= float(row["probe_accuracy"]) <= 1.0
+    curve = common.read_csv(output_dir / "pretrain_curve.csv")
+    config = upcycle_vit.CONFIGS["small"]
+    assert [int(r["step"]) for r in curve] == [
+        round(config["pretrain_steps"] * (i + 1) / 5) for i in range(5)
+    ]
+    text = (output_dir / "results.md").read_text()
+    for label in uc.CONVERGED_LABELS.values():
+        assert label in text
+    assert "CONVERGENCE GATE" in text and "## Paired differences" in text
+    for budget in BUDGETS:
+        assert f"| +{budget:.0%} |" in text
+    for metric in upcycle_vit.METRICS:
+        assert f"**{metric}**" in text
+    gate = result["gates"][0]
+    by = {(r["arm"], r["budget"]): r for r in result["rows"]}
+    start, later = by[("dense", 0.0)]["nll"], by[("dense", 0.5)]["nll"]
+    assert gate["drop"] == pytest.approx((start - later) / start)
+    assert gate["passed"] == (gate["drop"] <= uc.GATE_MAX_DROP)
+
+
+@pytest.mark.slow
+def test_vit_smoke_run_matches_compute_and_cooldowns(vit_run):
+    rows = vit_run[1]["rows"]
+    config = upcycle_vit.CONFIGS["small"]
+    pretrain = rows[0]["pretrain_flops"]
+    assert all(r["pretrain_flops"] == pretrain for r in rows)
+    for budget in BUDGETS:
+        at = [r for r in rows if r["budget"] == budget]
+        for r in at:
+            sunk = 0 if r["arm"] == "moe_scratch" else pretrain
+            assert r["arm_flops"] == r["steps"] * r["step_flops"]
+            assert r["total_flops"] == sunk + r["arm_flops"]
+            target = (1 + budget) * pretrain
+            assert abs(r["total_flops"] - target) <= r["step_flops"] / 2
+            # The same cooldown compute for every arm, within half a step.
+            cooldown = config["cooldown_fraction"] * pretrain
+            assert abs(r["cooldown_flops"] - cooldown) <= r["step_flops"] / 2
+    steps = {r["arm"]: r["step_flops"] for r in rows}
+    moe = ("upcycled", "upcycled_rewarm", "upcycled_reset", "moe_scratch")
+    assert len({steps[a] for a in moe}) == 1
+    assert steps["upcycled"] > steps["dense"] == steps["dense_rewarm"]
+    # One factor per pair: the re-warmed arms take the same steps on the
+    # same batches as the continued ones, and end elsewhere.
+    for arm in ("dense", "upcycled"):
+        for budget in BUDGETS[1:]:
+            a = next(
+                r for r in rows if r["arm"] == arm and r["budget"] == budget
+            )
+            b = next(
+                r
+                for r in rows
+                if r["arm"] == f"{arm}_rewarm" and r["budget"] == budget
+            )
+            assert a["steps"] == b["steps"]
+            assert a["nll"] != b["nll"]
 
 
 @pytest.mark.slow
@@ -367,8 +458,6 @@ def test_vit_step_flops_match_a_hand_count(vit_run):
     assert rows["dense"]["pretrain_flops"] == (
         config["pretrain_steps"] * rows["dense"]["step_flops"]
     )
-    deeper = dict(model, num_layers=model["num_layers"] + 1)
-    assert rows["dense_tiled"]["step_flops"] == _vit_step_flops(deeper, batch)
 
 
 @pytest.mark.slow
@@ -386,6 +475,216 @@ def test_t5_smoke_run_writes_every_arm_and_budget(t5_run):
     reference = result["no_pretraining"]
     assert set(reference) == {"exact_match", "downstream_token_accuracy"}
     assert "Without any pre-training" in (output_dir / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------
+# The converged protocol's pieces.
+
+
+def test_inverse_sqrt_rate_matches_the_keras_schedule():
+    from keras_moe.training.schedules import InverseSqrtWarmup
+
+    schedule = InverseSqrtWarmup(3e-3, 200)
+    for step in (0, 1, 150, 199, 200, 1000, 4321):
+        assert uc.inverse_sqrt_rate(3e-3, 200, step) == pytest.approx(
+            float(schedule(step)), rel=1e-6
+        )
+
+
+def test_cooldown_rate_decays_linearly_to_zero():
+    rates = [uc.cooldown_rate(0.8, 4, i) for i in range(6)]
+    assert rates == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0, 0.0])
+
+
+def _recording_batches(trainer, seen, seed=0):
+    """`_batches`, recording the learning rate each step is taken at (the
+    trainer assigns it just before drawing the batch)."""
+    for batch in _batches(seed):
+        seen.append(float(trainer.optimizer.learning_rate))
+        yield batch
+
+
+def test_trainer_drives_the_learning_rate_and_restores_it():
+    keras.utils.set_random_seed(0)
+
+    def loss_fn(model, x, y):
+        return keras.ops.mean((model(x, training=True)[:, 0] - y) ** 2)
+
+    trainer = uc.Trainer(
+        ViT(**_TINY_VIT), keras.optimizers.Adam(0.0), loss_fn, 10, False
+    )
+    seen = []
+    trainer.learning_rate_fn = lambda step: 0.001 * (step + 1)
+    trainer.train(_recording_batches(trainer, seen), 3)
+    assert seen == pytest.approx([0.001, 0.002, 0.003])
+    assert trainer.schedule_step == 3
+    saved = trainer.snapshot()
+    trainer.learning_rate_fn, trainer.schedule_step = (lambda step: 0.5), 0
+    trainer.train(_batches(), 1)
+    trainer.restore(saved)
+    assert trainer.schedule_step == 3 and trainer.steps == 3
+    seen.clear()
+    trainer.train(_recording_batches(trainer, seen), 1)
+    assert seen == pytest.approx([0.004])
+    # A zero rate leaves the weights where they are.
+    before = trainer.model.get_weights()
+    trainer.learning_rate_fn = lambda step: 0.0
+    trainer.train(_batches(), 2)
+    for a, b in zip(trainer.model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    scheduled = uc.Trainer(
+        ViT(**_TINY_VIT), uc.make_optimizer(0.01, 4), loss_fn, 10, False
+    )
+    scheduled.learning_rate_fn = lambda step: 0.1
+    with pytest.raises(ValueError, match="float learning rate"):
+        scheduled.train(_batches(), 1)
+
+
+def _probe_task(evaluate, steps=8):
+    def step_flops(model):
+        return 4 * flops.training_step_flops(model)
+
+    def loss_fn(model, x, y):
+        return keras.ops.mean((model(x, training=True)[:, 0] - y) ** 2)
+
+    return uc.ConvergedTask(
+        name="t",
+        build_dense=lambda: ViT(**_TINY_VIT),
+        loss_fn=loss_fn,
+        batches=lambda stream, seed: _batches(seed),
+        step_flops=step_flops,
+        evaluate=evaluate,
+        pretrain_steps=steps,
+        learning_rate=0.01,
+        warmup_steps=2,
+        cooldown_fraction=0.5,
+    )
+
+
+def test_cooled_evaluation_decays_then_restores_the_arm():
+    keras.utils.set_random_seed(2)
+    seen = []
+
+    def evaluate(trainer, seed, budget, arm):
+        return {"x": float(trainer.model.get_weights()[0].sum())}
+
+    task = _probe_task(evaluate)
+    trainer = uc.Trainer(
+        ViT(**_TINY_VIT),
+        keras.optimizers.Adam(0.0),
+        task.loss_fn,
+        10,
+        False,
+    )
+    trainer.learning_rate_fn, trainer.schedule_step = task.rate, 5
+    trainer.train(_batches(), 2)
+    saved = trainer.snapshot()
+    task.batches = lambda stream, seed: _recording_batches(trainer, seen)
+    metrics, steps = uc.cooled_evaluation(
+        trainer, task, 0, 0.1, "dense", 1, pretrain_flops=80
+    )
+    # 50% of 80 FLOPs at 10 FLOPs a step: 4 steps from the arm's current
+    # rate (its step 7) down towards 0.
+    assert steps == 4
+    start = task.rate(7)
+    assert seen == pytest.approx(
+        [start, 0.75 * start, 0.5 * start, 0.25 * start]
+    )
+    assert metrics["x"] != pytest.approx(float(saved[0][0].sum()))
+    assert trainer.schedule_step == 7 and trainer.steps == 2
+    for a, b in zip(trainer.model.get_weights(), saved[0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(trainer.optimizer.variables, saved[1]):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_convergence_gate_by_hand():
+    rows = [
+        {"arm": "dense", "budget": 0.0, "nll": 1.0},
+        {"arm": "dense", "budget": 0.5, "nll": 0.9},
+        {"arm": "upcycled", "budget": 0.5, "nll": 0.1},
+    ]
+    gate = uc.convergence_gate(rows)
+    assert gate["drop"] == pytest.approx(0.1) and gate["passed"]
+    assert "PASSED" in gate["message"] and "-10.0%" in gate["message"]
+    rows[1]["nll"] = 0.8
+    gate = uc.convergence_gate(rows)
+    assert gate["drop"] == pytest.approx(0.2) and not gate["passed"]
+    assert "FAILED" in gate["message"] and "NOT converged" in gate["message"]
+    assert uc.convergence_gate(rows[:1])["passed"] is None
+
+
+def test_paired_differences_by_hand():
+    rows = []
+    for seed, (dense, moe) in enumerate([(1.0, 0.7), (2.0, 2.5), (1.5, 1.4)]):
+        rows.append({"seed": seed, "arm": "dense", "budget": 0.5, "nll": dense})
+        rows.append({"seed": seed, "arm": "moe", "budget": 0.5, "nll": moe})
+    rows.append({"seed": 9, "arm": "moe", "budget": 0.5, "nll": 0.0})  # no pair
+    (out,) = uc.paired_differences(rows, "nll", "moe", "dense", True)
+    diffs = [-0.3, 0.5, -0.1]
+    assert out["budget"] == 0.5 and out["n"] == 3
+    assert [s for s, _ in out["per_seed"]] == [0, 1, 2]
+    np.testing.assert_allclose([d for _, d in out["per_seed"]], diffs)
+    assert out["mean"] == pytest.approx(np.mean(diffs))
+    # Sample std by hand: deviations -0.333, 0.467, -0.133.
+    by_hand = math.sqrt((0.3333**2 + 0.4667**2 + 0.1333**2) / 2)
+    assert out["std"] == pytest.approx(by_hand, abs=1e-3)
+    assert out["wins"] == 2  # lower NLL in seeds 0 and 2
+    (higher,) = uc.paired_differences(rows, "nll", "moe", "dense", False)
+    assert higher["wins"] == 1
+    table = uc.paired_table(
+        rows, "nll", [("moe", "dense")], True, {"moe": "M", "dense": "D"}
+    )
+    assert "**nll: M − D**" in table and "| +50% |" in table
+    assert "2 of 3" in table and "1: +0.5000" in table
+
+
+def test_ridge_probe_matches_least_squares_and_separates():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    y = rng.integers(0, 4, 40)
+    test_x = rng.normal(size=(25, 3))
+    test_y = rng.integers(0, 4, 25)
+    # With no penalty, the weights are least squares on standardised
+    # features with a bias column (an independent NumPy statement).
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    design = np.c_[(x - mean) / std, np.ones(40)]
+    weights = np.linalg.lstsq(design, np.eye(4)[y], rcond=None)[0]
+    predicted = (np.c_[(test_x - mean) / std, np.ones(25)] @ weights).argmax(1)
+    expected = np.mean(predicted == test_y)
+    got = upcycle_vit.ridge_probe_accuracy(x, y, test_x, test_y, 4, 0.0)
+    assert got == pytest.approx(expected)
+    # Well-separated classes: every test example right.
+    centres = 10.0 * np.eye(3)
+    labels = np.repeat(np.arange(3), 10)
+    points = centres[labels] + rng.normal(size=(30, 3))
+    assert (
+        upcycle_vit.ridge_probe_accuracy(points, labels, points, labels, 3, 1.0)
+        == 1.0
+    )
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        upcycle_vit.ridge_probe_accuracy(x, y, test_x, test_y, 4, -1.0)
+
+
+def test_probe_shots_are_balanced_and_fixed():
+    labels = np.repeat(np.arange(3), 12)
+    draws = upcycle_vit.probe_shots(labels, 10, 4)
+    assert len(draws) == 4
+    for draw in draws:
+        assert np.all(np.bincount(labels[draw]) == 10)
+    assert not np.array_equal(draws[0], draws[1])
+    again = upcycle_vit.probe_shots(labels, 10, 4)
+    for a, b in zip(draws, again):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="fewer than shots=20"):
+        upcycle_vit.probe_shots(labels, 20, 1)
+
+
+def test_vit_stream_numbers():
+    assert upcycle_vit.stream_number("pretrain") == 0
+    assert upcycle_vit.stream_number("cooldown/3") == 13
+    with pytest.raises(ValueError, match="stream must be one of"):
+        upcycle_vit.stream_number("cooldown/x")
 
 
 # --------------------------------------------------------------------------
