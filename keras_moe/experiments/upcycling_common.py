@@ -1186,45 +1186,24 @@ def cooldown_rate(start_rate, num_steps, step):
 
 
 @dataclasses.dataclass
-class ConvergedTask:
+class ConvergedTask(Task):
     """What an experiment plugs into `run_seed_converged`.
 
+    A `Task` (same attributes; `batches` also serves the streams
+    "cooldown/<i>", the cooldown before the i-th evaluation, shared by every
+    arm; `pretrain_steps` is P; `warmup_steps` warms up every schedule that
+    starts or re-starts at step 0), plus:
+
     Attributes:
-        name: the experiment name, for progress lines.
-        build_dense: `fn() -> dense model` (randomly initialised).
-        loss_fn: `fn(model, inputs, targets) -> scalar` (see `Trainer`).
-        batches: `fn(stream, seed) -> iterator of (inputs, targets)`;
-            stream "pretrain", "continue" (shared by every continuing arm,
-            so they see the same batches), "scratch" or "cooldown/<i>"
-            (the cooldown before the i-th evaluation, shared by every arm).
-        step_flops: `fn(model) -> FLOPs of one training step`.
-        evaluate: `fn(trainer, seed, budget, arm) -> {metric: float}`.
-        pretrain_steps: dense pre-training steps (P FLOPs).
-        learning_rate: peak learning rate of every arm.
-        warmup_steps: linear warm-up of every schedule that starts (or
-            re-starts) at step 0.
         cooldown_fraction: FLOPs of each cooldown, as a fraction of P.
         curve_points: evaluations (without cooldown) along the dense
             pre-training, for its learning curve.
         reset_arm: whether to run `upcycled_reset` (state "reset").
-        moe_kwargs: extra `MoeLayer` kwargs of the MoE arms.
-        jit_compile: XLA for the training steps.
     """
 
-    name: str
-    build_dense: object
-    loss_fn: object
-    batches: object
-    step_flops: object
-    evaluate: object
-    pretrain_steps: int
-    learning_rate: float
-    warmup_steps: int
     cooldown_fraction: float = 0.03
     curve_points: int = 5
     reset_arm: bool = False
-    moe_kwargs: dict = dataclasses.field(default_factory=dict)
-    jit_compile: bool = False
 
     def rate(self, step):
         """The schedule's learning rate at `step` (from its start)."""
