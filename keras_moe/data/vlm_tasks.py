@@ -283,6 +283,14 @@ def canvas(image, image_size=None):
     return image
 
 
+def _digit_canvases(split, data_dir, image_size):
+    """Labels <int>[N] and canvases <float32>[N, H, W, 1] of a digits split."""
+    raw = list(data.load("digits", split, data_dir).as_numpy_iterator())
+    labels = np.array([int(x["label"]) for x in raw])
+    pictures = tf.stack([canvas(x["image"], image_size) for x in raw])
+    return labels, pictures
+
+
 def caption_dataset(
     split,
     languages,
@@ -446,9 +454,7 @@ def which_dataset(
             data_dir,
         )
     )
-    raw = list(data.load("digits", split, data_dir).as_numpy_iterator())
-    labels = np.array([int(x["label"]) for x in raw])
-    pictures = tf.stack([canvas(x["image"], image_size) for x in raw])
+    labels, pictures = _digit_canvases(split, data_dir, image_size)
     indices, queried = which_episodes(labels, episodes, seed)
     asked = labels[indices[np.arange(episodes), queried]]
 
@@ -509,9 +515,7 @@ def fewshot_dataset(
         "target",
         data_dir,
     )
-    raw = list(data.load("digits", split, data_dir).as_numpy_iterator())
-    labels = np.array([int(x["label"]) for x in raw])
-    pictures = tf.stack([canvas(x["image"], image_size) for x in raw])
+    labels, pictures = _digit_canvases(split, data_dir, image_size)
     indices, language = fewshot_episodes(labels, len(languages), episodes, seed)
     digits = labels[indices]  # (episodes, FEWSHOT_IMAGES)
     prompts = np.zeros((episodes, prompt_length), np.int32)
