@@ -5,6 +5,7 @@ DTensor mesh. Crash-safe `fit` is in `keras_moe.training.resumable`."""
 from keras_moe.distribution.expert_parallel import SUPPORTED_OPTIMIZERS
 from keras_moe.distribution.expert_parallel import DTensorOptimizer
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
+from keras_moe.distribution.expert_parallel_fit import ExpertParallelModel
 from keras_moe.distribution.mesh import MESH_AXES
 from keras_moe.distribution.mesh import default_devices
 from keras_moe.distribution.mesh import make_mesh
