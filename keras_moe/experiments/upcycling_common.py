@@ -700,6 +700,19 @@ def matched_extra_layers(dense_model, target_flops, step_flops_fn):
 # The protocol.
 
 
+def _print_row(task, seed, arm, budget, row, loss, metrics, label, timed):
+    """One progress line for an evaluated arm."""
+    shown = ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
+    )
+    print(
+        f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
+        f"{row['steps']} steps (train loss {loss:.4f}), {label}{shown} "
+        f"({row['eval_seconds']:.1f} s {timed})",
+        flush=True,
+    )
+
+
 @dataclasses.dataclass
 class Task:
     """What an experiment plugs into `run_seed`.
@@ -876,15 +889,7 @@ def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
             "eval_seconds": round(time.perf_counter() - tic, 2),
         }
         rows.append(row)
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
-        )
-        print(
-            f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
-            f"{row['steps']} steps (train loss {loss:.4f}), {shown} "
-            f"({row['eval_seconds']:.1f} s eval)",
-            flush=True,
-        )
+        _print_row(task, seed, arm, budget, row, loss, metrics, "", "eval")
     return rows
 
 
@@ -1415,14 +1420,16 @@ def _converged_arm(
             "eval_seconds": round(time.perf_counter() - tic, 2),
         }
         rows.append(row)
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
-        )
-        print(
-            f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
-            f"{row['steps']} steps (train loss {loss:.4f}), cooled down: "
-            f"{shown} ({row['eval_seconds']:.1f} s cooldown and eval)",
-            flush=True,
+        _print_row(
+            task,
+            seed,
+            arm,
+            budget,
+            row,
+            loss,
+            metrics,
+            "cooled down: ",
+            "cooldown and eval",
         )
     return rows
 

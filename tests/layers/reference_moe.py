@@ -14,6 +14,25 @@ def _np(x):
     return keras.ops.convert_to_numpy(x)
 
 
+def route(layer, probs, capacity, token_mask=None):
+    """The reference routing of `layer`'s router type and settings."""
+    if layer.router_type == "tokens_choose":
+        return ref.tokens_choose(
+            probs,
+            layer.num_selected_experts,
+            capacity,
+            batch_priority=layer.batch_priority,
+            normalize=layer.normalize_combine_weights,
+            token_mask=token_mask,
+        )
+    return ref.experts_choose(
+        probs,
+        capacity,
+        normalize=layer.normalize_combine_weights,
+        token_mask=token_mask,
+    )
+
+
 def np_moe(layer, x, training):
     """NumPy MoeLayer for relu experts, groups = sequences (group_size None)."""
     kernel = _np(layer.router.kernel).astype(np.float64)
@@ -22,18 +41,7 @@ def np_moe(layer, x, training):
     probs = np.exp(x @ kernel)
     probs /= probs.sum(-1, keepdims=True)
     capacity = layer.capacity(x.shape[1], training)
-    if layer.router_type == "tokens_choose":
-        routed = ref.tokens_choose(
-            probs,
-            layer.num_selected_experts,
-            capacity,
-            batch_priority=layer.batch_priority,
-            normalize=layer.normalize_combine_weights,
-        )
-    else:
-        routed = ref.experts_choose(
-            probs, capacity, normalize=layer.normalize_combine_weights
-        )
+    routed = route(layer, probs, capacity)
     # Every expert on every token, then the combine array picks and weighs.
     expert_out = np.einsum(
         "gseh,ehd->gsed", np.maximum(np.einsum("gsd,edh->gseh", x, wi), 0), wo

@@ -25,6 +25,7 @@ from keras_moe.layers.ensemble import block_diagonal
 from keras_moe.layers.ensemble import match_member_rows
 from keras_moe.layers.moe import MoeLayer
 from tests.layer_test_case import run_layer_test
+from tests.layers.reference_moe import route
 
 try:
     from tests.layers import reference_routing as ref
@@ -97,22 +98,7 @@ def _np_ensemble(layer, x, training, noise=None):
             member_noise = noise[m * num_groups : (m + 1) * num_groups]
             logits = logits + layer.noise_std * member_noise
         probs = _softmax(logits)
-        if layer.router_type == "tokens_choose":
-            routed = ref.tokens_choose(
-                probs,
-                layer.num_selected_experts,
-                capacity,
-                batch_priority=layer.batch_priority,
-                normalize=layer.normalize_combine_weights,
-                token_mask=mask,
-            )
-        else:
-            routed = ref.experts_choose(
-                probs,
-                capacity,
-                normalize=layer.normalize_combine_weights,
-                token_mask=mask,
-            )
+        routed = route(layer, probs, capacity, token_mask=mask)
         # Every expert of the member on every token; combine picks.
         hidden = np.maximum(np.einsum("gsd,edh->gseh", groups, wi[experts]), 0)
         expert_out = np.einsum("gseh,ehd->gsed", hidden, wo[experts])
