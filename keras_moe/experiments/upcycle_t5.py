@@ -1,31 +1,53 @@
-"""Sparse upcycling of a T5 at small scale, at equal extra compute.
+"""Sparse upcycling of a T5 at small scale, at equal extra compute, on text
+that does not repeat.
 
 Reproduces the language claims of "Sparse Upcycling: Training
 Mixture-of-Experts from Dense Checkpoints" (Komatsuzaki et al., 2023): a
 dense `keras_moe.models.t5.T5` is pre-trained with T5's span-corruption
-objective on `pydoc_corpus` (CPython's help topics, about 65k words), then
-continued densely, sparsely upcycled (expert choice in the encoder,
-token-choice top-2 in the decoder, no renormalisation), tiled deeper, or
-replaced by an MoE trained from scratch, each for the same extra FLOPs
-(see `upcycling_common` for the protocol).
+objective on `keras_moe.data.docstrings` (the English docstrings of the
+standard library, NumPy, Keras, scikit-learn and TensorFlow: about 1.5M
+words, 4.5M tokens of training text), each run of text read once, then
+trained further for each extra budget beside (see
+`upcycling_common.run_seed_converged`):
+
+* the dense model, its learning-rate schedule continued;
+* the upcycled MoE (expert choice in the encoder, token-choice top-2 in
+  the decoder, no renormalisation) with the dense optimizer's state
+  rescaled to each expert's share (`upcycle_optimizer(state="rescale")`),
+  schedule continued;
+* the upcycled MoE with the paper's language recipe for the optimizer:
+  state reset (t5x's sparse upcycling drops it), schedule continued;
+* dense upcycling by depth tiling (the paper's dense baseline), state and
+  schedule continued;
+* the MoE trained from scratch for (1 + budget) P.
+
+Every evaluation is of a branch cooled down for 3% of P FLOPs. The text
+does not repeat within a run of an arm: each seed draws one order of the
+training runs; pre-training reads the first P runs, the continuing arms
+the next ones (shared, so they see the same batches), the cooldowns a
+reserve at the end; the MoE from scratch reads its own order (text the
+dense model also read, each run once). `results.md` reports how many runs
+each stream needed against the corpus.
 
 Shape letters: B batch, T encoder length, U decoder length, V vocabulary
 (`keras_moe.data.VOCAB_SIZE`).
 
-Two measurements per arm and budget:
+Measurements per arm and budget:
 
-* upstream: the span-corruption loss (mean cross-entropy per target token)
-  and token accuracy on the held-out `pydoc_corpus` validation topics,
-  with fixed noise masks;
-* downstream: `number_words` translation into English words ("translate to
-  English: 4213" -> "four thousand, two hundred and thirteen"): a copy of
-  the model is fine-tuned for a fixed number of steps (the same steps,
-  batches and fresh optimizer for every arm) and scored by exact match of
-  greedy generation on held-out numbers.
-
-English is the target language because it is the pre-training corpus's
-language. The fine-tune cost is the same for every arm in steps, not in
-FLOPs (it is outside the compute budget, as in the paper).
+* upstream: the span-corruption loss (mean cross-entropy per target
+  token, nats) and token accuracy on held-out modules' docstrings
+  (`docstrings` "validation"), with fixed noise masks;
+* downstream, at the largest budget (every arm) and at +0% (the dense
+  checkpoint and the MoE from scratch): naming
+  (`docstrings.name_examples`: "name: Return the absolute value of the
+  argument." -> "abs"), a task from modules no arm trained on. A copy of
+  the cooled-down model is fine-tuned for a fixed number of steps (the
+  same batches and fresh optimizer for every arm) and scored on held-out
+  names by teacher-forced loss per target token and token accuracy. The
+  same fine-tune from random initialisation is reported as the
+  no-pre-training baseline. (Exact match of greedy generation is not
+  reported: at this size no model, pre-trained or not, names a single
+  held-out function exactly.)
 
 Example (a smoke run of about a minute):
 
@@ -40,44 +62,48 @@ import numpy as np
 import tensorflow as tf
 
 from keras_moe import data as data_lib
+from keras_moe.data import docstrings
 from keras_moe.data.pipelines import t5_features
-from keras_moe.evaluation.sequences import exact_matches
 from keras_moe.experiments import common
-from keras_moe.experiments import upcycling_common
+from keras_moe.experiments import upcycling_common as uc
 from keras_moe.models import flops
 from keras_moe.models.t5 import T5
 
 NAME = "upcycle_t5"
-SUPPORTED_OPTIONS = upcycling_common.SUPPORTED_OPTIONS
-DOWNSTREAM = "number_words"
-LANGUAGE = "en"
+SUPPORTED_OPTIONS = uc.SUPPORTED_OPTIONS
 METRICS = {
     "heldout_loss": "held-out span-corruption loss (nats/token)",
     "heldout_accuracy": "held-out span-corruption token accuracy",
-    "exact_match": f"{DOWNSTREAM} ({LANGUAGE}) exact match after fine-tune",
-    "downstream_token_accuracy": (
-        f"{DOWNSTREAM} ({LANGUAGE}) token accuracy after fine-tune"
-    ),
+    "downstream_loss": "naming: held-out loss after fine-tune (nats/token)",
+    "downstream_token_accuracy": "naming: token accuracy after fine-tune",
 }
+LOWER_IS_BETTER = ("heldout_loss", "downstream_loss")
 # Measured after a fine-tune, at the largest budget (every arm) and at +0%
 # (the arms of FINETUNED_AT_ZERO) only.
-FINETUNE_METRICS = ("exact_match", "downstream_token_accuracy")
+FINETUNE_METRICS = ("downstream_loss", "downstream_token_accuracy")
 FINETUNED_AT_ZERO = ("dense", "moe_scratch")
-_STREAMS = {"pretrain": 0, "continue": 1, "scratch": 2}
 # Noise-mask seed of the held-out span-corruption examples.
 _HELDOUT_SEED = 12345
-_SHUFFLE_BUFFER = 2048
+# Noise-mask seeds of the training streams: 1000 * seed + stream number.
+_STREAMS = {"pretrain": 0, "continue": 1, "scratch": 2}
+_COOLDOWN_STREAM = 10
 # T5's span-corruption settings (`keras_moe.data` defaults).
 _NOISE_DENSITY = 0.15
 _MEAN_NOISE_SPAN_LENGTH = 3.0
+# The naming task's prompt, and its longest kept sequences (tokens, EOS
+# included): longer examples are left out (counted in results.md), never
+# truncated.
+NAMING_PROMPT = "name: "
+NAMING_MAX_INPUT = 48
+NAMING_MAX_TARGET = 12
 
 _MODEL = dict(
     vocab_size=data_lib.VOCAB_SIZE,
     activation="relu",
     tie_embeddings=True,
-    # T5 v1.0's pre-training dropout: without it the held-out loss stops
-    # improving after a few epochs of this small corpus.
-    dropout_rate=0.1,
+    # No dropout: the text is not repeated (T5 1.1 and the paper's C4
+    # runs use none).
+    dropout_rate=0.0,
     relative_attention_num_buckets=32,
     relative_attention_max_distance=128,
 )
@@ -97,11 +123,14 @@ CONFIGS = {
         pretrain_steps=1000,
         learning_rate=2e-3,
         warmup_steps=100,
-        heldout_examples=None,
-        finetune_steps=400,
-        finetune_batch_size=64,
-        finetune_learning_rate=2e-3,
-        test_examples=1000,
+        cooldown_fraction=0.03,
+        heldout_examples=2048,
+        finetune_steps=300,
+        finetune_batch_size=32,
+        finetune_learning_rate=1e-3,
+        test_examples=None,
+        tiled_arm=True,
+        jit_compile=False,
     ),
     "small": dict(
         model=dict(
@@ -115,14 +144,17 @@ CONFIGS = {
         ),
         input_length=24,
         batch_size=8,
-        pretrain_steps=12,
+        pretrain_steps=20,
         learning_rate=2e-3,
         warmup_steps=4,
+        cooldown_fraction=0.1,
         heldout_examples=32,
         finetune_steps=4,
         finetune_batch_size=8,
-        finetune_learning_rate=2e-3,
+        finetune_learning_rate=1e-3,
         test_examples=16,
+        tiled_arm=True,
+        jit_compile=False,
     ),
 }
 
@@ -133,10 +165,13 @@ def _masked_mean(values, targets):
     return tf.reduce_sum(values * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
 
 
+def _token_losses(logits, targets):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+
+
 def _loss(model, inputs, targets):
     logits = model(inputs, training=True)
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
-    return _masked_mean(losses, targets)
+    return _masked_mean(_token_losses(logits, targets), targets)
 
 
 def _lengths(input_length):
@@ -152,8 +187,7 @@ def _sentencepiece():
     The text is tokenized once, in NumPy, by the `sentencepiece` package
     rather than by the shared TensorFlow tokenizer of `keras_moe.data`:
     its kernel resource does not survive `keras.utils.set_random_seed`
-    (`tf.random.set_seed` clears TensorFlow's kernel cache), which every
-    seed of the experiment calls.
+    (`tf.random.set_seed` clears TensorFlow's kernel cache).
     """
     import sentencepiece
 
@@ -162,81 +196,141 @@ def _sentencepiece():
     )
 
 
-def _texts(name, split, key, language=None):
-    """The strings of feature `key` of a dataset split (one language)."""
-    dataset = data_lib.load(name, split)
-    if language is not None:
-        dataset = dataset.filter(lambda ex: ex["language"] == language)
-    texts = []
-    for batch in dataset.batch(4096):
-        texts.extend(text.decode() for text in batch[key].numpy())
-    return texts
-
-
-def _token_runs(sp, split, raw_length):
-    """<int32>[N, n] runs of n tokens of a `pydoc_corpus` split.
+def token_runs(sp, split, raw_length):
+    """<int32>[N, n] runs of n tokens of a `docstrings` split.
 
     The paragraphs are tokenized and concatenated in order, and the stream
     is cut into runs of n tokens (a last shorter run dropped), as
     `keras_moe.data.span_corruption_dataset` does.
     """
-    stream = []
-    for text in _texts("pydoc_corpus", split, "text"):
-        stream.extend(sp.encode(text))
-    count = len(stream) // raw_length
-    return np.asarray(stream[: count * raw_length], np.int32).reshape(
-        count, raw_length
+    stream = np.concatenate(
+        [
+            np.asarray(ids, np.int32)
+            for ids in sp.encode(list(docstrings.paragraphs(split)))
+        ]
     )
+    count = len(stream) // raw_length
+    return stream[: count * raw_length].reshape(count, raw_length)
 
 
-def _span_corruption(runs, input_length, seed, repeat):
-    """Unbatched `(inputs, targets)` T5 examples of span-corrupted runs.
-
-    Each run gets a noise mask (`keras_moe.data.noise_span_mask`, T5's
-    noise density 0.15 and mean span length 3) drawn from `seed` and the
-    run's position in the (repeated) stream.
-    """
+def _corrupt_fn(input_length, seed):
+    """`fn(position, tokens) -> (inputs, targets)`: span corruption of a
+    run, its noise mask drawn from `seed` and the run's position in its
+    stream (`keras_moe.data.noise_span_mask`, T5's noise density 0.15 and
+    mean span length 3)."""
     raw_length, target_length = _lengths(input_length)
-    dataset = tf.data.Dataset.from_tensor_slices(runs)
-    if repeat:
-        dataset = dataset.repeat()
 
-    def corrupt(index, tokens):
+    def corrupt(position, tokens):
         mask = data_lib.noise_span_mask(
             raw_length,
             _NOISE_DENSITY,
             _MEAN_NOISE_SPAN_LENGTH,
-            tf.stack([tf.constant(seed, tf.int64), index]),
+            tf.stack([tf.constant(seed, tf.int64), position]),
         )
         inputs, targets = data_lib.corrupt_spans(tokens, mask)
         return t5_features(inputs, targets, input_length, target_length)
 
-    return dataset.enumerate().map(corrupt)
+    return corrupt
 
 
-def _pretraining_batches(runs, config, stream, seed):
-    """Endless shuffled span-corruption batches; masks and order fixed by
-    (seed, stream)."""
-    stream_seed = 1000 * seed + _STREAMS[stream]
-    dataset = (
-        _span_corruption(runs, config["input_length"], stream_seed, True)
-        .shuffle(_SHUFFLE_BUFFER, seed=stream_seed)
-        .batch(config["batch_size"], drop_remainder=True)
-        .prefetch(2)
+def span_corruption(runs, input_length, seed):
+    """Unbatched `(inputs, targets)` T5 examples of the rows of `runs`, in
+    order, with the noise masks of `seed`."""
+    return (
+        tf.data.Dataset.from_tensor_slices(runs)
+        .enumerate()
+        .map(_corrupt_fn(input_length, seed))
     )
-    return iter(dataset)
+
+
+class TextStreams:
+    """The training streams of a run: batches of span-corrupted runs of
+    text, each run read at most once per stream.
+
+    For seed s, one order of the N training runs is drawn; its last
+    `cooldown_runs * cooldowns` runs are the cooldown reserve (block i for
+    stream "cooldown/<i>"), its first `pretrain_runs` the "pretrain"
+    stream, and the runs between them the "continue" stream, shared by
+    every continuing arm. "scratch" reads every run but the reserve in an
+    order of its own. A stream that runs out starts its runs again (a
+    second epoch), which `run` reports; with the default sizes none does.
+
+    Args:
+        runs: <int32>[N, n] training runs.
+        input_length: T.
+        batch_size: B.
+        pretrain_runs: runs of the dense pre-training.
+        cooldown_runs: runs of one cooldown.
+        cooldowns: cooldowns per arm (evaluated budgets).
+    """
+
+    def __init__(
+        self,
+        runs,
+        input_length,
+        batch_size,
+        pretrain_runs,
+        cooldown_runs,
+        cooldowns,
+    ):
+        self.runs = tf.constant(runs)
+        self.count = len(runs)
+        self.input_length = input_length
+        self.batch_size = batch_size
+        self.pretrain_runs = pretrain_runs
+        self.cooldown_runs = cooldown_runs
+        self.reserve = cooldown_runs * cooldowns
+        self.continue_runs = self.count - pretrain_runs - self.reserve
+        if self.continue_runs < batch_size:
+            raise ValueError(
+                f"the corpus has {self.count} runs: too few for "
+                f"{pretrain_runs} pre-training runs and a cooldown reserve "
+                f"of {self.reserve}"
+            )
+
+    def indices(self, stream, seed):
+        """<int64>[M] run indices of `stream` for `seed`, in read order."""
+        order = np.random.default_rng([seed, 0]).permutation(self.count)
+        body = order[: self.count - self.reserve]
+        if stream == "pretrain":
+            return body[: self.pretrain_runs]
+        if stream == "continue":
+            return body[self.pretrain_runs :]
+        if stream == "scratch":
+            return np.random.default_rng([seed, 1]).permutation(body)
+        index = uc.cooldown_index(stream)
+        start = self.count - self.reserve + index * self.cooldown_runs
+        return order[start : start + self.cooldown_runs]
+
+    def batches(self, stream, seed):
+        """Endless batches `(inputs, targets)` of `stream` for `seed`."""
+        number = (
+            _STREAMS[stream]
+            if stream in _STREAMS
+            else _COOLDOWN_STREAM + uc.cooldown_index(stream)
+        )
+        indices = tf.constant(self.indices(stream, seed))
+        runs = self.runs
+        dataset = (
+            tf.data.Dataset.from_tensor_slices(indices)
+            .repeat()
+            .map(lambda i: tf.gather(runs, i))
+            .enumerate()
+            .map(_corrupt_fn(self.input_length, 1000 * seed + number))
+            .batch(self.batch_size, drop_remainder=True)
+            .prefetch(2)
+        )
+        return iter(dataset)
 
 
 def _heldout(sp, config):
-    """The held-out span-corruption examples (validation topics), as one
+    """The held-out span-corruption examples ("validation" modules), as one
     batch with fixed noise masks."""
     raw_length, _ = _lengths(config["input_length"])
-    runs = _token_runs(sp, "validation", raw_length)
+    runs = token_runs(sp, "validation", raw_length)
     if config["heldout_examples"] is not None:
         runs = runs[: config["heldout_examples"]]
-    dataset = _span_corruption(
-        runs, config["input_length"], _HELDOUT_SEED, False
-    )
+    dataset = span_corruption(runs, config["input_length"], _HELDOUT_SEED)
     return next(iter(dataset.batch(len(runs))))
 
 
@@ -248,42 +342,54 @@ def _pad(rows, length):
     return out
 
 
-def _translation(sp, test_examples):
-    """`number_words` in `LANGUAGE`: (train, test) (inputs, targets) NumPy
-    arrays in the format of `keras_moe.data.seq2seq_dataset` (EOS-ended,
-    0-padded to the longest sequence of both splits)."""
-    splits = {}
-    for split in ("train", "test"):
-        splits[split] = [
-            [sp.encode(text) + [data_lib.EOS_ID] for text in texts]
-            for texts in (
-                _texts(DOWNSTREAM, split, key, LANGUAGE)
-                for key in ("inputs", "targets")
-            )
-        ]
-    input_length = max(len(r) for s in splits.values() for r in s[0])
-    target_length = max(len(r) for s in splits.values() for r in s[1])
-    out = []
-    for split, (sources, labels) in splits.items():
-        limit = test_examples if split == "test" else None
-        encoder = _pad(sources[:limit], input_length)
-        targets = _pad(labels[:limit], target_length)
-        # (N, U) -> (N, U): start id 0 in front, the last target dropped.
-        decoder = np.concatenate(
-            [np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1
-        )
-        inputs = {
-            "encoder_token_ids": encoder,
-            "decoder_token_ids": decoder,
-            "encoder_padding_mask": encoder != data_lib.PAD_ID,
-            "decoder_padding_mask": targets != data_lib.PAD_ID,
-        }
-        out.append((inputs, targets))
-    return tuple(out)
+def naming_arrays(sp, split, limit=None):
+    """The naming task's (inputs, targets) NumPy arrays of `split`.
+
+    Inputs are `NAMING_PROMPT` + the summary line, targets the name's
+    words, each EOS-ended and 0-padded to `NAMING_MAX_INPUT` /
+    `NAMING_MAX_TARGET` tokens; the decoder reads the targets shifted
+    right behind start id 0.
+
+    Args:
+        sp: the SentencePiece model.
+        split: "train" or "test" of `docstrings.name_examples`.
+        limit: keep only the first `limit` examples (None: all).
+
+    Returns:
+        `((inputs, targets), left_out)`: left_out counts the examples
+        longer than the maximum lengths.
+    """
+    pairs = docstrings.name_examples(split)
+    sources = [
+        sp.encode(NAMING_PROMPT + summary) + [data_lib.EOS_ID]
+        for summary, _ in pairs
+    ]
+    labels = [sp.encode(words) + [data_lib.EOS_ID] for _, words in pairs]
+    kept = [
+        i
+        for i in range(len(pairs))
+        if len(sources[i]) <= NAMING_MAX_INPUT
+        and len(labels[i]) <= NAMING_MAX_TARGET
+    ]
+    left_out = len(pairs) - len(kept)
+    kept = kept[:limit]
+    encoder = _pad([sources[i] for i in kept], NAMING_MAX_INPUT)
+    targets = _pad([labels[i] for i in kept], NAMING_MAX_TARGET)
+    # (N, U) -> (N, U): start id 0 in front, the last target dropped.
+    decoder = np.concatenate(
+        [np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1
+    )
+    inputs = {
+        "encoder_token_ids": encoder,
+        "decoder_token_ids": decoder,
+        "encoder_padding_mask": encoder != data_lib.PAD_ID,
+        "decoder_padding_mask": targets != data_lib.PAD_ID,
+    }
+    return (inputs, targets), left_out
 
 
 class FineTuner:
-    """Fine-tunes an arm's model on the translation task; exact match.
+    """Fine-tunes an arm's model on the naming task and scores it.
 
     Every fine-tune starts from the arm's weights with a zeroed Adam (the
     learning rate warms up over the first tenth of the steps, then decays
@@ -307,16 +413,14 @@ class FineTuner:
 
     def _trainer(self, model):
         if id(model) not in self._trainers:
-            optimizer = upcycling_common.make_optimizer(
+            optimizer = uc.make_optimizer(
                 self.learning_rate,
                 max(1, self.steps // 10),
                 decay_steps=self.steps,
             )
             self._trainers[id(model)] = (
                 model,  # Kept alive, so that its id stays its own.
-                upcycling_common.Trainer(
-                    model, optimizer, _loss, 0, jit_compile=False
-                ),
+                uc.Trainer(model, optimizer, _loss, 0, jit_compile=False),
             )
         return self._trainers[id(model)][1]
 
@@ -331,48 +435,24 @@ class FineTuner:
             yield inputs, self.train_targets[index]
 
     def __call__(self, model, seed):
-        """{"exact_match", "downstream_token_accuracy"} of `model` after
-        the fine-tune; `model` is left as it was."""
+        """The `FINETUNE_METRICS` of `model` after the fine-tune; `model`
+        is left as it was."""
         trainer = self._trainer(model)
         weights = model.get_weights()
-        upcycling_common.reset_optimizer(trainer.optimizer)
+        uc.reset_optimizer(trainer.optimizer)
         trainer.train(self._batches(seed), self.steps)
+        logits = trainer.forward(self.test_inputs)
+        targets = tf.constant(self.test_targets)
         scores = {
-            "exact_match": exact_match(
-                model, self.test_inputs, self.test_targets
+            "downstream_loss": float(
+                _masked_mean(_token_losses(logits, targets), targets)
             ),
             "downstream_token_accuracy": token_accuracy(
-                trainer.forward(self.test_inputs), self.test_targets
+                logits, self.test_targets
             ),
         }
         model.set_weights(weights)
         return scores
-
-
-def exact_match(model, inputs, targets):
-    """Fraction of examples whose greedy generation equals the target.
-
-    Args:
-        model: a T5.
-        inputs: the T5 input dict (NumPy), `encoder_token_ids` <int>[B, T].
-        targets: <int>[B, U] target ids, EOS-terminated, 0-padded.
-
-    Returns:
-        A float: the share of rows whose generated ids (after the start
-        id) equal the whole target row, the zeros after EOS included
-        (`exact_matches(..., compare_after_eos=True)`: a generation that
-        goes on after its end of sequence does not match).
-    """
-    length = targets.shape[1]
-    generated = model.generate(
-        inputs["encoder_token_ids"],
-        length + 1,
-        encoder_padding_mask=inputs["encoder_padding_mask"],
-    )
-    generated = keras.ops.convert_to_numpy(generated)[:, 1:]
-    return float(
-        np.mean(exact_matches(generated, targets, compare_after_eos=True))
-    )
 
 
 def token_accuracy(logits, targets):
@@ -391,22 +471,21 @@ def _evaluator(heldout, finetuner, largest_budget):
 
     Fine-tuned: every arm at `largest_budget`; at +0%, the two models that
     exist before any extra compute, the pre-trained dense checkpoint and
-    the MoE trained from scratch for the same FLOPs. (The upcycled model
-    at +0% computes nearly the dense checkpoint's function, and the freshly
-    tiled one is the dense checkpoint's blocks out of place: neither is a
-    trained model of its own.)
+    the MoE trained from scratch for the same FLOPs (the upcycled and
+    tiled models at +0% compute nearly the dense checkpoint's function).
     """
     inputs, targets = heldout
 
     def evaluate(trainer, seed, budget, arm):
         logits = trainer.forward(inputs)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
         correct = tf.cast(
             tf.argmax(logits, axis=-1, output_type=targets.dtype) == targets,
             tf.float32,
         )
         scores = {
-            "heldout_loss": float(_masked_mean(losses, targets)),
+            "heldout_loss": float(
+                _masked_mean(_token_losses(logits, targets), targets)
+            ),
             "heldout_accuracy": float(_masked_mean(correct, targets)),
             **{metric: None for metric in FINETUNE_METRICS},
         }
@@ -429,14 +508,12 @@ def _stack_layers(config):
 def validate_options(options):
     """Raises a ValueError naming a bad option (value or name); the
     launcher calls it before any work."""
-    upcycling_common.parse_options(
-        NAME, options, _stack_layers(CONFIGS["default"])
-    )
+    uc.parse_options(NAME, options, _stack_layers(CONFIGS["default"]))
 
 
 def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
-    """Runs the experiment and writes results.csv, results.md and
-    upcycle_t5.png into `output_dir`.
+    """Runs the experiment and writes results.csv, pretrain_curve.csv,
+    results.md and upcycle_t5.png into `output_dir`.
 
     Args:
         output_dir: created if needed.
@@ -445,95 +522,161 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         options: ablation options (see `upcycling_common.parse_options`).
 
     Returns:
-        {"rows": result rows, "summary": mean/std rows, "files": paths}.
+        {"rows", "curve", "summary", "gates", "files", "no_pretraining",
+        "streams"}.
     """
     if not isinstance(small, bool):
         raise ValueError(f"small must be a bool; received {small!r}")
     config = CONFIGS["small" if small else "default"]
     seeds = common.check_seeds(seeds)
-    model = config["model"]
-    settings = upcycling_common.parse_options(
-        NAME, options, _stack_layers(config)
-    )
+    settings = uc.parse_options(NAME, options, _stack_layers(config))
     output_dir = common.prepare_output_dir(output_dir)
     start = time.perf_counter()
     print(f"[{NAME}] {settings.describe()}", flush=True)
     sp = _sentencepiece()
-    raw_length, _ = _lengths(config["input_length"])
-    runs = _token_runs(sp, "train", raw_length)
-    heldout = _heldout(sp, config)
-    finetuner = FineTuner(config, *_translation(sp, config["test_examples"]))
     input_length = config["input_length"]
-    target_length = int(heldout[1].shape[1])
     batch_size = config["batch_size"]
+    raw_length, _ = _lengths(input_length)
+    runs = token_runs(sp, "train", raw_length)
+    heldout = _heldout(sp, config)
+    train, train_left_out = naming_arrays(sp, "train")
+    test, test_left_out = naming_arrays(sp, "test", config["test_examples"])
+    finetuner = FineTuner(config, train, test)
+    target_length = int(heldout[1].shape[1])
+    cooldown_steps = max(
+        1, round(config["cooldown_fraction"] * config["pretrain_steps"])
+    )
+    streams = TextStreams(
+        runs,
+        input_length,
+        batch_size,
+        pretrain_runs=config["pretrain_steps"] * batch_size,
+        cooldown_runs=cooldown_steps * batch_size,
+        cooldowns=len(settings.budgets) + 1,
+    )
 
     def step_flops(model):
         return batch_size * flops.training_step_flops(
             model, input_length, target_length
         )
 
-    task = upcycling_common.Task(
+    task = uc.ConvergedTask(
         name=NAME,
         build_dense=lambda: T5(**config["model"]),
         loss_fn=_loss,
-        batches=lambda stream, seed: _pretraining_batches(
-            runs, config, stream, seed
-        ),
+        batches=streams.batches,
         step_flops=step_flops,
         evaluate=_evaluator(heldout, finetuner, settings.budgets[-1]),
         pretrain_steps=config["pretrain_steps"],
         learning_rate=config["learning_rate"],
         warmup_steps=config["warmup_steps"],
+        cooldown_fraction=config["cooldown_fraction"],
+        rewarm_arms=False,
+        reset_arm=True,
+        tiled_arm=config["tiled_arm"],
+        gate_metric="heldout_loss",
+        jit_compile=config["jit_compile"],
     )
-    cache = {}
-    rows = common.for_each_seed(
-        seeds,
-        lambda seed: upcycling_common.run_seed(task, settings, seed, cache),
-        label=f"[{NAME}] ",
-    )
+    cache, rows, curve = {}, [], []
+    for seed in seeds:
+        tic = time.perf_counter()
+        seed_rows, seed_curve = uc.run_seed_converged(
+            task, settings, seed, cache
+        )
+        rows += seed_rows
+        curve += seed_curve
+        print(
+            f"[{NAME}] seed {seed} done in {time.perf_counter() - tic:.0f} s",
+            flush=True,
+        )
     reference = _no_pretraining_reference(config, finetuner, seeds)
+    usage = stream_usage(rows, streams)
+    model = config["model"]
     header = (
-        f"Dense T5 (v1.0 style: ReLU MLP, tied embeddings; D="
+        f"Dense T5 (v1.0 style: ReLU MLP, tied embeddings, no dropout; D="
         f"{model['model_dim']}, F={model['hidden_dim']}, "
         f"{model['num_heads']} heads of {model['head_dim']}, "
         f"{model['num_encoder_layers']}+{model['num_decoder_layers']} blocks, "
         f"V={model['vocab_size']}) pre-trained with span corruption "
-        f"(T={input_length}, U={target_length}) on pydoc_corpus for "
-        f"{config['pretrain_steps']} steps of {batch_size} "
-        f"({upcycling_common.describe_optimizer(task)}; dropout "
-        f"{model['dropout_rate']:g}); extra budgets as fractions of those "
-        f"FLOPs. MoE recipe: {settings.describe()}. "
-        f"Tiled dense: {cache['extra_layers']} extra block(s) per stack. "
-        f"Held-out: {int(heldout[1].shape[0])} span-corruption examples of "
-        f"the validation topics. Downstream, at the largest budget (every "
-        f"arm) and at +0% (the dense checkpoint and the MoE from scratch): "
-        f"{config['finetune_steps']} fine-tuning steps of "
-        f"{config['finetune_batch_size']} {DOWNSTREAM} ({LANGUAGE}) "
-        f"examples (Adam from a zeroed state, peak learning rate "
-        f"{config['finetune_learning_rate']:g}, 10% warm-up, linear decay "
-        f"to 0), exact match of greedy decoding on "
-        f"{len(finetuner.test_targets)} held-out numbers, and their "
-        f"teacher-forced token accuracy. Without any pre-training (random "
-        f"initialisation), the same fine-tune gives an exact match of "
-        f"{_format(reference['exact_match'])} and a token accuracy of "
-        f"{_format(reference['downstream_token_accuracy'])} (mean ± std "
-        f"over seeds).\n"
+        f"(T={input_length}, U={target_length}) for "
+        f"{config['pretrain_steps']} steps of {batch_size} runs of "
+        f"{raw_length} tokens of `docstrings` training text "
+        f"({streams.count:,} runs; {_describe_usage(usage)}). "
+        f"{uc.describe_converged_protocol(task)}. Extra budgets are "
+        f"fractions of the pre-training FLOPs P; the MoE from scratch is "
+        f"trained for (1 + budget) P. MoE recipe: {settings.describe()}; "
+        f"the state-reset arm zeroes the optimizer state instead. "
+        f"Held-out: {int(heldout[1].shape[0])} span-corruption runs of the "
+        f"validation modules. Downstream (naming, modules never trained "
+        f"on), at the largest budget (every arm) and at +0% (the dense "
+        f"checkpoint and the MoE from scratch): {config['finetune_steps']} "
+        f"fine-tuning steps of {config['finetune_batch_size']} of "
+        f"{len(train[1])} examples (Adam from a zeroed state, peak "
+        f"learning rate {config['finetune_learning_rate']:g}, 10% warm-up, "
+        f"linear decay to 0), scored on {len(test[1])} held-out names "
+        f"({train_left_out} + {test_left_out} examples longer than "
+        f"{NAMING_MAX_INPUT} / {NAMING_MAX_TARGET} tokens left out).\n\n"
+        f"**No pre-training baseline** (the same fine-tune from random "
+        f"initialisation, mean ± std over seeds): "
+        + ", ".join(
+            f"{metric} {_format(reference[metric])}"
+            for metric in FINETUNE_METRICS
+        )
+        + ".\n"
     )
-    files, summary = upcycling_common.write_outputs(
+    result = uc.write_converged_outputs(
         output_dir,
         NAME,
         rows,
+        curve,
+        task,
         METRICS,
+        LOWER_IS_BETTER,
         header,
-        time.perf_counter() - start,
+        plot_metrics=("heldout_loss", "heldout_accuracy"),
+        wall_seconds=time.perf_counter() - start,
     )
-    print(f"[{NAME}] wrote {', '.join(files)}", flush=True)
+    print(f"[{NAME}] wrote {', '.join(result['files'])}", flush=True)
     return {
         "rows": rows,
-        "summary": summary,
-        "files": files,
+        "curve": curve,
+        **result,
         "no_pretraining": reference,
+        "streams": usage,
     }
+
+
+def stream_usage(rows, streams):
+    """Runs each stream read against the runs it holds.
+
+    Returns:
+        {stream: (runs read, runs available)} for "pretrain", "continue"
+        (the longest continuing arm) and "scratch".
+    """
+    batch = streams.batch_size
+    continuing = [r["steps"] for r in rows if r["arm"] != "moe_scratch"]
+    scratch = [r["steps"] for r in rows if r["arm"] == "moe_scratch"]
+    return {
+        "pretrain": (streams.pretrain_runs, streams.pretrain_runs),
+        "continue": (max(continuing, default=0) * batch, streams.continue_runs),
+        "scratch": (
+            max(scratch, default=0) * batch,
+            streams.count - streams.reserve,
+        ),
+    }
+
+
+def _describe_usage(usage):
+    parts = []
+    for stream, (read, available) in usage.items():
+        if stream == "pretrain":
+            continue
+        passes = read / available
+        parts.append(
+            f"the {stream} stream read {read:,} of its {available:,} runs"
+            + (f" ({passes:.2f} passes: text REPEATED)" if passes > 1 else "")
+        )
+    return "; ".join(parts)
 
 
 def _format(mean_std):
@@ -551,7 +694,7 @@ def _no_pretraining_reference(config, finetuner, seeds):
     model = T5(**config["model"])
     scores = []
     for seed in seeds:
-        upcycling_common.seed_everything(seed)
+        uc.seed_everything(seed)
         model.set_weights(T5(**config["model"]).get_weights())
         scores.append(finetuner(model, seed))
     print(

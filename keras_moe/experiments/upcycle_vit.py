@@ -36,7 +36,6 @@ Example (a smoke run of about a minute):
     upcycle_vit.run("/tmp/upcycle_vit", seeds=(0,), small=True)
 """
 
-import os
 import time
 
 import keras
@@ -49,7 +48,6 @@ from keras_moe.experiments import common
 from keras_moe.experiments import upcycling_common as uc
 from keras_moe.models import flops
 from keras_moe.models.vit import ViT
-from keras_moe.utils.files import write_text
 
 NAME = "upcycle_vit"
 SUPPORTED_OPTIONS = uc.SUPPORTED_OPTIONS
@@ -126,15 +124,7 @@ def stream_number(stream):
     "continue", "scratch" or "cooldown/<i>")."""
     if stream in _STREAMS:
         return _STREAMS[stream]
-    prefix = "cooldown/"
-    if isinstance(stream, str) and stream.startswith(prefix):
-        index = stream[len(prefix) :]
-        if index.isdigit():
-            return _COOLDOWN_STREAM + int(index)
-    raise ValueError(
-        f"stream must be one of {sorted(_STREAMS)} or 'cooldown/<i>'; "
-        f"received {stream!r}"
-    )
+    return _COOLDOWN_STREAM + uc.cooldown_index(stream)
 
 
 def _batches(batch_size, image_size, stream, seed):
@@ -343,95 +333,26 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
             f"[{NAME}] seed {seed} done in {time.perf_counter() - tic:.0f} s",
             flush=True,
         )
-    result = write_outputs(
+    result = uc.write_converged_outputs(
         output_dir,
+        NAME,
         rows,
         curve,
         task,
-        settings,
-        config,
-        (heldout, probe_pool, probe_test),
-        time.perf_counter() - start,
+        METRICS,
+        LOWER_IS_BETTER,
+        _header(task, settings, config, heldout, probe_test),
+        plot_metrics=("nll", "accuracy", "probe_accuracy"),
+        wall_seconds=time.perf_counter() - start,
     )
     print(f"[{NAME}] wrote {', '.join(result['files'])}", flush=True)
     return {"rows": rows, "curve": curve, **result}
 
 
-def gates(rows):
-    """{seed: `uc.convergence_gate`} of the dense-continued rows."""
-    return {
-        seed: uc.convergence_gate([r for r in rows if r["seed"] == seed])
-        for seed in sorted({r["seed"] for r in rows})
-    }
-
-
-def curve_table(curve):
-    """Markdown table of the pre-training curve, mean ± std over seeds."""
-    steps = sorted({row["step"] for row in curve})
-    table = []
-    for step in steps:
-        at = [row for row in curve if row["step"] == step]
-        cells = {"step": str(step)}
-        for key in ("train_loss", "nll", "accuracy"):
-            values = np.array([row[key] for row in at], np.float64)
-            std = values.std(ddof=1) if len(values) > 1 else 0.0
-            cells[key] = common.format_mean_std(values.mean(), std, 4)
-        table.append(cells)
-    return common.markdown_table(
-        table,
-        ("step", "train_loss", "nll", "accuracy"),
-        (
-            "dense step",
-            "train loss (mean of the interval)",
-            "held-out NLL",
-            "held-out accuracy",
-        ),
-    )
-
-
-def write_outputs(
-    output_dir, rows, curve, task, settings, config, data, wall_seconds
-):
-    """Writes results.csv, pretrain_curve.csv, results.md and
-    upcycle_vit.png; returns {"files", "summary", "gates"}."""
-    uc.check_compute_matched(rows)
-    arms = task.arms()
-    labels = uc.CONVERGED_LABELS
-    summary = uc.summarize(rows, tuple(METRICS), arms)
-    seeds = sorted({row["seed"] for row in rows})
-    plot = f"{NAME}.png"
-    paths = [
-        f"{output_dir}/results.csv",
-        f"{output_dir}/pretrain_curve.csv",
-        f"{output_dir}/results.md",
-        f"{output_dir}/{plot}",
-    ]
-    uc.plot_against_compute(
-        summary,
-        {k: METRICS[k] for k in ("nll", "accuracy", "probe_accuracy")},
-        paths[3],
-        f"{NAME} on glyphs: quality against extra compute, cooled down "
-        f"(mean ± std over {len(seeds)} seed(s))",
-        arms=arms,
-        labels=labels,
-    )
-    common.write_csv(paths[0], rows)
-    common.write_csv(paths[1], curve)
-    seed_gates = gates(rows)
-    gate_lines = [
-        f"- seed {seed}: {gate['message']}" for seed, gate in seed_gates.items()
-    ]
-    failed = [s for s, g in seed_gates.items() if g["passed"] is False]
-    if failed:
-        gate_lines.insert(
-            0,
-            f"**WARNING: the convergence gate FAILED for seed(s) {failed}: "
-            "the dense model was still improving, so these results do not "
-            "test the converged regime.**\n",
-        )
+def _header(task, settings, config, heldout, probe_test):
+    """What was run, in words, for results.md."""
     model = config["model"]
-    heldout, probe_pool, probe_test = data
-    header = (
+    return (
         f"Dense ViT (D={model['model_dim']}, H={model['hidden_dim']}, "
         f"{model['num_layers']} blocks, {model['num_heads']} heads, "
         f"{model['patch_size']}x{model['patch_size']} patches of "
@@ -449,35 +370,3 @@ def write_outputs(
         f"{len(probe_test[1])} test images, mean of {PROBE_DRAWS} draws of "
         "the shots.\n"
     )
-    paired = []
-    for metric in METRICS:
-        paired.append(
-            uc.paired_table(
-                rows,
-                metric,
-                [p for p in uc.CONVERGED_PAIRS if set(p) <= set(arms)],
-                metric in LOWER_IS_BETTER,
-                labels,
-            )
-        )
-    text = "\n".join(
-        [
-            f"# {NAME}\n",
-            header,
-            f"Seeds: {seeds}. Wall time: {wall_seconds:.0f} s on "
-            f"{os.cpu_count()} CPU core(s).\n",
-            "## Convergence gate\n",
-            "\n".join(gate_lines) + "\n",
-            "## Dense pre-training (no cooldown)\n",
-            curve_table(curve),
-            "## Arms\n",
-            uc.arm_table(rows, arms, labels),
-            "## Results (cooled down)\n",
-            uc.results_table(summary, tuple(METRICS), arms=arms, labels=labels),
-            "## Paired differences\n",
-            "\n".join(paired),
-            f"![{NAME}]({plot})\n",
-        ]
-    )
-    write_text(paths[2], text)
-    return {"files": paths, "summary": summary, "gates": seed_gates}

@@ -81,13 +81,6 @@ from keras_moe.training.schedules import LinearWarmup
 from keras_moe.utils.checks import check_int
 from keras_moe.utils.files import write_text
 
-ARMS = ("dense", "upcycled", "moe_scratch", "dense_tiled")
-ARM_LABELS = {
-    "dense": "dense continuation",
-    "upcycled": "sparse upcycling (MoE)",
-    "moe_scratch": "MoE from scratch",
-    "dense_tiled": "dense upcycling (depth tiling)",
-}
 SUPPORTED_OPTIONS = experiments.OPTION_NAMES
 DEFAULT_BUDGETS = (0.1, 0.25, 0.5, 1.0)
 ROUTERS = (routing.EXPERTS_CHOOSE, routing.TOKENS_CHOOSE)
@@ -727,7 +720,8 @@ class Task:
         step_flops: `fn(model) -> FLOPs of one training step`.
         evaluate: `fn(trainer, seed, budget, arm) -> {metric: float}` of
             `trainer.model` (`trainer.forward` is its compiled inference
-            call) of arm `arm` (a key of `ARMS`) at extra budget `budget`.
+            call) of arm `arm` (a key of `CONVERGED_ARMS`) at extra
+            budget `budget`.
         pretrain_steps: dense pre-training steps.
         learning_rate: peak learning rate of every arm.
         warmup_steps: linear warm-up of every fresh optimizer.
@@ -746,88 +740,6 @@ class Task:
     warmup_steps: int
     moe_kwargs: dict = dataclasses.field(default_factory=dict)
     jit_compile: bool = False
-
-
-def describe_optimizer(task):
-    """The optimizer and schedule of `task`, in words."""
-    return (
-        f"Adam with gradient-norm clipping at 1, learning rate warmed up "
-        f"linearly to {task.learning_rate:g} over {task.warmup_steps} steps, "
-        "then inverse square-root decay"
-    )
-
-
-def run_seed(task, settings, seed, cache):
-    """Pre-trains the dense model of one seed and trains the four arms.
-
-    Args:
-        task: the `Task`.
-        settings: the `Settings`.
-        seed: the seed of initialisation, routers and data order.
-        cache: a dict kept across the seeds of a run (the `TrainerPool` and
-            the tiled depth).
-
-    Returns:
-        A list of result rows, one per arm and budget (0 included).
-    """
-    pool = cache.setdefault(
-        "pool", TrainerPool(task.loss_fn, task.step_flops, task.jit_compile)
-    )
-    seed_everything(seed)
-    trainer = pool.trainer(
-        task.build_dense(),
-        make_optimizer(task.learning_rate, task.warmup_steps),
-    )
-    loss = trainer.train(task.batches("pretrain", seed), task.pretrain_steps)
-    sunk = trainer.flops
-    print(
-        f"[{task.name} seed {seed}] dense pre-training: "
-        f"{trainer.steps} steps, {common.format_flops(sunk)}FLOPs, "
-        f"train loss {loss:.4f}, {trainer.seconds:.1f} s",
-        flush=True,
-    )
-    dense, dense_optimizer = trainer.model, trainer.optimizer
-    rows = []
-    context = dict(task=task, settings=settings, seed=seed, sunk=sunk)
-
-    # The upcycled and tiled arms start from the dense model and optimizer
-    # before the dense arm trains them further.
-    moe = upcycling.upcycle(
-        dense, **settings.upcycle_kwargs(seed, task.moe_kwargs)
-    )
-    if settings.reuse_optimizer_state:
-        moe_optimizer = upcycling.upcycle_optimizer(
-            dense_optimizer, dense, moe, state=settings.optimizer_state
-        )
-    else:
-        moe_optimizer = make_optimizer(task.learning_rate, task.warmup_steps)
-    moe_config = moe.get_config()
-    moe_trainer = pool.trainer(moe, moe_optimizer)
-    rows += _run_arm("upcycled", moe_trainer, **context)
-    del moe, moe_optimizer
-
-    if "extra_layers" not in cache:
-        cache["extra_layers"] = matched_extra_layers(
-            dense, moe_trainer.step_flops, task.step_flops
-        )
-    tiled, name_map = depth_tile(dense, cache["extra_layers"])
-    tiled_optimizer = tile_optimizer(dense_optimizer, dense, tiled, name_map)
-    rows += _run_arm(
-        "dense_tiled", pool.trainer(tiled, tiled_optimizer), **context
-    )
-    del tiled, tiled_optimizer
-
-    rows += _run_arm("dense", trainer, **context)
-
-    seed_everything(seed + 10_000)
-    scratch = pool.trainer(
-        type_of_config(moe_config).from_config(moe_config),
-        make_optimizer(task.learning_rate, task.warmup_steps),
-    )
-    rows += _run_arm(
-        "moe_scratch", scratch, **dict(context, sunk=0), pretrain_flops=sunk
-    )
-    return rows
 
 
 def seed_everything(seed):
@@ -852,58 +764,18 @@ def type_of_config(config):
     return T5 if "vocab_size" in config else ViT
 
 
-def _run_arm(arm, trainer, task, settings, seed, sunk, pretrain_flops=None):
-    """Trains one arm through every budget, evaluating at each.
-
-    `sunk` is the compute the arm inherits (the dense pre-training for
-    continuing arms, 0 from scratch); the arm's own steps make up the rest
-    of (1 + budget) * P.
-    """
-    pretrain_flops = sunk if pretrain_flops is None else pretrain_flops
-    batches = task.batches(
-        "scratch" if arm == "moe_scratch" else "continue", seed
-    )
-    start_steps = trainer.steps
-    rows = []
-    for budget in (0.0, *settings.budgets):
-        own = (1.0 + budget) * pretrain_flops - sunk
-        target = steps_for_flops(own, trainer.step_flops)
-        done = trainer.steps - start_steps
-        loss = trainer.train(batches, target - done)
-        tic = time.perf_counter()
-        metrics = task.evaluate(trainer, seed, budget, arm)
-        arm_flops = (trainer.steps - start_steps) * trainer.step_flops
-        row = {
-            "seed": seed,
-            "arm": arm,
-            "budget": budget,
-            "steps": trainer.steps - start_steps,
-            "step_flops": trainer.step_flops,
-            "arm_flops": arm_flops,
-            "total_flops": sunk + arm_flops,
-            "pretrain_flops": pretrain_flops,
-            "compute_ratio": (sunk + arm_flops) / pretrain_flops,
-            "params": trainer.model.count_params(),
-            **metrics,
-            "train_seconds": round(trainer.seconds, 2),
-            "eval_seconds": round(time.perf_counter() - tic, 2),
-        }
-        rows.append(row)
-        _print_row(task, seed, arm, budget, row, loss, metrics, "", "eval")
-    return rows
-
-
 # --------------------------------------------------------------------------
 # Results.
 
 
-def summarize(rows, metrics, arms=ARMS):
+def summarize(rows, metrics, arms=None):
     """Mean and sample std (ddof=1; 0 for one seed) of `metrics` over
     seeds, per arm and budget, arms in `arms` order.
 
     A metric missing from (or None in) every row of a group is None in the
     summary (e.g. the T5 fine-tune, run at some budgets only).
     """
+    arms = CONVERGED_ARMS if arms is None else arms
     groups = {}
     for row in rows:
         groups.setdefault((row["arm"], row["budget"]), []).append(row)
@@ -925,10 +797,11 @@ def summarize(rows, metrics, arms=ARMS):
     return summary
 
 
-def results_table(summary, metrics, digits=4, arms=ARMS, labels=None):
+def results_table(summary, metrics, digits=4, arms=None, labels=None):
     """Markdown table: one row per budget, one column per arm and metric
     (`labels`: {arm: column title}, default `ARM_LABELS`)."""
-    labels = ARM_LABELS if labels is None else labels
+    arms = CONVERGED_ARMS if arms is None else arms
+    labels = CONVERGED_LABELS if labels is None else labels
     budgets = sorted({row["budget"] for row in summary})
     cells = {(row["arm"], row["budget"]): row for row in summary}
     lines = []
@@ -957,7 +830,7 @@ def results_table(summary, metrics, digits=4, arms=ARMS, labels=None):
     return "\n".join(lines)
 
 
-def plot_against_compute(summary, metrics, path, title, arms=ARMS, labels=None):
+def plot_against_compute(summary, metrics, path, title, arms=None, labels=None):
     """Each metric against extra compute, one line per arm, std bars.
 
     Args:
@@ -968,7 +841,8 @@ def plot_against_compute(summary, metrics, path, title, arms=ARMS, labels=None):
         arms: the arms to draw, in order.
         labels: {arm: legend label}, default `ARM_LABELS`.
     """
-    labels = ARM_LABELS if labels is None else labels
+    arms = CONVERGED_ARMS if arms is None else arms
+    labels = CONVERGED_LABELS if labels is None else labels
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1006,13 +880,14 @@ def plot_against_compute(summary, metrics, path, title, arms=ARMS, labels=None):
     common.save_figure(figure, path)
 
 
-def _zoom(axis, summary, metric, arms=ARMS, labels=None):
+def _zoom(axis, summary, metric, arms=None, labels=None):
     """Fits the y axis to the points after extra training.
 
     A starting point (budget 0) more than the trained points' spread away
     from them, such as a freshly tiled model, would squash the comparison:
     it is left out of the axis range and its value written at the edge.
     """
+    arms = CONVERGED_ARMS if arms is None else arms
     trained = [
         r[metric] for r in summary if r["budget"] > 0 and r[metric] is not None
     ]
@@ -1029,7 +904,7 @@ def _zoom(axis, summary, metric, arms=ARMS, labels=None):
             low, high = min(low, value), max(high, value)
         else:
             outliers.append(r)
-    labels = ARM_LABELS if labels is None else labels
+    labels = CONVERGED_LABELS if labels is None else labels
     pad = 0.08 * (high - low or spread)
     low, high = low - pad, high + pad
     for r in outliers:
@@ -1060,9 +935,10 @@ def check_compute_matched(rows):
             )
 
 
-def arm_table(rows, arms=ARMS, labels=None):
+def arm_table(rows, arms=None, labels=None):
     """Markdown table of each arm's size and step cost (seed-independent)."""
-    labels = ARM_LABELS if labels is None else labels
+    arms = CONVERGED_ARMS if arms is None else arms
+    labels = CONVERGED_LABELS if labels is None else labels
     seen = {}
     for row in rows:
         seen.setdefault(row["arm"], row)
@@ -1085,52 +961,6 @@ def arm_table(rows, arms=ARMS, labels=None):
     )
 
 
-def write_outputs(output_dir, name, rows, metrics, header, wall_seconds):
-    """Writes results.csv, results.md and `<name>.png` into `output_dir`.
-
-    Args:
-        output_dir: an existing directory.
-        name: the experiment name (plot file name and titles).
-        rows: the result rows of every seed.
-        metrics: {metric key: axis label} to tabulate and plot.
-        header: Markdown put above the tables (what was run).
-        wall_seconds: the run's wall time.
-
-    Returns:
-        (paths written, summary rows).
-    """
-    check_compute_matched(rows)
-    summary = summarize(rows, tuple(metrics))
-    seeds = sorted({row["seed"] for row in rows})
-    plot = f"{name}.png"
-    paths = [
-        f"{output_dir}/results.csv",
-        f"{output_dir}/results.md",
-        f"{output_dir}/{plot}",
-    ]
-    plot_against_compute(
-        summary,
-        metrics,
-        paths[2],
-        f"{name}: quality against extra compute "
-        f"(mean ± std over {len(seeds)} seed(s))",
-    )
-    common.write_csv(paths[0], rows)
-    text = "\n".join(
-        [
-            f"# {name}\n",
-            header,
-            f"Seeds: {seeds}. Wall time: {wall_seconds:.0f} s on "
-            f"{os.cpu_count()} CPU core(s).\n",
-            arm_table(rows),
-            results_table(summary, tuple(metrics)),
-            f"![{name}]({plot})\n",
-        ]
-    )
-    write_text(paths[1], text)
-    return paths, summary
-
-
 # --------------------------------------------------------------------------
 # The converged protocol: {dense, upcycled} x {schedule continued, schedule
 # re-warmed}, a cooldown before every evaluation, a convergence gate.
@@ -1141,6 +971,7 @@ CONVERGED_ARMS = (
     "upcycled",
     "upcycled_rewarm",
     "upcycled_reset",
+    "dense_tiled",
     "moe_scratch",
 )
 CONVERGED_LABELS = {
@@ -1149,6 +980,7 @@ CONVERGED_LABELS = {
     "upcycled": "upcycled, schedule continued",
     "upcycled_rewarm": "upcycled, schedule re-warmed",
     "upcycled_reset": "upcycled (state reset), schedule continued",
+    "dense_tiled": "depth-tiled dense, schedule continued",
     "moe_scratch": "MoE from scratch",
 }
 # Paired differences reported (arm, baseline): the same seed, data and
@@ -1160,6 +992,8 @@ CONVERGED_PAIRS = (
     ("upcycled_reset", "dense"),
     ("dense_rewarm", "dense"),
     ("upcycled", "moe_scratch"),
+    ("upcycled", "upcycled_reset"),
+    ("upcycled", "dense_tiled"),
 )
 # The dense model counts as converged if +50% more dense training lowers
 # its (cooled-down) held-out NLL by at most this fraction.
@@ -1204,11 +1038,19 @@ class ConvergedTask(Task):
         curve_points: evaluations (without cooldown) along the dense
             pre-training, for its learning curve.
         reset_arm: whether to run `upcycled_reset` (state "reset").
+        rewarm_arms: whether to run the re-warmed arms.
+        tiled_arm: whether to run `dense_tiled` (depth tiling, matched to
+            the upcycled step's FLOPs; state and schedule continued).
+        gate_metric: the held-out metric of the convergence gate (lower
+            is better).
     """
 
     cooldown_fraction: float = 0.03
     curve_points: int = 5
     reset_arm: bool = False
+    rewarm_arms: bool = True
+    tiled_arm: bool = False
+    gate_metric: str = "nll"
 
     def rate(self, step):
         """The schedule's learning rate at `step` (from its start)."""
@@ -1216,9 +1058,14 @@ class ConvergedTask(Task):
 
     def arms(self):
         """The arms this task runs, in `CONVERGED_ARMS` order."""
-        return tuple(
-            a for a in CONVERGED_ARMS if a != "upcycled_reset" or self.reset_arm
-        )
+        skipped = set()
+        if not self.reset_arm:
+            skipped.add("upcycled_reset")
+        if not self.rewarm_arms:
+            skipped.update(("dense_rewarm", "upcycled_rewarm"))
+        if not self.tiled_arm:
+            skipped.add("dense_tiled")
+        return tuple(a for a in CONVERGED_ARMS if a not in skipped)
 
 
 def describe_converged_protocol(task):
@@ -1276,13 +1123,14 @@ def run_seed_converged(task, settings, seed, cache):
 
     dense_start = trainer.snapshot()
     rows = _converged_arm("dense", trainer, continued, **context)
-    gate = convergence_gate(rows)
+    gate = convergence_gate(rows, task.gate_metric)
     print(f"[{task.name} seed {seed}] {gate['message']}", flush=True)
     trainer.restore(dense_start)
-    rows += _converged_arm(
-        "dense_rewarm", trainer, task.rate, **context, start_budget=False
-    )
-    trainer.restore(dense_start)
+    if task.rewarm_arms:
+        rows += _converged_arm(
+            "dense_rewarm", trainer, task.rate, **context, start_budget=False
+        )
+        trainer.restore(dense_start)
     dense = trainer.model
     dense_optimizer = trainer.optimizer
 
@@ -1301,10 +1149,15 @@ def run_seed_converged(task, settings, seed, cache):
     moe_trainer = pool.trainer(moe, moe_optimizer)
     moe_start = moe_trainer.snapshot()
     rows += _converged_arm("upcycled", moe_trainer, continued, **context)
-    moe_trainer.restore(moe_start)
-    rows += _converged_arm(
-        "upcycled_rewarm", moe_trainer, task.rate, **context, start_budget=False
-    )
+    if task.rewarm_arms:
+        moe_trainer.restore(moe_start)
+        rows += _converged_arm(
+            "upcycled_rewarm",
+            moe_trainer,
+            task.rate,
+            **context,
+            start_budget=False,
+        )
     del moe, moe_optimizer, moe_start
     if task.reset_arm:
         moe = upcycling.upcycle(
@@ -1320,6 +1173,22 @@ def run_seed_converged(task, settings, seed, cache):
             **context,
         )
         del moe, moe_optimizer
+    if task.tiled_arm:
+        if "extra_layers" not in cache:
+            cache["extra_layers"] = matched_extra_layers(
+                dense, moe_trainer.step_flops, task.step_flops
+            )
+        tiled, name_map = depth_tile(dense, cache["extra_layers"])
+        tiled_optimizer = tile_optimizer(
+            dense_optimizer, dense, tiled, name_map
+        )
+        rows += _converged_arm(
+            "dense_tiled",
+            pool.trainer(tiled, tiled_optimizer),
+            continued,
+            **context,
+        )
+        del tiled, tiled_optimizer
 
     seed_everything(seed + 10_000)
     scratch = pool.trainer(
@@ -1352,7 +1221,9 @@ def _pretrain(task, trainer, seed):
         curve.append(
             {"seed": seed, "step": trainer.steps, "train_loss": loss, **metrics}
         )
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
+        )
         print(
             f"[{task.name} seed {seed}] dense pre-training step "
             f"{trainer.steps}: train loss {loss:.4f}, held-out {shown} "
@@ -1575,3 +1446,148 @@ def paired_table(rows, metric, pairs, lower_is_better, labels, digits=4):
             )
         )
     return "\n".join(lines)
+
+
+def cooldown_index(stream):
+    """i of a stream name "cooldown/<i>".
+
+    Example:
+
+    >>> cooldown_index("cooldown/3")
+    3
+    """
+    prefix = "cooldown/"
+    if isinstance(stream, str) and stream.startswith(prefix):
+        index = stream[len(prefix) :]
+        if index.isdigit():
+            return int(index)
+    raise ValueError(
+        f"stream must be 'pretrain', 'continue', 'scratch' or "
+        f"'cooldown/<i>'; received {stream!r}"
+    )
+
+
+def gates(rows, metric="nll"):
+    """{seed: `convergence_gate`} of the dense-continued rows."""
+    return {
+        seed: convergence_gate([r for r in rows if r["seed"] == seed], metric)
+        for seed in sorted({r["seed"] for r in rows})
+    }
+
+
+def curve_table(curve, metrics):
+    """Markdown table of the pre-training curve (train loss and `metrics`
+    {key: title}), mean ± std over seeds."""
+    steps = sorted({row["step"] for row in curve})
+    keys = ("train_loss", *metrics)
+    table = []
+    for step in steps:
+        at = [row for row in curve if row["step"] == step]
+        cells = {"step": str(step)}
+        for key in keys:
+            values = np.array([row[key] for row in at], np.float64)
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            cells[key] = common.format_mean_std(values.mean(), std, 4)
+        table.append(cells)
+    return common.markdown_table(
+        table,
+        ("step", *keys),
+        ("dense step", "train loss (mean of the interval)", *metrics.values()),
+    )
+
+
+def write_converged_outputs(
+    output_dir,
+    name,
+    rows,
+    curve,
+    task,
+    metrics,
+    lower_is_better,
+    header,
+    plot_metrics,
+    wall_seconds,
+):
+    """Writes results.csv, pretrain_curve.csv, results.md and `<name>.png`
+    of a `run_seed_converged` experiment.
+
+    Args:
+        output_dir: an existing directory.
+        name: the experiment name.
+        rows, curve: result and pre-training curve rows of every seed.
+        task: the `ConvergedTask`.
+        metrics: {metric key: title} tabulated (and paired).
+        lower_is_better: the metric keys for which lower is better.
+        header: Markdown put above the tables (what was run).
+        plot_metrics: metric keys plotted (and shown in the curve table).
+        wall_seconds: the run's wall time.
+
+    Returns:
+        {"files", "summary", "gates"}.
+    """
+    check_compute_matched(rows)
+    arms = task.arms()
+    labels = CONVERGED_LABELS
+    summary = summarize(rows, tuple(metrics), arms)
+    seeds = sorted({row["seed"] for row in rows})
+    plot = f"{name}.png"
+    paths = [
+        f"{output_dir}/results.csv",
+        f"{output_dir}/pretrain_curve.csv",
+        f"{output_dir}/results.md",
+        f"{output_dir}/{plot}",
+    ]
+    plot_against_compute(
+        summary,
+        {k: metrics[k] for k in plot_metrics},
+        paths[3],
+        f"{name}: quality against extra compute, cooled down "
+        f"(mean ± std over {len(seeds)} seed(s))",
+        arms=arms,
+        labels=labels,
+    )
+    common.write_csv(paths[0], rows)
+    common.write_csv(paths[1], curve)
+    seed_gates = gates(rows, task.gate_metric)
+    gate_lines = [
+        f"- seed {seed}: {gate['message']}" for seed, gate in seed_gates.items()
+    ]
+    failed = [s for s, g in seed_gates.items() if g["passed"] is False]
+    if failed:
+        gate_lines.insert(
+            0,
+            f"**WARNING: the convergence gate FAILED for seed(s) {failed}: "
+            "the dense model was still improving, so these results do not "
+            "test the converged regime.**\n",
+        )
+    paired = [
+        paired_table(
+            rows,
+            metric,
+            [p for p in CONVERGED_PAIRS if set(p) <= set(arms)],
+            metric in lower_is_better,
+            labels,
+        )
+        for metric in metrics
+    ]
+    text = "\n".join(
+        [
+            f"# {name}\n",
+            header,
+            f"Seeds: {seeds}. Wall time: {wall_seconds:.0f} s on "
+            f"{os.cpu_count()} CPU core(s).\n",
+            "## Convergence gate\n",
+            "\n".join(gate_lines) + "\n",
+            "## Dense pre-training (no cooldown)\n",
+            curve_table(curve, {k: metrics[k] for k in plot_metrics}),
+            "## Arms\n",
+            arm_table(rows, arms, labels),
+            "## Results (cooled down)\n",
+            results_table(summary, tuple(metrics), arms=arms, labels=labels),
+            "## Paired differences\n",
+            "\n".join(paired),
+            f"![{name}]({plot})\n",
+        ]
+    )
+    write_text(paths[2], text)
+    return {"files": paths, "summary": summary, "gates": seed_gates}

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_moe.data import docstrings
 from keras_moe.experiments import common
 from keras_moe.experiments import upcycle_t5
 from keras_moe.experiments import upcycle_vit
@@ -291,64 +292,6 @@ def t5_run(tmp_path_factory):
     return _run(upcycle_t5, tmp_path_factory)
 
 
-def _finetuned(module, row):
-    """Whether the downstream fine-tune ran for this result row: at the
-    largest budget for every arm, at +0% for FINETUNED_AT_ZERO."""
-    budget = float(row["budget"])
-    return budget == max(BUDGETS) or (
-        budget == 0.0 and row["arm"] in module.FINETUNED_AT_ZERO
-    )
-
-
-def _check_outputs(module, output_dir, result):
-    names = sorted(os.listdir(output_dir))
-    assert names == sorted(["results.csv", "results.md", f"{module.NAME}.png"])
-    with open(output_dir / f"{module.NAME}.png", "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    rows = common.read_csv(output_dir / "results.csv")
-    assert len(rows) == len(result["rows"]) == len(uc.ARMS) * len(BUDGETS)
-    assert {(r["arm"], float(r["budget"])) for r in rows} == {
-        (arm, budget) for arm in uc.ARMS for budget in BUDGETS
-    }
-    finetuned = getattr(module, "FINETUNE_METRICS", ())
-    for row in rows:
-        for metric in module.METRICS:
-            if metric in finetuned and not _finetuned(module, row):
-                assert row[metric] == "", (row, metric)  # not fine-tuned
-            else:
-                assert math.isfinite(float(row[metric])), (row, metric)
-    text = (output_dir / "results.md").read_text()
-    for label in uc.ARM_LABELS.values():
-        assert label in text
-    for budget in BUDGETS:
-        assert f"| +{budget:.0%} |" in text
-    for metric in module.METRICS:
-        assert f"**{metric}**" in text
-    assert f"]({module.NAME}.png)" in text
-
-
-def _check_compute(rows):
-    """Arms at one budget used (1 + budget) * P FLOPs, within a step."""
-    pretrain = rows[0]["pretrain_flops"]
-    assert all(r["pretrain_flops"] == pretrain for r in rows)
-    for budget in BUDGETS:
-        at = [r for r in rows if r["budget"] == budget]
-        assert len(at) == len(uc.ARMS)
-        totals = [r["total_flops"] for r in at]
-        largest_step = max(r["step_flops"] for r in at)
-        assert max(totals) - min(totals) <= largest_step
-        for r in at:
-            sunk = 0 if r["arm"] == "moe_scratch" else pretrain
-            assert r["arm_flops"] == r["steps"] * r["step_flops"]
-            assert r["total_flops"] == sunk + r["arm_flops"]
-            target = (1 + budget) * pretrain
-            assert abs(r["total_flops"] - target) <= r["step_flops"] / 2
-    steps = {r["arm"]: r["step_flops"] for r in rows}
-    # MoE steps and deeper steps cost more, so they take fewer steps.
-    assert steps["upcycled"] == steps["moe_scratch"] > steps["dense"]
-    assert steps["dense_tiled"] > steps["dense"]
-
-
 # The ViT runs the converged protocol: the re-warmed arms start at +10%.
 _VIT_ARMS = tuple(
     arm
@@ -460,21 +403,101 @@ def test_vit_step_flops_match_a_hand_count(vit_run):
     )
 
 
+_T5_ARMS = (
+    "dense",
+    "upcycled",
+    "upcycled_reset",
+    "dense_tiled",
+    "moe_scratch",
+)
+
+
+def _t5_finetuned(row):
+    """Whether the naming fine-tune ran for this result row: at the
+    largest budget for every arm, at +0% for FINETUNED_AT_ZERO."""
+    budget = float(row["budget"])
+    return budget == max(BUDGETS) or (
+        budget == 0.0 and row["arm"] in upcycle_t5.FINETUNED_AT_ZERO
+    )
+
+
 @pytest.mark.slow
 def test_t5_smoke_run_writes_every_arm_and_budget(t5_run):
     output_dir, result = t5_run
-    _check_outputs(upcycle_t5, output_dir, result)
-    _check_compute(result["rows"])
-    for row in result["rows"]:
-        assert row["heldout_loss"] > 0
-        if _finetuned(upcycle_t5, row):
-            assert 0.0 <= row["exact_match"] <= 1.0
-            assert 0.0 <= row["downstream_token_accuracy"] <= 1.0
-        else:
-            assert row["exact_match"] is None
+    assert sorted(os.listdir(output_dir)) == sorted(
+        ["results.csv", "pretrain_curve.csv", "results.md", "upcycle_t5.png"]
+    )
+    rows = common.read_csv(output_dir / "results.csv")
+    expected = {(arm, budget) for arm in _T5_ARMS for budget in BUDGETS}
+    assert {(r["arm"], float(r["budget"])) for r in rows} == expected
+    assert len(rows) == len(result["rows"]) == len(expected)
+    for row in rows:
+        assert float(row["heldout_loss"]) > 0
+        for metric in upcycle_t5.FINETUNE_METRICS:
+            if _t5_finetuned(row):
+                assert math.isfinite(float(row[metric])), (row, metric)
+            else:
+                assert row[metric] == "", (row, metric)
+    # The paper's language recipe (state reset) and the rescaled state
+    # start from the same upcycled weights and differ after training.
+    by = {(r["arm"], r["budget"]): r for r in result["rows"]}
+    assert by[("upcycled", 1.0)]["heldout_loss"] != pytest.approx(
+        by[("upcycled_reset", 1.0)]["heldout_loss"], abs=1e-7
+    )
+    for budget in BUDGETS:
+        at = [r for r in result["rows"] if r["budget"] == budget]
+        pretrain = at[0]["pretrain_flops"]
+        for r in at:
+            sunk = 0 if r["arm"] == "moe_scratch" else pretrain
+            target = (1 + budget) * pretrain
+            assert r["total_flops"] == sunk + r["steps"] * r["step_flops"]
+            assert abs(r["total_flops"] - target) <= r["step_flops"] / 2
     reference = result["no_pretraining"]
-    assert set(reference) == {"exact_match", "downstream_token_accuracy"}
-    assert "Without any pre-training" in (output_dir / "results.md").read_text()
+    assert set(reference) == set(upcycle_t5.FINETUNE_METRICS)
+    text = (output_dir / "results.md").read_text()
+    assert "No pre-training baseline" in text
+    assert "CONVERGENCE GATE" in text and "heldout_loss" in text
+    assert "upcycled (state reset), schedule continued" in text
+    # No stream ran out of text at this size.
+    for stream, (read, available) in result["streams"].items():
+        assert 0 < read <= available, stream
+    assert "REPEATED" not in text
+
+
+def test_t5_streams_never_repeat_a_run_and_are_disjoint():
+    raw_length, _ = upcycle_t5._lengths(32)
+    runs = np.arange(200 * raw_length, dtype=np.int32).reshape(200, -1)
+    runs = 10 + runs % 1000  # ordinary token ids
+    streams = upcycle_t5.TextStreams(
+        runs, 32, 2, pretrain_runs=50, cooldown_runs=10, cooldowns=3
+    )
+    parts = {
+        name: streams.indices(name, seed=3)
+        for name in ("pretrain", "continue", "cooldown/0", "cooldown/2")
+    }
+    assert [len(parts[n]) for n in parts] == [50, 120, 10, 10]
+    every = np.concatenate(list(parts.values()))
+    assert len(set(every.tolist())) == len(every)  # disjoint, no repeats
+    scratch = streams.indices("scratch", seed=3)
+    assert sorted(scratch.tolist()) == sorted(
+        np.concatenate([parts["pretrain"], parts["continue"]]).tolist()
+    )
+    assert not np.array_equal(scratch, streams.indices("scratch", seed=4))
+    np.testing.assert_array_equal(
+        parts["pretrain"], streams.indices("pretrain", seed=3)
+    )
+    with pytest.raises(ValueError, match="cooldown/<i>"):
+        streams.indices("cool/1", seed=3)
+    with pytest.raises(ValueError, match="too few"):
+        upcycle_t5.TextStreams(runs, 32, 2, 190, 10, 3)
+    # Batches: span corruptions of the runs in the stream's order.
+    inputs, targets = next(streams.batches("pretrain", seed=3))
+    assert inputs["encoder_token_ids"].shape == (2, 32)
+    for row, index in zip(
+        inputs["encoder_token_ids"].numpy(), parts["pretrain"]
+    ):
+        kept = row[(row >= 10) & (row < 1010)]
+        assert set(kept.tolist()) <= set(runs[index].tolist())
 
 
 # --------------------------------------------------------------------------
@@ -691,45 +714,40 @@ def test_vit_stream_numbers():
 # T5 data and scoring.
 
 
-def test_exact_match_compares_whole_rows():
-    class Generator:
-        def generate(self, ids, max_length, encoder_padding_mask=None):
-            assert max_length == 4
-            return np.array([[0, 5, 1, 0], [0, 5, 6, 1], [0, 5, 1, 7]])
-
-    targets = np.array([[5, 1, 0], [5, 6, 1], [5, 1, 0]])
-    inputs = {
-        "encoder_token_ids": np.ones((3, 2), "int32"),
-        "encoder_padding_mask": np.ones((3, 2), bool),
-    }
-    # Row 3 goes on after its end of sequence: no match.
-    assert upcycle_t5.exact_match(Generator(), inputs, targets) == 2 / 3
-
-
-def test_translation_arrays_match_the_data_pipeline():
+def test_naming_arrays_are_eos_ended_shifted_and_within_bounds():
     from keras_moe import data as data_lib
 
     sp = upcycle_t5._sentencepiece()
-    _, (inputs, targets) = upcycle_t5._translation(sp, test_examples=64)
-    reference = data_lib.seq2seq_dataset(
-        upcycle_t5.DOWNSTREAM,
-        "test",
-        64,
-        inputs["encoder_token_ids"].shape[1],
-        targets.shape[1],
-        languages=(upcycle_t5.LANGUAGE,),
+    (inputs, targets), left_out = upcycle_t5.naming_arrays(sp, "test")
+    pairs = docstrings.name_examples("test")
+    assert len(targets) + left_out == len(pairs) and len(targets) > 100
+    assert inputs["encoder_token_ids"].shape[1] == upcycle_t5.NAMING_MAX_INPUT
+    assert targets.shape[1] == upcycle_t5.NAMING_MAX_TARGET
+    np.testing.assert_array_equal(
+        inputs["decoder_token_ids"][:, 1:], targets[:, :-1]
     )
-    ref_inputs, ref_targets = next(iter(reference))
-    np.testing.assert_array_equal(targets, ref_targets.numpy())
-    for key, value in ref_inputs.items():
-        np.testing.assert_array_equal(inputs[key], value.numpy())
+    assert np.all(inputs["decoder_token_ids"][:, 0] == 0)
+    # Row 0 decodes back to its prompt and name.
+    row = targets[0][targets[0] != data_lib.PAD_ID]
+    assert row[-1] == data_lib.EOS_ID
+    summary, words = next(
+        p
+        for p in pairs
+        if len(sp.encode(upcycle_t5.NAMING_PROMPT + p[0])) + 1
+        <= upcycle_t5.NAMING_MAX_INPUT
+        and len(sp.encode(p[1])) + 1 <= upcycle_t5.NAMING_MAX_TARGET
+    )
+    assert sp.decode(row[:-1].tolist()) == words
+    source = inputs["encoder_token_ids"][0]
+    source = source[source != data_lib.PAD_ID][:-1].tolist()
+    assert sp.decode(source) == upcycle_t5.NAMING_PROMPT + summary
 
 
 def test_span_corruption_examples_are_consistent():
     from keras_moe import data as data_lib
 
     runs = np.arange(10, 10 + 3 * 34, dtype=np.int32).reshape(3, 34)
-    dataset = upcycle_t5._span_corruption(runs, 32, seed=4, repeat=False)
+    dataset = upcycle_t5.span_corruption(runs, 32, seed=4)
     raw, target_length = upcycle_t5._lengths(32)
     assert raw == 34
     examples = list(dataset)
