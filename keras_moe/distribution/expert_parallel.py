@@ -25,11 +25,18 @@ optimizers; Adafactor too). Inside every
 their experts before the experts and back after them
 (`MoeLayer.relayout_hook`), so that each device runs only its E/n experts.
 
-The Keras model stays the source of truth for saving and export:
-`sync_to_model()` copies the trained values into its variables. `save`
-writes a mesh-independent checkpoint (whole arrays: weights, optimizer
-state, step) that `restore` / `load` read onto any mesh, one device
-included.
+The Keras model stays the source of truth for export: `sync_to_model()`
+copies the trained values into its variables. `save` writes a checkpoint
+directory: the DTensor variables (weights, optimizer state) through
+`tf.train.Checkpoint`, whose DTensor save has each device write its own
+slices of an expert-sharded variable (nothing is gathered to one
+device), and `meta.json` (step, variable paths, optimizer and loss
+configuration, mesh); it appears atomically (written under a hidden name
+beside it, then renamed). `restore` / `load` read it onto any mesh, one
+device included, each variable into its layout there. The npz file of
+the earlier format (`keras_moe.expert_parallel.v1`) is still read.
+`keras_moe.distribution.checkpointing` saves every N steps and resumes
+after a crash.
 
 Example (runs on one device; with 8 devices use `"batch:2,expert:4"`):
 
@@ -82,11 +89,12 @@ parallelism.
 
 Limits: router noise and dropout draw from the same seeds as on one
 device but DTensor may split the draws differently, so such runs are not
-bit-comparable with single-device training; the MoE layers' routing
-statistic trackers are not updated by this trainer (`stateless_call` does
-not carry metric variables); `jit_compile` is not used (DTensor ignores it
-on CPU); E^3 models are refused (their `EnsembleTile` uses `tf.tile`,
-which DTensor cannot partition).
+bit-comparable with single-device training; with the GShard layout the
+MoE layers' routing statistics are per-device values averaged over
+`expert` (see `keras_moe.distribution.expert_parallel_fit`);
+`jit_compile` is not used (DTensor ignores it on CPU); E^3 models are
+refused (their `EnsembleTile` uses `tf.tile`, which DTensor cannot
+partition).
 
 DTensor defects worked around here (TensorFlow 2.20): the registered
 gradient of `top_k` scatters with global indices into a batch-sharded
@@ -109,16 +117,18 @@ several GPU hosts) needs, beyond this single-process code:
   and packs only its local devices' shards (`dtensor.pack` over
   `mesh.local_devices()`, as `_shard_batch` does for one host), so the
   global batch is never assembled on one machine;
-* checkpoints gathered across hosts: `save` reads whole arrays with
-  `dtensor.unpack` of a replicated relayout, which is local to one
-  process; on several hosts use `tf.train.Checkpoint` with DTensor
-  support (or gather on client 0 only) and write from one client.
+* checkpoints written by every host: `save`'s `tf.train.Checkpoint`
+  writes each device's shards, but its atomic rename is local to one
+  process, so on several hosts every client must write the same
+  checkpoint prefix on a shared file system (DTensor's
+  `sharded_save` places the barriers) and one client the `meta.json`.
 """
 
 import contextlib
 import io
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -132,10 +142,13 @@ from keras_moe.layers.moe import RELAYOUT_TO_EXPERTS
 from keras_moe.layers.moe import RELAYOUT_TO_TOKENS
 from keras_moe.layers.moe import MoeLayer
 from keras_moe.models.moe_blocks import sublayers
+from keras_moe.utils import files
 from keras_moe.utils.checks import require_tensorflow_backend
-from keras_moe.utils.files import atomic_path
 
-CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v1"
+# A checkpoint directory of `ExpertParallelTrainer.save`; the npz file of
+# the earlier format is still read.
+CHECKPOINT_FORMAT = "keras_moe.expert_parallel.v2"
+_FORMAT_NPZ = "keras_moe.expert_parallel.v1"
 # Keras 3 optimizers whose update rule `DTensorOptimizer` implements.
 SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "Adafactor", "SGD")
 # Token layouts of `ExpertParallelTrainer(layout=...)`.
@@ -149,6 +162,8 @@ _UNSUPPORTED_OPTIMIZER_OPTIONS = {
     "gradient_accumulation_steps": None,
 }
 _META_KEY = "meta.json"
+# Prefix of the TensorFlow checkpoint files in a checkpoint directory.
+_STATE_PREFIX = "state"
 
 
 def _topk_gradient_by_one_hot(op, grad, _):
@@ -762,16 +777,90 @@ class ExpertParallelTrainer:
     # The step -------------------------------------------------------------
 
     def _forward(self, trainable, non_trainable, x, training):
-        """`stateless_call` with the MoE relayouts: returns (y_pred, new
-        non-trainable values, auxiliary losses)."""
-        with self._relayout_hooks():
-            return self.model.stateless_call(
-                trainable,
-                non_trainable,
-                x,
-                training=training,
-                return_losses=True,
+        """The forward pass on DTensor values, with the MoE relayouts.
+
+        What `Model.stateless_call(..., return_losses=True)` does, with the
+        MoE layers' metric variables (`layer_metrics`) mapped as well, to
+        zeros: `stateless_call` maps only the model's variables, and its
+        own scope would drop the metrics' updates. Returns (y_pred, new
+        non-trainable values, auxiliary losses, the metric variables'
+        values after the call: this call's update of each, per device).
+        """
+        metric_variables = self._metric_variables()
+        mapping = [
+            *zip(self.model.trainable_variables, trainable),
+            *zip(self.model.non_trainable_variables, non_trainable),
+            *(
+                (v, _to_mesh(tf.zeros(v.shape, v.dtype), self._replicated(v)))
+                for v in metric_variables
+            ),
+        ]
+        with (
+            self._relayout_hooks(),
+            keras.StatelessScope(
+                state_mapping=mapping, collect_losses=True
+            ) as scope,
+        ):
+            y_pred = self.model.call(x, training=training)
+            aux_losses = self.model.losses
+        return (
+            y_pred,
+            [
+                scope.get_current_value(v)
+                for v in self.model.non_trainable_variables
+            ],
+            aux_losses,
+            [scope.get_current_value(v) for v in metric_variables],
+        )
+
+    @property
+    def layer_metrics(self):
+        """The Keras metrics of the model's MoE layers (their routing
+        statistic trackers), which every step updates as Keras' own steps
+        do."""
+        return [m for layer in self._moe_layers for m in layer.metrics]
+
+    def _metric_variables(self):
+        return [v for m in self.layer_metrics for v in m.variables]
+
+    def _replicated(self, variable):
+        return mesh_lib.replicated_layout(self.mesh, len(variable.shape))
+
+    def _step_metrics(self, values):
+        """A step's metric values -> one replicated float32 vector: on the
+        GShard layout, the mean over `expert` of the devices' values (each
+        device counts its own step once, so a count stays one per step, as
+        on one device)."""
+        if not values:
+            return _to_mesh(tf.zeros([0]), self._replicated(tf.zeros([0])))
+        packed = tf.concat(
+            [
+                tf.reshape(
+                    tf.cast(
+                        dtensor.relayout(v, self._replicated(v)), "float32"
+                    ),
+                    [-1],
+                )
+                for v in values
+            ],
+            axis=0,
+        )
+        if self._spread:
+            packed = tf.reduce_mean(
+                self._spread_over_experts(packed, [dtensor.UNSHARDED]), axis=0
             )
+        return dtensor.relayout(packed, self._replicated(packed))
+
+    def _update_metrics(self, packed):
+        """Adds a step's metric values (`_step_metrics`) to the Keras
+        metric variables, as the same step on one device would."""
+        packed = dtensor.unpack(packed)[0].numpy()
+        offset = 0
+        for variable in self._metric_variables():
+            size = int(np.prod(variable.shape))
+            value = packed[offset : offset + size].reshape(variable.shape)
+            variable.assign_add(value.astype(variable.dtype))
+            offset += size
 
     def _total_loss(self, y, y_pred, sample_weight, aux_losses):
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
@@ -805,7 +894,7 @@ class ExpertParallelTrainer:
 
     def _step(self, x, y, sample_weight=None):
         with tf.GradientTape() as tape:
-            y_pred, non_trainable, aux_losses = self._forward(
+            y_pred, non_trainable, aux_losses, metrics = self._forward(
                 self.trainable_values, self.non_trainable_values, x, True
             )
             loss = self._total_loss(y, y_pred, sample_weight, aux_losses)
@@ -821,13 +910,14 @@ class ExpertParallelTrainer:
         self._optimizer.apply(grads, self._trainable)
         for variable, value in zip(self._non_trainable, non_trainable):
             variable.assign(value)
-        return loss
+        return loss, self._step_metrics(metrics)
 
     def _eval_step(self, x, y, sample_weight=None):
-        y_pred, _, aux_losses = self._forward(
+        y_pred, _, aux_losses, metrics = self._forward(
             self.trainable_values, self.non_trainable_values, x, False
         )
-        return self._total_loss(y, y_pred, sample_weight, aux_losses)
+        loss = self._total_loss(y, y_pred, sample_weight, aux_losses)
+        return loss, self._step_metrics(metrics)
 
     def _shard_batch(self, value):
         """A host array <[B, ...]> -> a DTensor sharded on `batch`: each
@@ -870,6 +960,9 @@ class ExpertParallelTrainer:
     def train_step(self, x, y, sample_weight=None):
         """One optimizer step on a global batch; returns the loss (float).
 
+        The step's routing statistics are added to the MoE layers' metric
+        trackers (`layer_metrics`), as a Keras training step adds them.
+
         Args:
             x: inputs <[B, ...]> (host arrays or tensors, or a nested
                 structure of them as the model takes); B must be a multiple
@@ -879,8 +972,9 @@ class ExpertParallelTrainer:
         """
         args = [x, y] if sample_weight is None else [x, y, sample_weight]
         args = tf.nest.map_structure(self._shard_batch, args)
-        loss = self._train_step(*args)
+        loss, metrics = self._train_step(*args)
         self.step += 1
+        self._update_metrics(metrics)
         return float(dtensor.unpack(loss)[0])
 
     def test_step(self, x, y, sample_weight=None):
@@ -889,10 +983,14 @@ class ExpertParallelTrainer:
         The same loss as `train_step` (the model's loss plus the MoE
         auxiliary losses), with the layers in inference mode (the MoE
         layers' `eval_capacity_factor`); arguments as for `train_step`.
+        Its routing statistics are added to the MoE layers' metric
+        trackers, as in Keras' `evaluate`.
         """
         args = [x, y] if sample_weight is None else [x, y, sample_weight]
         args = tf.nest.map_structure(self._shard_batch, args)
-        return float(dtensor.unpack(self._test_step(*args))[0])
+        loss, metrics = self._test_step(*args)
+        self._update_metrics(metrics)
+        return float(dtensor.unpack(loss)[0])
 
     def fit(self, dataset, steps=None, callbacks=None):
         """Trains on batches of `dataset`; returns the per-step losses.
@@ -958,15 +1056,13 @@ class ExpertParallelTrainer:
                 variable.assign(_to_numpy(dvariable.read_value()))
 
     def _state(self):
-        """(arrays, meta) of a checkpoint of the current state."""
-        arrays = {}
-        for prefix, dvariables in (
-            ("trainable", self._trainable),
-            ("non_trainable", self._non_trainable),
-            ("optimizer", self._optimizer.variables),
-        ):
-            for i, dvariable in enumerate(dvariables):
-                arrays[f"{prefix}/{i:05d}"] = _to_numpy(dvariable.read_value())
+        """(tf.train.Checkpoint over the state's DVariables, meta)."""
+        checkpoint = tf.train.Checkpoint(
+            **{
+                prefix: list(dvariables)
+                for prefix, dvariables in self._state_variables().items()
+            }
+        )
         meta = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -981,43 +1077,79 @@ class ExpertParallelTrainer:
                 name: self.mesh.dim_size(name) for name in mesh_lib.MESH_AXES
             },
         }
-        return arrays, meta
+        return checkpoint, meta
+
+    def _state_variables(self):
+        """{checkpoint prefix: the DVariables saved under it}."""
+        return {
+            "trainable": self._trainable,
+            "non_trainable": self._non_trainable,
+            "optimizer": self._optimizer.variables,
+        }
 
     def save(self, path):
-        """Writes a mesh-independent checkpoint to `path` (one file).
+        """Writes a checkpoint directory at `path`, each device its shards.
 
-        Whole arrays of the model's variables, the optimizer's state and
-        the step, written to a temporary file beside `path` and renamed
-        into place, so `path` is either the old or the new checkpoint.
+        The directory holds a TensorFlow checkpoint of the DTensor
+        variables (weights, optimizer state; files `state.index` and
+        `state.data-*`), written by `tf.train.Checkpoint` through
+        DTensor's sharded save: each device writes its own slices of an
+        expert-sharded weight, nothing is gathered to one device, and a
+        replicated variable is written once. Beside it, `meta.json`: the
+        step, the variables' paths, the optimizer and loss configuration
+        and the mesh. The directory is written beside `path` under a
+        hidden name and renamed into place (an existing checkpoint there
+        is replaced), so `path` is either the old or the new checkpoint.
+        `restore` / `load` read it onto any mesh, one device included.
 
         Returns:
             `path`.
+
+        Raises:
+            ValueError: `path` exists and is not a directory (a file of
+                the earlier npz format is not replaced by a directory).
         """
-        arrays, meta = self._state()
-        arrays[_META_KEY] = np.frombuffer(
-            json.dumps(meta).encode("utf-8"), dtype=np.uint8
-        )
-        with atomic_path(path) as temp:
-            with open(temp, "wb") as file:
-                np.savez(file, **arrays)
+        _check_path(path)
+        if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+            raise ValueError(
+                f"cannot save a checkpoint to {os.fspath(path)!r}: it exists "
+                "and is a file; expected a checkpoint directory or a new path"
+            )
+        checkpoint, meta = self._state()
+        with files.atomic_directory(path, overwrite=True) as temp:
+            checkpoint.write(os.path.join(temp, _STATE_PREFIX))
+            with open(os.path.join(temp, _META_KEY), "w") as file:
+                json.dump(meta, file, indent=1)
         return path
 
     def load(self, path):
         """Sets this trainer's weights, optimizer state and step from a
         checkpoint written by `save` on any mesh."""
-        arrays, meta = _read_checkpoint(path)
-        self._check_checkpoint(arrays, meta, path)
-        for prefix, dvariables in (
-            ("trainable", self._trainable),
-            ("non_trainable", self._non_trainable),
-            ("optimizer", self._optimizer.variables),
-        ):
-            for i, dvariable in enumerate(dvariables):
-                layout = dtensor.fetch_layout(dvariable.read_value())
-                dvariable.assign(_to_mesh(arrays[f"{prefix}/{i:05d}"], layout))
+        source, meta = _read_checkpoint(path)
+        self._check_checkpoint(source, meta, path)
+        if isinstance(source, dict):  # the earlier npz format
+            for prefix, dvariables in self._state_variables().items():
+                for i, dvariable in enumerate(dvariables):
+                    layout = dtensor.fetch_layout(dvariable.read_value())
+                    dvariable.assign(
+                        _to_mesh(source[f"{prefix}/{i:05d}"], layout)
+                    )
+        else:
+            checkpoint, _ = self._state()
+            # DTensor restores each variable into its layout on this
+            # mesh, whatever mesh wrote the slices.
+            checkpoint.read(files.join(path, _STATE_PREFIX)).assert_consumed()
         self.step = int(meta["step"])
 
-    def _check_checkpoint(self, arrays, meta, path):
+    def _check_checkpoint(self, source, meta, path):
+        """Raises ValueError when the checkpoint does not fit this trainer.
+
+        Args:
+            source: what `_read_checkpoint` returned with `meta`.
+            meta: the checkpoint's meta.
+            path: the checkpoint's path, for the messages.
+        """
+        specs = _saved_specs(source)
         expected = {
             "trainable": (self.model.trainable_variables, meta["trainable"]),
             "non_trainable": (
@@ -1029,30 +1161,43 @@ class ExpertParallelTrainer:
         # variable lists), not by path: Keras numbers some names per
         # process (`seed_generator_1`), so equal models can differ there.
         for prefix, (variables, saved_paths) in expected.items():
-            if len(saved_paths) != len(variables):
+            saved = specs.get(prefix, [])
+            if len(saved) != len(variables) or len(saved_paths) != len(
+                variables
+            ):
                 raise ValueError(
                     f"checkpoint {path!r} does not fit this model: it holds "
-                    f"{len(saved_paths)} {prefix} variables, the model has "
+                    f"{len(saved)} {prefix} variables, the model has "
                     f"{len(variables)}"
                 )
             for i, variable in enumerate(variables):
-                shape = tuple(arrays[f"{prefix}/{i:05d}"].shape)
+                shape, dtype = saved[i]
                 if shape != tuple(variable.shape):
                     raise ValueError(
                         f"checkpoint {path!r} does not fit this model: "
                         f"{saved_paths[i]} has shape {shape}; the model's "
                         f"{variable.path} has {tuple(variable.shape)}"
                     )
+                if dtype != tf.as_dtype(variable.dtype):
+                    raise ValueError(
+                        f"checkpoint {path!r} does not fit this model: "
+                        f"{saved_paths[i]} has dtype {dtype.name}; the "
+                        f"model's {variable.path} has "
+                        f"{tf.as_dtype(variable.dtype).name}"
+                    )
         opt_variables = self._optimizer.variables
-        if len(meta["optimizer_variables"]) != len(opt_variables):
+        saved = specs.get("optimizer", [])
+        if len(saved) != len(opt_variables) or len(
+            meta["optimizer_variables"]
+        ) != len(opt_variables):
             raise ValueError(
-                f"checkpoint {path!r} holds "
-                f"{len(meta['optimizer_variables'])} optimizer variables; "
-                f"this trainer's optimizer has {len(opt_variables)} (a "
-                "different optimizer class or options?)"
+                f"checkpoint {path!r} holds {len(saved)} optimizer "
+                f"variables; this trainer's optimizer has "
+                f"{len(opt_variables)} (a different optimizer class or "
+                "options?)"
             )
         for i, variable in enumerate(opt_variables):
-            shape = tuple(arrays[f"optimizer/{i:05d}"].shape)
+            shape = saved[i][0]
             if shape != tuple(variable.shape):
                 raise ValueError(
                     f"checkpoint {path!r}: optimizer variable "
@@ -1065,7 +1210,8 @@ class ExpertParallelTrainer:
         """A trainer on `mesh` resuming from a checkpoint of `save`.
 
         Args:
-            path: the checkpoint file.
+            path: the checkpoint directory (or a file of the earlier npz
+                format, `keras_moe.expert_parallel.v1`).
             model: a built model of the same architecture (its variables
                 are overwritten with the checkpoint's weights).
             mesh: the mesh to resume on (any shape that divides the
@@ -1077,7 +1223,7 @@ class ExpertParallelTrainer:
         Returns:
             An `ExpertParallelTrainer` at the checkpoint's step.
         """
-        arrays, meta = _read_checkpoint(path)
+        source, meta = _read_checkpoint(path)
         if optimizer is None:
             optimizer = keras.optimizers.deserialize(meta["optimizer"])
         if loss is None:
@@ -1087,7 +1233,7 @@ class ExpertParallelTrainer:
                 )
             loss = keras.losses.deserialize(meta["loss"])
         trainer = cls(model, mesh, optimizer=optimizer, loss=loss, **kwargs)
-        trainer._check_checkpoint(arrays, meta, path)
+        trainer._check_checkpoint(source, meta, path)
         trainer.load(path)
         trainer.sync_to_model()
         return trainer
@@ -1116,10 +1262,54 @@ def _serialize_loss(loss):
 
 
 def _read_checkpoint(path):
-    """(arrays, meta) of a checkpoint file, checked for its format."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint file at {path!r}")
-    with open(path, "rb") as file:
+    """(source, meta) of a checkpoint, checked for its format.
+
+    `source` is a `tf.train.CheckpointReader` of a checkpoint directory
+    (`CHECKPOINT_FORMAT`), or the dict of arrays of a file of the earlier
+    npz format (`_FORMAT_NPZ`, still read).
+    """
+    gfile = tf.io.gfile
+    _check_path(path)
+    path = os.fspath(path)
+    if not gfile.exists(path):
+        raise ValueError(
+            f"no checkpoint at {path!r} (expected a directory written by "
+            "ExpertParallelTrainer.save)"
+        )
+    if not gfile.isdir(path):
+        return _read_npz_checkpoint(path)
+    meta_path = files.join(path, _META_KEY)
+    if not gfile.exists(meta_path):
+        raise ValueError(
+            f"{path!r} is not an expert-parallel checkpoint: it has no "
+            f"{_META_KEY}"
+        )
+    try:
+        meta = json.loads(files.read_text(meta_path))
+    except ValueError as error:
+        raise ValueError(
+            f"{path!r} is not an expert-parallel checkpoint: {error}"
+        ) from None
+    _check_format(path, meta, CHECKPOINT_FORMAT)
+    try:
+        reader = tf.train.load_checkpoint(files.join(path, _STATE_PREFIX))
+    except (ValueError, tf.errors.OpError) as error:
+        raise ValueError(
+            f"{path!r} is not a complete expert-parallel checkpoint: {error}"
+        ) from None
+    return reader, meta
+
+
+def _check_path(path):
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(
+            f"a checkpoint path must be a non-empty path; received {path!r}"
+        )
+
+
+def _read_npz_checkpoint(path):
+    """(arrays, meta) of a checkpoint file of the earlier npz format."""
+    with tf.io.gfile.GFile(path, "rb") as file:
         data = file.read()
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
@@ -1129,9 +1319,42 @@ def _read_checkpoint(path):
         raise ValueError(
             f"{path!r} is not an expert-parallel checkpoint: {error}"
         ) from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path!r} has format {meta.get('format')!r}; expected "
-            f"{CHECKPOINT_FORMAT!r}"
-        )
+    _check_format(path, meta, _FORMAT_NPZ)
     return arrays, meta
+
+
+def _check_format(path, meta, expected):
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != expected:
+        raise ValueError(
+            f"{path!r} has format {found!r}; expected {expected!r}"
+        )
+
+
+def _saved_specs(source):
+    """{prefix: [(shape, tf.DType) of variable 0, 1, ...]} of a checkpoint
+    (`_read_checkpoint`'s source)."""
+    if isinstance(source, dict):
+        entries = {
+            key: (tuple(array.shape), tf.as_dtype(array.dtype))
+            for key, array in source.items()
+        }
+        pattern = r"(\w+)/(\d+)"
+    else:
+        shapes = source.get_variable_to_shape_map()
+        dtypes = source.get_variable_to_dtype_map()
+        entries = {key: (tuple(shapes[key]), dtypes[key]) for key in shapes}
+        pattern = r"(\w+)/(\d+)/\.ATTRIBUTES/VARIABLE_VALUE"
+    by_prefix = {}
+    for key, spec in entries.items():
+        match = re.fullmatch(pattern, key)
+        if match:
+            by_prefix.setdefault(match[1], {})[int(match[2])] = spec
+    # A gap in the numbering leaves the later variables out, which the
+    # count checks then report.
+    specs = {}
+    for prefix, by_index in by_prefix.items():
+        specs[prefix] = []
+        while len(specs[prefix]) in by_index:
+            specs[prefix].append(by_index[len(specs[prefix])])
+    return specs

@@ -15,11 +15,25 @@ copied into the wrapped Keras model (`trainer.sync_to_model()`) at the end
 of every epoch, before any other callback's `on_epoch_end`, and at the end
 of training, so a checkpoint callback saves this epoch's weights.
 
-Logged: `loss` (the step loss: the model's loss plus the MoE auxiliary
-losses, as `trainer.train_step` returns it) and, with validation data,
-`val_loss`. Routing statistics of the MoE layers are not logged: the
-trainer's steps run through `Model.stateless_call`, which does not carry
-the layers' metric variables.
+Logged, as plain `model.fit` logs them: `loss` (the step loss: the
+model's loss plus the MoE auxiliary losses, as `trainer.train_step`
+returns it) and the routing metrics of every MoE layer,
+`<prefix>_dropped`, `<prefix>_confidence` and `<prefix>_max_load` (see
+`MoeLayer`), epoch means of the step statistics; with validation data the
+same with `val_`. Each trainer step runs the model with the layers'
+metric variables mapped to zeros and adds what the step wrote to them to
+the layers' trackers (`trainer.layer_metrics`), which Keras resets with
+this model's metrics. On one device, or with the replicated layout, the
+values are those of plain `fit`. With the GShard layout each device
+computes its statistics over its own tokens (over those of its `batch`
+column: DTensor reduces over `batch`) and the step logs their mean over
+`expert`, as a tf.distribute strategy sums its replicas' metric updates:
+`_dropped` and `_confidence` then equal the one-device values (every
+device holds as many tokens), and so does `_max_load` when every device
+fills as many expert slots (expert choice, or no token losing a choice);
+otherwise `_max_load` is the mean of the devices' expert shares, which
+differs from the share over all slots by the spread of the devices'
+fill (3e-4 to 1.2e-3 in a test where top-2 tokens lose choices).
 
 Example (one device; on 8 devices use a mesh such as "batch:2,expert:4"):
 
@@ -27,7 +41,7 @@ Example (one device; on 8 devices use a mesh such as "batch:2,expert:4"):
 >>> from keras_moe.distribution.mesh import make_mesh
 >>> from keras_moe.layers.moe import MoeLayer
 >>> inputs = keras.Input((4, 8))
->>> hidden = MoeLayer(num_experts=2, hidden_dim=16)(inputs)
+>>> hidden = MoeLayer(num_experts=2, hidden_dim=16, name="moe")(inputs)
 >>> outputs = keras.layers.Dense(3)(keras.layers.Flatten()(hidden))
 >>> trainer = ExpertParallelTrainer(
 ...     keras.Model(inputs, outputs),
@@ -40,8 +54,9 @@ Example (one device; on 8 devices use a mesh such as "batch:2,expert:4"):
 >>> history = ExpertParallelModel(trainer).fit(
 ...     x, y, batch_size=4, epochs=2, validation_data=(x, y), verbose=0
 ... )
->>> sorted(history.history)
-['loss', 'val_loss']
+>>> sorted(history.history)  # doctest: +NORMALIZE_WHITESPACE
+['loss', 'moe_confidence', 'moe_dropped', 'moe_max_load', 'val_loss',
+ 'val_moe_confidence', 'val_moe_dropped', 'val_moe_max_load']
 >>> trainer.step
 4
 """
@@ -101,7 +116,7 @@ class ExpertParallelModel(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_mean]
+        return [self.loss_mean, *self.trainer.layer_metrics]
 
     def _step_function(self, step):
         def function(iterator):
@@ -112,8 +127,11 @@ class ExpertParallelModel(keras.Model):
                     "ExpertParallelModel trains on (x, y) or "
                     "(x, y, sample_weight) batches; received inputs only"
                 )
+            # The step also adds its routing statistics to the MoE
+            # layers' trackers, which Keras resets with this model's
+            # metrics at the start of every epoch and evaluation.
             self.loss_mean.update_state(step(x, y, sample_weight))
-            return {"loss": self.loss_mean.result()}
+            return self.get_metrics_result()
 
         return function
 

@@ -1,59 +1,51 @@
-"""The compute-matched protocol shared by `upcycle_vit` and `upcycle_t5`.
+"""The protocol shared by `upcycle_vit` and `upcycle_t5`.
 
 A dense model is pre-trained once per seed for P FLOPs (its training steps
-times `keras_moe.models.flops.training_step_flops` times the batch size). Then,
-for each extra budget b (a fraction of P), four arms are trained until they
-have used (1 + b) * P FLOPs in all:
+times `keras_moe.models.flops.training_step_flops` times the batch size),
+with its learning curve recorded (`_pretrain`). Then, for each extra budget
+b (a fraction of P), every arm of `ConvergedTask.arms()` trains until it
+has used (1 + b) * P FLOPs in all (`run_seed_converged`):
 
-* `dense`: the dense model keeps training, optimizer state and step
-  counter included (b * P more FLOPs).
+* `dense`: the dense model keeps training, its optimizer state kept and
+  its learning-rate schedule continued at the dense step (b * P more);
+* `dense_rewarm`: the same with the schedule re-started at step 0 (a new
+  warm-up to the peak), so that optimizer state and learning rate are
+  separate factors (optional);
 * `upcycled`: `keras_moe.upcycle(dense)` with the paper's recipe (every
   other MLP block, E experts, expert choice with capacity factor 2 in
-  encoders, renormalised combine weights in vision) and, by default, the
-  dense optimizer's state through `keras_moe.upcycle_optimizer`
-  (b * P more FLOPs; an MoE step costs more, so it takes fewer steps).
-* `moe_scratch`: the same MoE architecture, randomly initialised and
-  trained from scratch with a fresh optimizer for the whole (1 + b) * P:
-  the sunk dense pre-training compute is spent on the MoE instead.
-* `dense_tiled`: "dense upcycling" by depth tiling (Rae et al., 2021,
-  used as the dense baseline of the Sparse Upcycling paper): a deeper dense
-  model whose block j starts as a copy of pre-trained block
-  floor(j * L / L') (each block repeated in place, A B C D -> A A B C C D),
+  encoders, token-choice top-2 in decoders, renormalised combine weights
+  in vision), its optimizer state from `keras_moe.upcycle_optimizer`
+  (`Settings.optimizer_state`, "rescale" by default), schedule continued
+  (an MoE step costs more, so it takes fewer steps);
+* `upcycled_rewarm`: the same, schedule re-warmed (optional);
+* `upcycled_reset`: upcycled with the state reset, schedule continued:
+  the paper's language recipe (optional);
+* `dense_tiled`: "dense upcycling" by depth tiling (Rae et al., 2021, the
+  paper's dense baseline): a deeper dense model whose block j starts as a
+  copy of pre-trained block floor(j * L / L') (A B C D -> A A B C C D),
   with L' chosen so that its step costs as close as possible to the
-  upcycled model's, and the dense optimizer state tiled the same way
-  (b * P more FLOPs).
+  upcycled model's, the dense optimizer state tiled the same way,
+  schedule continued (optional);
+* `moe_scratch`: the upcycled architecture, randomly initialised and
+  trained from scratch for the whole (1 + b) * P (the sunk dense compute
+  spent on the MoE instead).
 
-Budget 0 is evaluated too: the pre-trained dense model, the upcycled and
-the tiled models before any extra step, and the MoE trained from scratch
-for P FLOPs. Each arm is one run evaluated at every budget along the way
-(budgets sorted); the steps of a budget are `round(flops / step_flops)`,
-so an arm's FLOPs are within half a step of the target.
-
-Every arm trains with Adam (global gradient-norm clipping at 1) and T5's
-learning-rate schedule, a linear warm-up then an inverse square-root decay
-(`InverseSqrtWarmup`): it has no end, so a budget's evaluation along one
-run is the same as a run that stops there, and the continuing arms keep
-the dense step counter (no second warm-up; the MoE from scratch starts at
-step 0). Training steps are compiled `tf.function`s, traced once per
-architecture (`TrainerPool`); the loss adds the MoE auxiliary losses
-(`model.losses`).
-
-`run_seed` is that protocol (used by `upcycle_t5`). `run_seed_converged`
-(used by `upcycle_vit`) is a second one, for data that never repeats: the
-dense model is pre-trained with its learning-rate curve recorded, then
-six arms (`CONVERGED_ARMS`) go on: {dense, upcycled} x {schedule
-continued (the dense step count goes on), schedule re-warmed (a new
-warm-up from step 0)}, all keeping their optimizer state; optionally the
-upcycled model with `state="reset"`; and the MoE from scratch. Each
-evaluation is of a branch cooled down for `cooldown_fraction` of P FLOPs
-(learning rate decaying linearly from the arm's current rate to 0), the
-same for every arm and outside the budgets. A convergence gate
+Each arm is one run evaluated at every budget along the way (budgets
+sorted; the steps of a budget are `round(flops / step_flops)`, within half
+a step of the target). Every evaluation is of a branched copy cooled down
+for `cooldown_fraction` of P FLOPs (learning rate decaying linearly from
+the arm's current rate to 0), the same for every arm and outside the
+budgets; the arm then goes on from before the cooldown. A convergence gate
 (`convergence_gate`) reports how much +50% dense training lowered the
-held-out NLL. The learning rate is driven from Python
-(`Trainer.learning_rate_fn`), so one traced step serves every schedule.
+held-out metric. Every arm uses Adam with global gradient-norm clipping
+at 1 and T5's schedule (linear warm-up, then inverse square-root decay);
+the learning rate is driven from Python (`Trainer.learning_rate_fn`), so
+one traced step serves every schedule, and steps are traced once per
+architecture (`TrainerPool`). The loss adds the MoE auxiliary losses
+(`model.losses`). Results are paired by seed (`paired_differences`).
 
 Options (`SUPPORTED_OPTIONS`, see `parse_options`) change the MoE arms:
-num_experts, capacity_factor, router and moe_blocks change both MoE arms
+num_experts, capacity_factor, router and moe_blocks change every MoE arm
 (and so the tiled depth); expert_noise, reinit_fraction,
 reuse_optimizer_state and optimizer_state change how the upcycled arm
 starts; budgets the extra budgets.

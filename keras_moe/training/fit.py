@@ -297,6 +297,7 @@ def train(
             learning_rate,
             save_every_steps,
             seed,
+            verbose,
         )
     distribution = strategies.get_strategy(strategy, tpu=tpu, devices=devices)
     strategies.check_global_batch_size(batch_size, distribution)
@@ -347,9 +348,20 @@ def _train_expert_parallel(
     learning_rate,
     save_every_steps,
     seed,
+    verbose,
 ):
-    """`train` on an expert-parallel mesh (see `train`); resumable."""
+    """`train` on an expert-parallel mesh (see `train`); resumable.
+
+    Keras `fit` of an `ExpertParallelModel`, with the progress output,
+    callbacks and files of the strategy path (TensorBoard `logs/` with the
+    routing metrics, `logs/routing/`, `history.json`); the checkpoint is
+    the trainer's (`backup/expert_parallel.npz`, every `save_every_steps`
+    steps and after the last). As in `fit_resumable`, step t trains on
+    batch t of the repeated data, and a run resumed at step t = e * P + b
+    (0 < b < P) first trains the rest of epoch e.
+    """
     from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
+    from keras_moe.distribution.expert_parallel_fit import ExpertParallelModel
 
     if spec.kind != CLASSIFICATION:
         raise ValueError(
@@ -370,26 +382,48 @@ def _train_expert_parallel(
             model, mesh, optimizer=optimizer, loss=loss
         )
     start = trainer.step
-    dataset = batches(spec, "train", batch_size, seed, training=True)
+    stream = batches(spec, "train", batch_size, seed, training=True).repeat()
     steps = steps_per_epoch or steps_per_pass(spec, "train", batch_size)
     total = steps * epochs
-    # Step t trains on batch t of the stream, resumed or not.
-    losses = trainer.fit(
-        dataset.skip(start),
-        steps=max(total - start, 0),
-        callbacks=[SaveTrainerEvery(trainer, checkpoint, save_every_steps)],
-    )
+    first_epoch, offset = divmod(start, steps)
+    segments = []  # (initial epoch, end epoch, steps per epoch)
+    if offset and first_epoch < epochs:
+        segments.append((first_epoch, first_epoch + 1, steps - offset))
+        first_epoch += 1
+    if first_epoch < epochs:
+        segments.append((first_epoch, epochs, steps))
+    log_dir = os.path.join(output_dir, "logs")
+    callbacks = [
+        SaveTrainerEvery(trainer, checkpoint, save_every_steps),
+        keras.callbacks.TensorBoard(log_dir),
+        RoutingStatsLogger(os.path.join(log_dir, "routing")),
+    ]
+    wrapper = ExpertParallelModel(trainer)
+    logged = {}
+    for initial_epoch, end_epoch, epoch_steps in segments:
+        part = wrapper.fit(
+            stream.skip(trainer.step),
+            epochs=end_epoch,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=epoch_steps,
+            callbacks=callbacks,
+            verbose=progress_verbosity(verbose),
+        )
+        for key, values in part.history.items():
+            logged.setdefault(key, []).extend(float(x) for x in values)
+        if wrapper.stop_training:
+            break
     trainer.save(checkpoint)
     model_file = save_keras(model, os.path.join(output_dir, "model.keras"))
-    losses = [float(x) for x in losses]
-    if losses:
-        write_json(os.path.join(output_dir, "history.json"), {"loss": losses})
+    if logged:  # empty when a finished run is started again
+        write_json(os.path.join(output_dir, "history.json"), logged)
     return {
         "model": model_file,
+        "logs": log_dir,
         "mesh": {
             name: trainer.mesh.dim_size(name) for name in ("batch", "expert")
         },
         "resumed_from_step": start,
         "steps": total,
-        "last_step_loss": losses[-1] if losses else None,
+        "last_epoch": {k: v[-1] for k, v in logged.items() if v},
     }

@@ -247,22 +247,53 @@ def test_train_expert_parallel_on_a_mesh(upcycled_vit, data_dir, tmp_path):
         "--mesh=batch:1,expert:2",
         "--cpu_devices=2",
         "--batch_size=8",
-        "--epochs=1",
-        "--steps_per_epoch=3",
-        "--save_every_steps=2",
+        "--epochs=2",
+        "--steps_per_epoch=2",
+        "--save_every_steps=3",
         "--learning_rate=1e-3",
     ]
-    result = _json_line(check_ok(run_app("train", *args, data_dir=data_dir)))
+    process = check_ok(run_app("train", *args, data_dir=data_dir))
+    result = _json_line(process)
     assert result["mesh"] == {"batch": 1, "expert": 2}
-    assert result["resumed_from_step"] == 0 and result["steps"] == 3
-    losses = json.loads((train_dir / "history.json").read_text())["loss"]
-    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert result["resumed_from_step"] == 0 and result["steps"] == 4
+    # Keras' progress output (one line per epoch when not on a terminal).
+    assert "Epoch 2/2" in process.stdout, process.stdout
+    progress = [
+        line for line in process.stdout.splitlines() if line.startswith("2/2")
+    ]
+    assert len(progress) == 2, process.stdout
+    assert all("block_1_moe_max_load:" in line for line in progress)
+    # History per epoch, as the strategy path writes it, routing included.
+    history = json.loads((train_dir / "history.json").read_text())
+    routing = [f"block_1_moe_{s}" for s in ("confidence", "dropped")]
+    routing.append("block_1_moe_max_load")
+    assert sorted(history) == sorted(["loss", *routing])
+    assert all(len(v) == 2 and np.isfinite(v).all() for v in history.values())
+    assert result["last_epoch"] == {k: v[-1] for k, v in history.items()}
+    # Top-1 of 4 experts: at most 1 - 1/4 of the tokens of a group can be
+    # dropped, the top probability is at least 1/4, the load in [1, 4].
+    assert all(0 <= d <= 0.75 for d in history["block_1_moe_dropped"])
+    assert all(0.25 <= c <= 1 for c in history["block_1_moe_confidence"])
+    assert all(1 <= m <= 4 for m in history["block_1_moe_max_load"])
     assert os.listdir(train_dir / "backup") == ["expert_parallel.npz"]
+    _check_tensorboard_logs(train_dir / "logs")
+    scalars = _epoch_scalars(train_dir / "logs" / "train")
+    for key, values in history.items():
+        np.testing.assert_allclose(scalars[f"epoch_{key}"], values, rtol=1e-6)
     trained = keras.saving.load_model(train_dir / "model.keras", compile=False)
     name = "encoder/block_1/mlp/experts/wi"
     assert not np.allclose(
         trained.canonical_variables()[name].numpy(),
         moe.canonical_variables()[name].numpy(),
+    )
+    # One more epoch: resumes from the checkpoint at step 4.
+    more = [*args[:-4], "--epochs=3", *args[-3:]]
+    resumed = _json_line(check_ok(run_app("train", *more, data_dir=data_dir)))
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
+    history = json.loads((train_dir / "history.json").read_text())
+    assert len(history["loss"]) == 1
+    assert _epoch_scalars(train_dir / "logs" / "train")["epoch_loss"][-1] == (
+        pytest.approx(history["loss"][0], rel=1e-6)
     )
     # A mesh whose size is not the number of devices fails before work.
     process = run_app(
@@ -271,6 +302,23 @@ def test_train_expert_parallel_on_a_mesh(upcycled_vit, data_dir, tmp_path):
     assert process.returncode != 0
     assert "--mesh='batch:2,expert:2'" in process.stderr
     assert "4 devices but 2 are available" in process.stderr
+
+
+def _epoch_scalars(log_dir):
+    """{tag: [values by step]} of the scalars in a TensorBoard directory."""
+    found = {}
+    for name in sorted(os.listdir(log_dir)):
+        if "tfevents" not in name:
+            continue
+        for event in tf.compat.v1.train.summary_iterator(
+            os.path.join(log_dir, name)
+        ):
+            for value in event.summary.value:
+                if value.tag.startswith("epoch_"):
+                    found.setdefault(value.tag, {})[event.step] = float(
+                        tf.make_ndarray(value.tensor)
+                    )
+    return {tag: [v for _, v in sorted(d.items())] for tag, d in found.items()}
 
 
 def _check_tensorboard_logs(log_dir):
