@@ -110,7 +110,7 @@ def split_of(label, relative_path):
     Example:
 
     >>> split_of("stdlib", "json/decoder.py")
-    'train'
+    'downstream'
     """
     key = f"{label}/{relative_path}".encode("utf-8")
     bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % BUCKETS
