@@ -1,12 +1,20 @@
 """Distribution: tf.distribute strategies and expert parallelism on a
-DTensor mesh. Crash-safe `fit` is in `keras_moe.training.resumable`."""
+DTensor mesh. Crash-safe Keras `fit` is in `keras_moe.training.resumable`;
+crash-safe expert-parallel training is `fit_resumable` here
+(`keras_moe.distribution.checkpointing`)."""
 
 # DTensor expert parallelism.
+from keras_moe.distribution.checkpointing import CheckpointEvery
+from keras_moe.distribution.checkpointing import checkpoint_path
+from keras_moe.distribution.checkpointing import fit_resumable
+from keras_moe.distribution.checkpointing import list_checkpoints
+from keras_moe.distribution.checkpointing import restore_latest
 from keras_moe.distribution.expert_parallel import SUPPORTED_OPTIMIZERS
 from keras_moe.distribution.expert_parallel import DTensorOptimizer
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
 from keras_moe.distribution.expert_parallel_fit import ExpertParallelModel
 from keras_moe.distribution.mesh import MESH_AXES
+from keras_moe.distribution.mesh import as_mesh
 from keras_moe.distribution.mesh import default_devices
 from keras_moe.distribution.mesh import make_mesh
 from keras_moe.distribution.mesh import parse_mesh_spec

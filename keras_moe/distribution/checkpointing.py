@@ -16,6 +16,14 @@ same order every time it is iterated (no unseeded shuffling). A
 checkpoint may be restored onto another mesh: pass a trainer on that
 mesh.
 
+Both work on several processes (a multi-client mesh): every process
+passes the same `directory` on a file system they all share and a
+`dataset` of its own rows of each global batch
+(`ExpertParallelTrainer.local_batch_rows`). All processes write each
+checkpoint; process 0 alone removes old checkpoints and the hidden
+leftovers of killed saves, and a barrier follows, so every process sees
+the same checkpoints.
+
 Example (one device; on 8 devices use a mesh such as "batch:2,expert:4"):
 
 >>> import tempfile
@@ -56,11 +64,15 @@ import re
 
 import keras
 import tensorflow as tf
+from tensorflow.experimental import dtensor
 
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
 from keras_moe.utils import files
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
+# The hidden directories a save writes beside `ckpt-<step>` before its
+# rename (`files.atomic_directory`, `ExpertParallelTrainer.save`).
+_HIDDEN = re.compile(r"^\.ckpt-(\d{9})\.")
 
 
 def checkpoint_path(directory, step):
@@ -158,12 +170,33 @@ class CheckpointEvery(keras.callbacks.Callback):
         return [step for step, _ in list_checkpoints(self.directory)]
 
     def save(self):
-        """Saves the trainer's current step now, prunes; returns the path."""
+        """Saves the trainer's current step now, prunes; returns the path.
+
+        On several processes every process must call it (the callback's
+        hooks do, in each); process 0 alone prunes, then all wait for it.
+        """
         step = self.trainer.step
         path = self.trainer.save(checkpoint_path(self.directory, step))
-        for _, old in list_checkpoints(self.directory)[: -self.max_to_keep]:
-            files.remove_tree(old)
+        if dtensor.client_id() == 0:
+            self._prune()
+        if dtensor.num_clients() > 1:
+            dtensor.barrier(self.trainer.mesh, "keras_moe-checkpoint-pruned")
         return path
+
+    def _prune(self):
+        """Removes all but the newest `max_to_keep` checkpoints, and the
+        hidden directories of saves older than the oldest one kept (left
+        by a process killed while saving)."""
+        saved = list_checkpoints(self.directory)
+        for _, old in saved[: -self.max_to_keep]:
+            files.remove_tree(old)
+        if not saved:
+            return
+        oldest_kept = saved[-self.max_to_keep :][0][0]
+        for name in tf.io.gfile.listdir(self.directory):
+            match = _HIDDEN.match(name.rstrip("/"))
+            if match and int(match.group(1)) < oldest_kept:
+                files.remove_tree(files.join(self.directory, name))
 
     def on_train_batch_end(self, batch, logs=None):
         if self.trainer.step % self.every_steps == 0:
@@ -198,9 +231,12 @@ def fit_resumable(
         dataset: the batches of the whole run, the same in every run: a
             `tf.data.Dataset` (skipped with `Dataset.skip`) or any
             iterable of `(x, y)` / `(x, y, sample_weight)` batches
-            (skipped by iterating past them).
+            (skipped by iterating past them). On several processes, each
+            process's own rows of every global batch
+            (`trainer.local_batch_rows`).
         steps: the step count to reach (not the steps still to run).
-        directory: the checkpoint directory.
+        directory: the checkpoint directory (on several processes, the
+            same path on a file system they all share).
         every_steps: steps between checkpoints.
         max_to_keep: checkpoints kept.
         callbacks: other Keras callbacks for `trainer.fit`.

@@ -103,25 +103,37 @@ step is differentiated), and a variable read right after a write in the
 same step can return the old value (`DTensorOptimizer` writes each
 variable once).
 
-A multi-host run (one Python process per host, e.g. a TPU pod slice or
-several GPU hosts) needs, beyond this single-process code:
+Several processes (multi-client DTensor: one Python process per host,
+e.g. several GPU hosts, or per group of devices) train one mesh over all
+their devices. Every process runs the same program:
 
-* the multi-client DTensor environment in every process before TensorFlow
-  starts: `DTENSOR_CLIENT_ID` (this host's index), `DTENSOR_NUM_CLIENTS`,
-  `DTENSOR_JOB_NAME` and `DTENSOR_JOBS` (the `host:port` of every client),
-  then `tf.experimental.dtensor.initialize_accelerator_system()`;
-* one mesh over all hosts' devices, built identically on every host
-  (`dtensor.create_distributed_mesh` with the `batch` and `expert` axes)
-  and passed to this trainer;
-* data sharded per host: each host reads its own part of the global batch
-  and packs only its local devices' shards (`dtensor.pack` over
-  `mesh.local_devices()`, as `_shard_batch` does for one host), so the
-  global batch is never assembled on one machine;
-* checkpoints written by every host: `save`'s `tf.train.Checkpoint`
-  writes each device's shards, but its atomic rename is local to one
-  process, so on several hosts every client must write the same
-  checkpoint prefix on a shared file system (DTensor's
-  `sharded_save` places the barriers) and one client the `meta.json`.
+* before any TensorFlow call, the environment: `DTENSOR_JOBS`, the
+  `host:port` of every process in client order (its length is the
+  number of processes; TensorFlow 2.20 does not read
+  `DTENSOR_NUM_CLIENTS`), and `DTENSOR_CLIENT_ID`, this process's index
+  in it (`DTENSOR_JOB_NAME` defaults to "worker");
+* then `dtensor.initialize_accelerator_system(device_type)` (on CPU with
+  `num_logical_cpu_devices=L` for L devices per process; every process
+  must have the same number);
+* the same model in every process (the same seed, or weights loaded from
+  one file): each process supplies the initial values of its devices;
+* the mesh as a spec (`"batch:2,expert:4"` counts every process's
+  devices) or `keras_moe.distribution.mesh.make_mesh`, which builds it
+  with `dtensor.create_distributed_mesh` (process c holds the global
+  device ids [c*L, (c+1)*L));
+* data: of every global batch of B examples each process passes only
+  rows `trainer.local_batch_rows(B)` (the rows of its own devices) to
+  `train_step`, `test_step` or `fit`; the global batch is never assembled
+  in one process. Every process runs the same number of steps;
+* checkpoints: every process calls `save` (or `CheckpointEvery`,
+  `fit_resumable`) with the same path on a file system they all share;
+  process 0 writes `meta.json`, renames and prunes. `load` / `restore`
+  read it onto any mesh, a single-process one included.
+
+Checked: two processes on one machine (4 virtual CPUs each, gRPC over
+loopback, TensorFlow 2.20) on `batch:2,expert:4` and `batch:1,expert:8`
+meshes, against one device (tests/distribution/
+test_expert_parallel_multihost.py); not on several machines, GPUs or TPUs.
 """
 
 import contextlib
@@ -919,31 +931,20 @@ class ExpertParallelTrainer:
         loss = self._total_loss(y, y_pred, sample_weight, aux_losses)
         return loss, self._step_metrics(metrics)
 
-    def _shard_batch(self, value):
-        """A host array <[B, ...]> -> a DTensor sharded on `batch`: each
-        local device gets only its own rows. With the GShard layout the
-        rows are split over all b*n devices: device (i, j) gets part
-        i*n + j (a per-device value of global batch B/n)."""
-        value = tf.convert_to_tensor(value)
+    def _num_parts(self):
+        """The parts a global batch is split into: b*n with the GShard
+        layout (device (i, j) takes part i*n + j), b otherwise (device
+        (i, j) takes part i)."""
         batch_size = self.mesh.dim_size(mesh_lib.BATCH_AXIS)
+        if self._spread:
+            return batch_size * self.mesh.dim_size(mesh_lib.EXPERT_AXIS)
+        return batch_size
+
+    def _local_parts(self):
+        """(first, count, index): this process's devices take parts
+        [first, first + count) of the global batch, local device d part
+        index[d] (see `_num_parts`)."""
         expert_size = self.mesh.dim_size(mesh_lib.EXPERT_AXIS)
-        if value.shape.rank == 0:
-            raise ValueError("inputs and labels need a batch axis")
-        rows = value.shape[0]
-        parts = batch_size * expert_size if self._spread else batch_size
-        if rows % parts:
-            where = (
-                f"batch * expert = {batch_size} * {expert_size} = {parts} "
-                "devices (the GShard layout splits it over every device)"
-                if self._spread
-                else f"batch axis of size {batch_size}"
-            )
-            raise ValueError(
-                f"a batch of {rows} examples cannot be split over the mesh's "
-                f"{where}: use a batch size that is a multiple of {parts} "
-                "(drop_remainder=True for tf.data)"
-            )
-        per_shard = rows // parts
         locations = self.mesh.local_device_locations()
         if self._spread:
             index = [
@@ -953,7 +954,93 @@ class ExpertParallelTrainer:
             ]
         else:
             index = [loc[mesh_lib.BATCH_AXIS] for loc in locations]
-        shards = [value[i * per_shard : (i + 1) * per_shard] for i in index]
+        first, count = min(index), max(index) - min(index) + 1
+        if sorted(set(index)) != list(range(first, first + count)):
+            raise ValueError(
+                f"this process's devices take parts {index} of the global "
+                "batch, which are not one contiguous block of rows: build "
+                "the mesh with keras_moe.distribution.mesh.make_mesh or "
+                "dtensor.create_distributed_mesh (each process holding "
+                "consecutive device ids)"
+            )
+        return first, count, index
+
+    def _indivisible(self, rows, parts):
+        batch_size = self.mesh.dim_size(mesh_lib.BATCH_AXIS)
+        expert_size = self.mesh.dim_size(mesh_lib.EXPERT_AXIS)
+        where = (
+            f"batch * expert = {batch_size} * {expert_size} = "
+            f"{self._num_parts()} devices (the GShard layout splits it over "
+            "every device)"
+            if self._spread
+            else f"batch axis of size {batch_size}"
+        )
+        return ValueError(
+            f"a batch of {rows} examples cannot be split over the mesh's "
+            f"{where}: use a batch size that is a multiple of {parts} "
+            "(drop_remainder=True for tf.data)"
+        )
+
+    def local_batch_rows(self, batch_size):
+        """The rows [start, stop) of every global batch of `batch_size`
+        examples that this process passes to `train_step`, `test_step`
+        and `fit`.
+
+        On one process: all of them, (0, batch_size). On several (a
+        multi-client DTensor mesh spanning processes) only the rows of
+        this process's devices, one contiguous block: the global batch is
+        never assembled in one process.
+
+        Args:
+            batch_size: the global batch size, a multiple of the parts the
+                batch is split into (`batch * expert` devices with the
+                GShard layout, the `batch` axis otherwise).
+
+        Returns:
+            A tuple `(start, stop)` of ints: each process passes
+            `x[start:stop]`, `y[start:stop]` of a global batch `x`, `y`.
+        """
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be an int >= 1; received {batch_size!r}"
+            )
+        parts = self._num_parts()
+        if batch_size % parts:
+            raise self._indivisible(batch_size, parts)
+        first, count, _ = self._local_parts()
+        per_part = batch_size // parts
+        return int(first * per_part), int((first + count) * per_part)
+
+    def _shard_batch(self, value):
+        """This process's rows of a global batch -> a DTensor sharded on
+        `batch`: each local device gets its own part (see `_local_parts`).
+        On one process `value` is the whole global batch <[B, ...]>; on
+        several, rows `local_batch_rows(B)` of it."""
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank == 0:
+            raise ValueError("inputs and labels need a batch axis")
+        first, count, index = self._local_parts()
+        rows = value.shape[0]
+        if dtensor.num_clients() == 1:
+            if rows % self._num_parts():
+                raise self._indivisible(rows, self._num_parts())
+        elif rows % count:
+            raise ValueError(
+                f"this process was given {rows} rows, which cannot be split "
+                f"into the {count} equal parts of the global batch its "
+                "devices take: pass rows local_batch_rows(B) of every "
+                f"global batch of B examples (B a multiple of "
+                f"{self._num_parts()})"
+            )
+        per_part = rows // count
+        shards = [
+            value[(i - first) * per_part : (i - first + 1) * per_part]
+            for i in index
+        ]
         layout = mesh_lib.batch_layout(self.mesh, value.shape.rank)
         return dtensor.pack(shards, layout)
 
@@ -1102,12 +1189,20 @@ class ExpertParallelTrainer:
         is replaced), so `path` is either the old or the new checkpoint.
         `restore` / `load` read it onto any mesh, one device included.
 
+        On several processes (a multi-client mesh) every process must call
+        `save` with the same `path` on a file system they all share (NFS,
+        `gs://`): all write into one hidden directory, process 0 adds
+        `meta.json` and renames it into place, and no process returns
+        before it is there.
+
         Returns:
             `path`.
 
         Raises:
             ValueError: `path` exists and is not a directory (a file of
-                the earlier npz format is not replaced by a directory).
+                the earlier npz format is not replaced by a directory);
+                on several processes, the finished checkpoint is not
+                visible to this process (`path` is not shared).
         """
         _check_path(path)
         if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
@@ -1116,11 +1211,71 @@ class ExpertParallelTrainer:
                 "and is a file; expected a checkpoint directory or a new path"
             )
         checkpoint, meta = self._state()
+        if dtensor.num_clients() > 1:
+            self._save_multi_client(path, checkpoint, meta)
+            return path
         with files.atomic_directory(path, overwrite=True) as temp:
             checkpoint.write(os.path.join(temp, _STATE_PREFIX))
             with open(os.path.join(temp, _META_KEY), "w") as file:
                 json.dump(meta, file, indent=1)
         return path
+
+    def _save_multi_client(self, path, checkpoint, meta):
+        """`save` on several processes, every one calling it with the same
+        `path` on a file system they all see (NFS, gs://).
+
+        DTensor's checkpoint writer writes each process's slices under one
+        prefix, so all processes write into one hidden directory beside
+        `path` (`.<name>.tmp-clients-<step>`; a per-process one, as
+        `files.atomic_directory` makes, would hold only that process's
+        slices). Client 0 removes a leftover of that name first, and
+        after the write adds `meta.json` and renames the directory into
+        place (an existing checkpoint moved aside first, then removed).
+        Barriers keep the processes in step; none returns before the
+        checkpoint is in place.
+        """
+        path = files.absolute(path).rstrip("/")
+        parent, name = os.path.split(path)
+        temp = files.join(parent, f".{name}.tmp-clients-{self.step}")
+        old = files.join(parent, f".{name}.old-clients-{self.step}")
+        leader = dtensor.client_id() == 0
+        gfile = tf.io.gfile
+        if leader:
+            for leftover in (temp, old):
+                if gfile.exists(leftover):
+                    files.remove_tree(leftover)
+            # files.makedirs: a local directory gets the mode os.mkdir
+            # gives (0777 less the umask).
+            files.makedirs(temp)
+        dtensor.barrier(self.mesh, "keras_moe-save-begin")
+        checkpoint.write(files.join(temp, _STATE_PREFIX))
+        dtensor.barrier(self.mesh, "keras_moe-save-written")
+        if leader:
+            with gfile.GFile(files.join(temp, _META_KEY), "w") as file:
+                file.write(json.dumps(meta, indent=1))
+            if not files.is_url(temp):
+                for root, _, names in os.walk(temp):
+                    for entry in names:
+                        files.fsync_path(os.path.join(root, entry))
+                    files.fsync_path(root)
+            replaced = gfile.exists(path)
+            if replaced:
+                gfile.rename(path, old)
+            try:
+                gfile.rename(temp, path)
+            except BaseException:
+                if replaced:  # put the old one back
+                    gfile.rename(old, path)
+                raise
+            if replaced:
+                files.remove_tree(old)
+        dtensor.barrier(self.mesh, "keras_moe-save-end")
+        if not gfile.exists(files.join(path, _META_KEY)):
+            raise ValueError(
+                f"checkpoint {path!r} written by every process is not "
+                "visible to this one: on several processes save to a "
+                "path on a file system they all share (NFS, gs://)"
+            )
 
     def load(self, path):
         """Sets this trainer's weights, optimizer state and step from a

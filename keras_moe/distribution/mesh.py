@@ -40,13 +40,22 @@ _EXPECTED = (
 
 
 def default_devices():
-    """The local devices a mesh uses by default: TPUs, else GPUs, else CPUs.
+    """This process's devices a mesh uses by default: TPUs, else GPUs,
+    else CPUs.
+
+    On several processes (multi-client DTensor) TensorFlow also lists the
+    other processes' devices; only this process's own are returned.
 
     Returns:
         A list of device names such as `["CPU:0", "CPU:1"]`.
     """
+    task = dtensor.client_id()
     for device_type in ("TPU", "GPU", "CPU"):
-        devices = tf.config.list_logical_devices(device_type)
+        devices = [
+            device
+            for device in tf.config.list_logical_devices(device_type)
+            if tf.DeviceSpec.from_string(device.name).task in (None, task)
+        ]
         if devices:
             return [f"{device_type}:{i}" for i in range(len(devices))]
     raise ValueError("TensorFlow sees no TPU, GPU or CPU device")
@@ -58,8 +67,9 @@ def parse_mesh_spec(spec, num_devices=None):
     Args:
         spec: comma-separated `axis:size` pairs over the axes `batch` and
             `expert`; an axis left out has size 1 (`"expert:8"`).
-        num_devices: devices the mesh must cover exactly; None for the
-            count of `default_devices()`.
+        num_devices: devices the mesh must cover exactly, over all
+            processes; None for the count of `default_devices()` times
+            the number of DTensor clients (processes).
 
     Returns:
         A dict `{"batch": int, "expert": int}`, the keyword arguments of
@@ -95,7 +105,7 @@ def parse_mesh_spec(spec, num_devices=None):
         axes[name] = size
     axes = {name: axes.get(name, 1) for name in MESH_AXES}
     if num_devices is None:
-        num_devices = len(default_devices())
+        num_devices = len(default_devices()) * dtensor.num_clients()
     _check_size(axes[BATCH_AXIS], axes[EXPERT_AXIS], num_devices, spec)
     return axes
 
@@ -103,23 +113,37 @@ def parse_mesh_spec(spec, num_devices=None):
 def _check_size(batch, expert, num_devices, spec=None):
     if batch * expert != num_devices:
         given = f"mesh spec {spec!r}" if spec else "the mesh"
+        clients = dtensor.num_clients()
+        where = (
+            f" ({num_devices // clients} per process x {clients} processes)"
+            if clients > 1
+            else ""
+        )
         raise ValueError(
             f"{given} has batch * expert = {batch} * {expert} = "
-            f"{batch * expert} devices but {num_devices} are available: the "
-            "mesh must use every device exactly once"
+            f"{batch * expert} devices but {num_devices} are available"
+            f"{where}: the mesh must use every device exactly once"
         )
 
 
 def make_mesh(batch, expert, devices=None):
     """A DTensor mesh with axes (`batch`, `expert`).
 
+    On one process the mesh is made of `devices`. On several (a
+    multi-client DTensor cluster, every process calling this alike) it
+    spans every process's devices, built by
+    `dtensor.create_distributed_mesh`: process c holds the global device
+    ids [c*L, (c+1)*L) for its L local devices (consecutive in the
+    row-major order of (`batch`, `expert`)). Every process must have the
+    same number of devices.
+
     Args:
         batch: size of the `batch` (data parallel) axis.
         expert: size of the `expert` axis.
-        devices: local device names (`"CPU:0"`, `"GPU:1"`, `"TPU:3"`); None
-            for `default_devices()`. Their number must be `batch * expert`;
-            device `i` sits at mesh coordinates
-            `(i // expert, i % expert)`.
+        devices: this process's device names (`"CPU:0"`, `"GPU:1"`,
+            `"TPU:3"`); None for `default_devices()`. Their number times
+            the number of processes must be `batch * expert`; global
+            device `i` sits at mesh coordinates `(i // expert, i % expert)`.
 
     Returns:
         A `tf.experimental.dtensor.Mesh`.
@@ -130,11 +154,20 @@ def make_mesh(batch, expert, devices=None):
                 f"mesh axis {name!r} must be an int >= 1; received {size!r}"
             )
     devices = list(default_devices() if devices is None else devices)
-    _check_size(batch, expert, len(devices))
+    clients = dtensor.num_clients()
+    _check_size(batch, expert, len(devices) * clients)
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices must be distinct; received {devices}")
-    return dtensor.create_mesh(
-        [(BATCH_AXIS, batch), (EXPERT_AXIS, expert)], devices=devices
+    axes = [(BATCH_AXIS, batch), (EXPERT_AXIS, expert)]
+    if clients == 1:
+        return dtensor.create_mesh(axes, devices=devices)
+    types = sorted({tf.DeviceSpec.from_string(d).device_type for d in devices})
+    if len(types) != 1:
+        raise ValueError(
+            f"the devices of a mesh must be of one type; received {devices}"
+        )
+    return dtensor.create_distributed_mesh(
+        axes, local_devices=devices, device_type=types[0]
     )
 
 
@@ -145,7 +178,8 @@ def as_mesh(mesh, devices=None):
         mesh: a `tf.experimental.dtensor.Mesh` with the axes `batch` and
             `expert` (returned as is), a spec for `parse_mesh_spec` or a
             dict `{"batch": int, "expert": int}`.
-        devices: devices for a spec or dict (None: `default_devices()`).
+        devices: this process's devices for a spec or dict (None:
+            `default_devices()`).
 
     Returns:
         A `tf.experimental.dtensor.Mesh`.
@@ -158,7 +192,9 @@ def as_mesh(mesh, devices=None):
             )
         return mesh
     if isinstance(mesh, str):
-        count = None if devices is None else len(devices)
+        count = None
+        if devices is not None:
+            count = len(devices) * dtensor.num_clients()
         mesh = parse_mesh_spec(mesh, num_devices=count)
     if not isinstance(mesh, dict) or set(mesh) != set(MESH_AXES):
         raise ValueError(

@@ -355,11 +355,16 @@ def _train_expert_parallel(
     Keras `fit` of an `ExpertParallelModel`, with the progress output,
     callbacks and files of the strategy path (TensorBoard `logs/` with the
     routing metrics, `logs/routing/`, `history.json`); the checkpoint is
-    the trainer's (`backup/expert_parallel.npz`, every `save_every_steps`
-    steps and after the last). As in `fit_resumable`, step t trains on
+    the trainer's checkpoint directory (`backup/expert_parallel`, see
+    `ExpertParallelTrainer.save`, every `save_every_steps` steps and after
+    the last; a run resumes from it, or from the npz file
+    `backup/expert_parallel.npz` of the earlier format, which the first
+    finished run then removes). As in `fit_resumable`, step t trains on
     batch t of the repeated data, and a run resumed at step t = e * P + b
     (0 < b < P) first trains the rest of epoch e.
     """
+    import tensorflow as tf
+
     from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
     from keras_moe.distribution.expert_parallel_fit import ExpertParallelModel
 
@@ -372,10 +377,14 @@ def _train_expert_parallel(
     check_model_fits_data(model, spec)
     optimizer = keras.optimizers.Adam(learning_rate)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    checkpoint = os.path.join(output_dir, "backup", "expert_parallel.npz")
-    if os.path.exists(checkpoint):
+    checkpoint = files.join(output_dir, "backup", "expert_parallel")
+    earlier = checkpoint + ".npz"  # the earlier single-file format
+    resume_from = next(
+        (path for path in (checkpoint, earlier) if files.exists(path)), None
+    )
+    if resume_from is not None:
         trainer = ExpertParallelTrainer.restore(
-            checkpoint, model, mesh, optimizer=optimizer, loss=loss
+            resume_from, model, mesh, optimizer=optimizer, loss=loss
         )
     else:
         trainer = ExpertParallelTrainer(
@@ -414,6 +423,8 @@ def _train_expert_parallel(
         if wrapper.stop_training:
             break
     trainer.save(checkpoint)
+    if files.exists(earlier):  # superseded by the directory
+        tf.io.gfile.remove(earlier)
     model_file = save_keras(model, os.path.join(output_dir, "model.keras"))
     if logged:  # empty when a finished run is started again
         write_json(os.path.join(output_dir, "history.json"), logged)

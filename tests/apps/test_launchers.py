@@ -275,7 +275,12 @@ def test_train_expert_parallel_on_a_mesh(upcycled_vit, data_dir, tmp_path):
     assert all(0 <= d <= 0.75 for d in history["block_1_moe_dropped"])
     assert all(0.25 <= c <= 1 for c in history["block_1_moe_confidence"])
     assert all(1 <= m <= 4 for m in history["block_1_moe_max_load"])
-    assert os.listdir(train_dir / "backup") == ["expert_parallel.npz"]
+    # The trainer's checkpoint directory (ExpertParallelTrainer.save).
+    assert os.listdir(train_dir / "backup") == ["expert_parallel"]
+    meta = json.loads(
+        (train_dir / "backup/expert_parallel/meta.json").read_text()
+    )
+    assert meta["step"] == 4
     _check_tensorboard_logs(train_dir / "logs")
     scalars = _epoch_scalars(train_dir / "logs" / "train")
     for key, values in history.items():

@@ -87,6 +87,122 @@ def test_parse_mesh_spec_counts_the_devices_tensorflow_sees():
         mesh_lib.parse_mesh_spec(f"expert:{count + 1}")
 
 
+def _two_clients(monkeypatch, client=1, local=2):
+    """Makes mesh_lib see client `client` of a two-process cluster whose
+    processes have `local` CPUs each, as TensorFlow lists them there."""
+    names = [
+        f"/job:worker/replica:0/task:{task}/device:CPU:{i}"
+        for task in range(2)
+        for i in range(local)
+    ]
+
+    def list_logical_devices(device_type):
+        if device_type != "CPU":
+            return []
+        return [tf.config.LogicalDevice(n, "CPU") for n in names]
+
+    monkeypatch.setattr(tf.config, "list_logical_devices", list_logical_devices)
+    monkeypatch.setattr(dtensor, "num_clients", lambda: 2)
+    monkeypatch.setattr(dtensor, "client_id", lambda: client)
+
+
+@pytest.mark.parametrize("client", [0, 1])
+def test_several_processes_count_every_process_devices(monkeypatch, client):
+    _two_clients(monkeypatch, client=client)
+    # Only this process's devices, renumbered from 0 as local names.
+    assert mesh_lib.default_devices() == ["CPU:0", "CPU:1"]
+    assert mesh_lib.parse_mesh_spec("batch:2,expert:2") == {
+        "batch": 2,
+        "expert": 2,
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"2 devices but 4 are available \(2 per process x 2 processes",
+    ):
+        mesh_lib.parse_mesh_spec("expert:2")
+
+
+def test_several_processes_make_a_distributed_mesh(monkeypatch):
+    _two_clients(monkeypatch)
+    calls = []
+
+    def create_distributed_mesh(axes, local_devices, device_type):
+        calls.append((axes, local_devices, device_type))
+        return "mesh"
+
+    def create_mesh(*args, **kwargs):
+        raise AssertionError("create_mesh cannot span processes")
+
+    monkeypatch.setattr(
+        dtensor, "create_distributed_mesh", create_distributed_mesh
+    )
+    monkeypatch.setattr(dtensor, "create_mesh", create_mesh)
+    assert mesh_lib.make_mesh(1, 4) == "mesh"
+    assert mesh_lib.as_mesh("batch:2,expert:2", devices=["CPU:0", "CPU:1"])
+    assert calls == [
+        ([("batch", 1), ("expert", 4)], ["CPU:0", "CPU:1"], "CPU"),
+        ([("batch", 2), ("expert", 2)], ["CPU:0", "CPU:1"], "CPU"),
+    ]
+    with pytest.raises(ValueError, match="2 \\* 4 = 8 devices but 4"):
+        mesh_lib.make_mesh(2, 4)
+    with pytest.raises(ValueError, match="of one type"):
+        mesh_lib.make_mesh(2, 2, devices=["CPU:0", "GPU:0"])
+
+
+class _FakeMesh:
+    """The parts of a `dtensor.Mesh` the batch split reads."""
+
+    def __init__(self, batch, expert, locations):
+        self._sizes = {"batch": batch, "expert": expert}
+        self._locations = [{"batch": b, "expert": e} for b, e in locations]
+
+    def dim_size(self, name):
+        return self._sizes[name]
+
+    def local_device_locations(self):
+        return self._locations
+
+
+def _trainer_on(mesh, spread):
+    """An `ExpertParallelTrainer` with nothing but a mesh and a layout,
+    for the batch split (which reads nothing else)."""
+    trainer = object.__new__(ExpertParallelTrainer)
+    trainer.mesh, trainer._spread = mesh, spread
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "shape,locations,spread,expected",
+    [
+        # batch:2,expert:4, process 1 of 2: parts 4..7 of 8 (GShard),
+        # part 1 of 2 (replicated).
+        ((2, 4), [(1, 0), (1, 1), (1, 2), (1, 3)], True, (8, 16)),
+        ((2, 4), [(1, 0), (1, 1), (1, 2), (1, 3)], False, (8, 16)),
+        # batch:1,expert:8, process 0 of 2: parts 0..3 of 8 (GShard); the
+        # one part of the batch axis (replicated: the whole batch).
+        ((1, 8), [(0, 0), (0, 1), (0, 2), (0, 3)], True, (0, 8)),
+        ((1, 8), [(0, 0), (0, 1), (0, 2), (0, 3)], False, (0, 16)),
+        # batch:4,expert:2, process 1 of 2 (replicated): parts 2 and 3.
+        ((4, 2), [(2, 0), (2, 1), (3, 0), (3, 1)], False, (8, 16)),
+    ],
+)
+def test_local_batch_rows_on_part_of_a_mesh(shape, locations, spread, expected):
+    mesh = _FakeMesh(*shape, locations)
+    assert _trainer_on(mesh, spread).local_batch_rows(16) == expected
+
+
+def test_local_batch_rows_rejects():
+    mesh = _FakeMesh(2, 4, [(0, 0), (0, 2), (1, 0), (1, 2)])
+    trainer = _trainer_on(mesh, spread=True)
+    with pytest.raises(ValueError, match=r"parts \[0, 2, 4, 6\] .* not one"):
+        trainer.local_batch_rows(16)
+    with pytest.raises(ValueError, match="a batch of 12 examples cannot"):
+        trainer.local_batch_rows(12)
+    for bad in (0, -8, 8.0, True, "16", None):
+        with pytest.raises(ValueError, match="batch_size must be an int"):
+            trainer.local_batch_rows(bad)
+
+
 def test_make_mesh_and_layouts():
     mesh = mesh_lib.make_mesh(1, 1, devices=["CPU:0"])
     assert tuple(mesh.dim_names) == ("batch", "expert")
@@ -217,6 +333,14 @@ def _adamw_without_head_decay():
 
 def _one_device_mesh():
     return mesh_lib.make_mesh(1, 1, devices=["CPU:0"])
+
+
+def test_local_batch_rows_on_one_process_is_the_whole_batch():
+    trainer = ExpertParallelTrainer(
+        _small_model(), _one_device_mesh(), optimizer="sgd", loss=_LOSS
+    )
+    assert trainer.local_batch_rows(8) == (0, 8)
+    assert trainer.local_batch_rows(np.int64(3)) == (0, 3)
 
 
 @pytest.mark.parametrize(

@@ -444,6 +444,33 @@ def test_checkpoint_every_under_keras_fit(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_pruning_removes_leftovers_of_older_saves_only(tmp_path):
+    """Hidden directories of killed saves (one process's, and the shared
+    one several processes write) go once their step is older than every
+    checkpoint kept; a newer one (a save in progress) and other entries
+    stay."""
+    directory = tmp_path / "backup"
+    directory.mkdir()
+    old = [
+        ".ckpt-000000001.tmp-host-99-ab12cd34",
+        ".ckpt-000000002.tmp-clients-2",
+    ]
+    kept = [".ckpt-000000009.tmp-clients-9", ".notes", "ckpt-latest"]
+    for name in old + kept:
+        (directory / name).mkdir()
+    trainer = _trainer()
+    saver = CheckpointEvery(trainer, str(directory), 1, max_to_keep=2)
+    trainer.fit(_data(steps=3), callbacks=[saver])
+    # Steps 2 and 3 kept: only the leftover of step 1 is older than both.
+    assert sorted(os.listdir(directory)) == sorted(
+        ["ckpt-000000002", "ckpt-000000003", old[1]] + kept
+    )
+    trainer.fit(_data(steps=1), callbacks=[saver])
+    assert sorted(os.listdir(directory)) == sorted(
+        ["ckpt-000000003", "ckpt-000000004"] + kept
+    )
+
+
 def test_list_checkpoints_ignores_other_entries(tmp_path):
     for name in (
         "ckpt-000000002",

@@ -2,11 +2,14 @@
 
 Two clients of a multi-client DTensor cluster run on this machine
 (`_ep_multihost.py`, 4 virtual CPU devices each, gRPC on two free loopback
-ports) and train on one mesh over their 8 devices (`batch:2,expert:4`,
-and `batch:1,expert:8` where each process holds experts the other has
-not); the losses and weights must equal plain Keras on one device, which
-each client also runs. A checkpoint written by both clients into one
-directory must hold the whole state and load back on the other mesh.
+ports) and train `ExpertParallelTrainer` on one mesh over their 8 devices
+(`batch:2,expert:4`, built from a spec and by `make_mesh`, and
+`batch:1,expert:8` where each process holds experts the other has not),
+each passing only its own rows of every global batch; the losses and
+weights must equal plain Keras on one device, which client 0 also runs.
+A checkpoint written by both clients into one directory must hold the
+whole state and load back on the other mesh, and `fit_resumable` must
+resume across both.
 """
 
 import json
@@ -26,7 +29,7 @@ _SCRIPT = os.path.join(_HERE, "_ep_multihost.py")
 NUM_CLIENTS = 2
 TOLERANCE = 1e-5
 TIMEOUT = 240
-RUNS = ("global", "local_replicated", "local_1x8")
+RUNS = ("local_replicated", "local_1x8", "resumed")
 
 
 def _free_ports(count):
@@ -126,15 +129,19 @@ def _weights(result, run):
 def test_the_meshes_span_both_processes(clients):
     for client, result in enumerate(clients):
         assert int(result["num_clients"]) == NUM_CLIENTS
+        # default_devices() keeps this process's own devices.
+        assert list(result["default_devices"]) == [f"CPU:{i}" for i in range(4)]
         # Client c holds devices 4c..4c+3: on batch:2,expert:4 row c of
         # the batch axis, on batch:1,expert:8 experts 4c..4c+3.
-        for mesh in ("2x4", "1x8"):
+        for mesh in ("2x4", "1x8", "spec"):
             np.testing.assert_array_equal(
                 result[f"mesh_{mesh}/devices"], np.arange(4) + 4 * client
             )
-        np.testing.assert_array_equal(
-            result["mesh_2x4/locations"], [[client, j] for j in range(4)]
-        )
+        for mesh in ("2x4", "spec"):
+            np.testing.assert_array_equal(
+                result[f"mesh_{mesh}/locations"],
+                [[client, j] for j in range(4)],
+            )
         np.testing.assert_array_equal(
             result["mesh_1x8/locations"],
             [[0, 4 * client + j] for j in range(4)],
@@ -143,10 +150,23 @@ def test_the_meshes_span_both_processes(clients):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("client", range(NUM_CLIENTS))
+def test_each_client_passes_its_own_rows(clients, client):
+    """Of a global batch of 16: rows [8c, 8c + 8) wherever the client's
+    devices take half the parts; all 16 with the replicated layout on
+    batch:1,expert:8 (both clients' devices take the one batch part)."""
+    result = clients[client]
+    own = [8 * client, 8 * client + 8]
+    assert list(result["rows/2x4/gshard"]) == own
+    assert list(result["rows/2x4/replicated"]) == own
+    assert list(result["rows/1x8/gshard"]) == own
+    assert list(result["rows/1x8/replicated"]) == [0, 16]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", range(NUM_CLIENTS))
 def test_each_device_gets_its_own_rows(clients, client):
     """GShard on batch:2,expert:4: device (i, j) gets part 4i + j of the
-    global batch, whether the client is given the whole batch or only
-    its own rows [8c, 8c + 8)."""
+    global batch, the client passing only its own rows [8c, 8c + 8)."""
     result = clients[client]
     x = result["batch_x"]
     rows = len(x) // 8
@@ -154,16 +174,28 @@ def test_each_device_gets_its_own_rows(clients, client):
         x[(4 * client + j) * rows : (4 * client + j + 1) * rows]
         for j in range(4)
     ]
-    np.testing.assert_array_equal(result["packed/global"], want)
-    np.testing.assert_array_equal(result["packed/local"], want)
+    np.testing.assert_array_equal(result["packed"], want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", range(NUM_CLIENTS))
+def test_bad_inputs_name_what_is_expected(clients, client):
+    result = clients[client]
+    # 6 rows cannot feed the client's 4 devices equally.
+    message = str(result["error/rows"])
+    assert "given 6 rows" in message and "4 equal parts" in message
+    assert "local_batch_rows" in message
+    message = str(result["error/spec"])
+    assert "'batch:2,expert:2'" in message
+    assert "4 devices but 8 are available" in message
+    assert "4 per process x 2 processes" in message
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("client", range(NUM_CLIENTS))
 @pytest.mark.parametrize("run", RUNS)
 def test_three_steps_match_one_device(clients, run, client):
-    """`global`: each client passes the whole batch; `local_*`: only its
-    own rows (`local_1x8` on batch:1,expert:8; see `_ep_multihost.py`)."""
+    """Each client passing only its own rows (see `_ep_multihost.py`)."""
     result, reference = clients[client], clients[0]
     np.testing.assert_allclose(
         result[f"{run}/losses"],
@@ -209,6 +241,7 @@ def test_one_checkpoint_holds_both_clients_experts(clients):
         "client0.npz",
         "client1.log",
         "client1.npz",
+        "resumable",
     ]  # no temporary directory left behind
     with open(os.path.join(path, "meta.json")) as file:
         meta = json.load(file)
@@ -235,6 +268,25 @@ def test_the_checkpoint_loads_on_the_other_mesh(clients, client):
     for got, want in zip(
         _weights(result, "restored"), _weights(result, "local_1x8")
     ):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_fit_resumable_across_both_clients(clients):
+    """A checkpoint every step, one kept: after 2 + 1 steps only step 3
+    remains, written by both clients, with no hidden leftovers; the
+    second trainer ran 1 step (`resumed` has 3 losses in all, equal to
+    one device's: test_three_steps_match_one_device)."""
+    directory = os.path.join(clients[0]["out"], "resumable")
+    assert sorted(os.listdir(directory)) == ["ckpt-000000003"]
+    path = os.path.join(directory, "ckpt-000000003")
+    with open(os.path.join(path, "meta.json")) as file:
+        meta = json.load(file)
+    assert meta["step"] == 3
+    assert meta["mesh"] == {"batch": 2, "expert": 4}
+    reader = tf.train.load_checkpoint(os.path.join(path, "state"))
+    for i, want in enumerate(_weights(clients[0], "resumed")):
+        got = reader.get_tensor(f"trainable/{i}/.ATTRIBUTES/VARIABLE_VALUE")
         np.testing.assert_array_equal(got, want)
 
 
