@@ -19,7 +19,8 @@ Usage:
 
 Flags `--num_experts`, `--capacity_factor`, `--router`, `--moe_blocks`,
 `--expert_noise`, `--reinit_fraction`, `--reuse_optimizer_state`,
-`--optimizer_state` and `--budgets` are passed to the experiment only when
+`--optimizer_state`, `--normalize_combine_weights` and `--budgets` are
+passed to the experiment only when
 given on the command line; an experiment that does not support one of them
 stops with an error naming it. Every flag is checked before any work starts.
 """
@@ -87,6 +88,12 @@ _OPTIMIZER_STATE = flags.DEFINE_enum(
     "Ablation: how a reused dense optimizer state starts the upcycled model "
     "(keras_moe.upcycle_optimizer's state).",
 )
+_NORMALIZE_COMBINE_WEIGHTS = flags.DEFINE_boolean(
+    "normalize_combine_weights",
+    None,
+    "Ablation: renormalise each token's combine weights over its experts "
+    "in every MoE block (default: the paper's choice, vision only).",
+)
 _BUDGETS = flags.DEFINE_list(
     "budgets",
     None,
@@ -103,6 +110,7 @@ _OPTION_FLAGS = {
     "reinit_fraction": _REINIT_FRACTION,
     "reuse_optimizer_state": _REUSE_OPTIMIZER_STATE,
     "optimizer_state": _OPTIMIZER_STATE,
+    "normalize_combine_weights": _NORMALIZE_COMBINE_WEIGHTS,
     "budgets": _BUDGETS,
 }
 flags.mark_flag_as_required("experiment")

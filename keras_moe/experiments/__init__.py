@@ -44,6 +44,7 @@ OPTION_NAMES = (
     "reinit_fraction",
     "reuse_optimizer_state",
     "optimizer_state",
+    "normalize_combine_weights",
     "budgets",
 )
 
@@ -245,6 +246,10 @@ def check_option_values(options):
         "reset",
     ):
         fail("optimizer_state", "one of rescale, copy, reset")
+    if "normalize_combine_weights" in options and not isinstance(
+        options["normalize_combine_weights"], bool
+    ):
+        fail("normalize_combine_weights", "a bool")
     if "budgets" in options:
         values = options["budgets"]
         if isinstance(values, str):

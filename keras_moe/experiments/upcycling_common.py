@@ -102,6 +102,8 @@ class Settings:
             optimizer's state (`keras_moe.upcycle_optimizer`).
         optimizer_state: how it continues it: `upcycle_optimizer`'s
             `state` ("rescale", "copy" or "reset").
+        normalize_combine_weights: None for the paper's choice (vision
+            only), or a bool for every MoE block.
         budgets: sorted extra budgets, fractions of the dense pre-training
             FLOPs.
     """
@@ -114,6 +116,7 @@ class Settings:
     reinit_fraction: float = 0.0
     reuse_optimizer_state: bool = True
     optimizer_state: str = "rescale"
+    normalize_combine_weights: object = None
     budgets: tuple = DEFAULT_BUDGETS
 
     def upcycle_kwargs(self, seed, moe_kwargs=None):
@@ -129,6 +132,7 @@ class Settings:
             "eval_capacity_factor": self.capacity_factor,
             "expert_noise": self.expert_noise,
             "reinit_fraction": self.reinit_fraction,
+            "normalize_combine_weights": self.normalize_combine_weights,
             "moe_kwargs": dict(moe_kwargs or {}),
             "seed": seed,
         }
@@ -136,14 +140,19 @@ class Settings:
     def describe(self):
         """One line naming every setting, for the results page."""
         budgets = ", ".join(f"{b:g}" for b in self.budgets)
+        normalized = (
+            ""
+            if self.normalize_combine_weights is None
+            else ", combine weights normalised "
+            f"{self.normalize_combine_weights}"
+        )
         return (
             f"E={self.num_experts}, capacity factor {self.capacity_factor:g}, "
             f"router {self.router}, MoE blocks {self.moe_blocks}, expert "
             f"noise {self.expert_noise:g}, re-initialised fraction "
             f"{self.reinit_fraction:g}, optimizer state "
             f"{self.optimizer_state if self.reuse_optimizer_state else 'fresh'}"
-            ", "
-            f"budgets {budgets}"
+            f"{normalized}, budgets {budgets}"
         )
 
 
@@ -234,6 +243,13 @@ def _check_option(name, value):
                 f"received {value!r}"
             )
         return value
+    if name == "normalize_combine_weights":
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(
+                "option normalize_combine_weights must be a bool; received "
+                f"{value!r}"
+            )
+        return bool(value)
     if name == "budgets":
         return _check_budgets(value)
     raise ValueError(f"unknown option {name!r}")  # check_options stops it.
@@ -1062,14 +1078,18 @@ class ConvergedTask(Task):
 
 def describe_converged_protocol(task):
     """The schedules and cooldown of `task`, in words."""
+    rewarm = (
+        " Schedule re-warmed: the schedule starts again at step 0 (a new "
+        "warm-up to the peak), the optimizer state is kept."
+        if task.rewarm_arms
+        else ""
+    )
     return (
         "Adam with gradient-norm clipping at 1; learning rate warmed up "
         f"linearly to {task.learning_rate:g} over {task.warmup_steps} "
         "steps, then inverse square-root decay. Schedule continued: the "
-        "dense step count goes on (no second warm-up). Schedule "
-        "re-warmed: the schedule starts again at step 0 (a new warm-up "
-        "to the peak), the optimizer state is kept. Before every "
-        "evaluation a branched copy of the arm is cooled down for "
+        f"dense step count goes on (no second warm-up).{rewarm} Before "
+        "every evaluation a branched copy of the arm is cooled down for "
         f"{task.cooldown_fraction:.0%} of P FLOPs (the same for every "
         "arm, outside the budget), its learning rate decaying linearly "
         "from the arm's current rate to 0, on batches shared by every arm "

@@ -52,6 +52,7 @@ _TINY_VIT = dict(
         ({"reinit_fraction": 1.5}, r"reinit_fraction must be .* \[0, 1\]"),
         ({"reuse_optimizer_state": "no"}, "reuse_optimizer_state must be"),
         ({"optimizer_state": "tile"}, "optimizer_state must be one of"),
+        ({"normalize_combine_weights": 1}, "normalize_combine_weights must"),
         ({"budgets": []}, "budgets must be a non-empty list"),
         ({"budgets": [0.5, -1]}, "budgets must be a non-empty list"),
         ({"budgets": 0.5}, "budgets must be a list"),
@@ -101,6 +102,13 @@ def test_options_become_settings():
     one = uc.parse_options("x", {"num_experts": 1}, {"encoder": 4})
     assert one.upcycle_kwargs(0)["num_selected_experts"] == 1
     assert uc.parse_options("x", None, {"encoder": 4}) == uc.Settings()
+    # Combine weights: the paper's per-stack choice unless set.
+    assert kwargs["normalize_combine_weights"] is None
+    normalized = uc.parse_options(
+        "x", {"normalize_combine_weights": True}, {"encoder": 4}
+    )
+    assert normalized.upcycle_kwargs(0)["normalize_combine_weights"] is True
+    assert "combine weights normalised True" in normalized.describe()
 
 
 # --------------------------------------------------------------------------
