@@ -321,18 +321,7 @@ def run(output_dir, seeds=(0, 1, 2), small=False, options=None):
         moe_kwargs=MOE_KWARGS,
         jit_compile=config["jit_compile"],
     )
-    cache, rows, curve = {}, [], []
-    for seed in seeds:
-        tic = time.perf_counter()
-        seed_rows, seed_curve = uc.run_seed_converged(
-            task, settings, seed, cache
-        )
-        rows += seed_rows
-        curve += seed_curve
-        print(
-            f"[{NAME}] seed {seed} done in {time.perf_counter() - tic:.0f} s",
-            flush=True,
-        )
+    rows, curve = uc.run_seeds_converged(task, settings, seeds)
     result = uc.write_converged_outputs(
         output_dir,
         NAME,

@@ -1218,6 +1218,26 @@ def run_seed_converged(task, settings, seed, cache):
     return rows, curve
 
 
+def run_seeds_converged(task, settings, seeds):
+    """`run_seed_converged` for every seed, one `TrainerPool` for all.
+
+    Returns:
+        `(rows, curve)` of every seed.
+    """
+    cache, rows, curve = {}, [], []
+    for seed in seeds:
+        tic = time.perf_counter()
+        seed_rows, seed_curve = run_seed_converged(task, settings, seed, cache)
+        rows += seed_rows
+        curve += seed_curve
+        print(
+            f"[{task.name}] seed {seed} done in "
+            f"{time.perf_counter() - tic:.0f} s",
+            flush=True,
+        )
+    return rows, curve
+
+
 def _pretrain(task, trainer, seed):
     """Dense pre-training with `task.curve_points` evaluations along the
     way (no cooldown): train loss of the interval and held-out metrics."""

@@ -46,6 +46,7 @@ sys.path.insert(
 )
 
 import keras  # noqa: E402
+from ep_models import one_moe_layer_model  # noqa: E402
 from tensorflow.experimental import dtensor  # noqa: E402
 
 from keras_moe.distribution import mesh as mesh_lib  # noqa: E402
@@ -53,7 +54,6 @@ from keras_moe.distribution.checkpointing import fit_resumable  # noqa: E402
 from keras_moe.distribution.expert_parallel import (  # noqa: E402
     ExpertParallelTrainer,
 )
-from keras_moe.layers.moe import MoeLayer  # noqa: E402
 
 NUM_EXPERTS = 8
 BATCH = 16
@@ -62,18 +62,7 @@ EVERY = 2
 
 
 def make_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((6, 8))
-    hidden = MoeLayer(
-        NUM_EXPERTS,
-        16,
-        num_selected_experts=2,
-        dispatcher="einsum",
-        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        name="moe",
-    )(inputs)
-    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(hidden))
-    return keras.Model(inputs, outputs, name="model")
+    return one_moe_layer_model(NUM_EXPERTS, seed)
 
 
 def make_trainer(mesh, seed=0):

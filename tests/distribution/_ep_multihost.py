@@ -63,13 +63,13 @@ sys.path.insert(
 )
 
 import keras  # noqa: E402
+from ep_models import two_moe_layers_model  # noqa: E402
 
 from keras_moe.distribution import mesh as mesh_lib  # noqa: E402
 from keras_moe.distribution.checkpointing import fit_resumable  # noqa: E402
 from keras_moe.distribution.expert_parallel import (  # noqa: E402
     ExpertParallelTrainer,
 )
-from keras_moe.layers.moe import MoeLayer  # noqa: E402
 
 LOSS = "sparse_categorical_crossentropy"
 GLOBAL_BATCH = 16
@@ -77,29 +77,7 @@ STEPS = 3
 
 
 def model(num_experts=8, seed=0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((6, 8))
-    hidden = MoeLayer(
-        num_experts,
-        16,
-        num_selected_experts=2,
-        dispatcher="einsum",
-        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        name="moe",
-    )(inputs)
-    hidden = MoeLayer(
-        num_experts,
-        16,
-        router="experts_choose",
-        dispatcher="indices",
-        use_bias=True,
-        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        name="moe_2",
-    )(hidden)
-    outputs = keras.layers.Dense(3, activation="softmax")(
-        keras.layers.Flatten()(hidden)
-    )
-    return keras.Model(inputs, outputs, name="model")
+    return two_moe_layers_model(num_experts, seed)
 
 
 def adam():

@@ -33,40 +33,18 @@ sys.path.insert(
 )
 
 import keras  # noqa: E402
+from ep_models import two_moe_layers_model  # noqa: E402
 
 from keras_moe.distribution import mesh as mesh_lib  # noqa: E402
 from keras_moe.distribution.expert_parallel import (  # noqa: E402
     ExpertParallelTrainer,
 )
-from keras_moe.layers.moe import MoeLayer  # noqa: E402
 
 LOSS = "sparse_categorical_crossentropy"
 
 
 def model(num_experts, seed=0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((6, 8))
-    hidden = MoeLayer(
-        num_experts,
-        16,
-        num_selected_experts=2,
-        dispatcher="einsum",
-        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        name="moe",
-    )(inputs)
-    hidden = MoeLayer(
-        num_experts,
-        16,
-        router="experts_choose",
-        dispatcher="indices",
-        use_bias=True,
-        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        name="moe_2",
-    )(hidden)
-    outputs = keras.layers.Dense(3, activation="softmax")(
-        keras.layers.Flatten()(hidden)
-    )
-    return keras.Model(inputs, outputs, name="model")
+    return two_moe_layers_model(num_experts, seed)
 
 
 def message(function):

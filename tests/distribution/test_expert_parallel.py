@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from ep_models import one_moe_layer_model
 from tensorflow.experimental import dtensor
 
 from keras_moe.distribution import expert_parallel
@@ -297,18 +298,7 @@ def test_row_local_top_k_gradient_equals_tensorflows():
 
 
 def _small_model(num_experts=4, seed=0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((6, 8))
-    hidden = MoeLayer(
-        num_experts,
-        16,
-        num_selected_experts=2,
-        dispatcher="einsum",
-        router_kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        name="moe",
-    )(inputs)
-    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(hidden))
-    return keras.Model(inputs, outputs)
+    return one_moe_layer_model(num_experts, seed, head_name="head")
 
 
 def _data(steps=3, batch=4, seed=1):
