@@ -1,12 +1,12 @@
 """Distribution: tf.distribute strategies and expert parallelism on a
-DTensor mesh. Crash-safe Keras `fit` is in `keras_moe.training.resumable`;
-crash-safe expert-parallel training is `fit_resumable` here
+DTensor mesh. Crash-safe Keras `fit` is `keras_moe.training.fit_resumable`;
+crash-safe expert-parallel training is `train_resumable` here
 (`keras_moe.distribution.checkpointing`)."""
 
 # DTensor expert parallelism.
 from keras_moe.distribution.checkpointing import CheckpointEvery
 from keras_moe.distribution.checkpointing import checkpoint_path
-from keras_moe.distribution.checkpointing import fit_resumable
+from keras_moe.distribution.checkpointing import train_resumable
 from keras_moe.distribution.checkpointing import list_checkpoints
 from keras_moe.distribution.checkpointing import restore_latest
 from keras_moe.distribution.expert_parallel import SUPPORTED_OPTIMIZERS

@@ -6,7 +6,7 @@
 `ExpertParallelTrainer.save` (each device writes its own shards; the
 directory appears complete or not at all), keeping the newest few.
 
-`fit_resumable` is the loop that survives being killed: it loads the
+`train_resumable` is the loop that survives being killed: it loads the
 newest checkpoint of the directory into the trainer, skips the batches
 already trained on (step t always trains on batch t of `dataset`), and
 trains the rest with a `CheckpointEvery`. Run the same command again
@@ -44,13 +44,13 @@ Example (one device; on 8 devices use a mesh such as "batch:2,expert:4"):
 >>> x = np.random.default_rng(0).normal(size=(16, 4, 8)).astype("float32")
 >>> dataset = tf.data.Dataset.from_tensor_slices((x, np.arange(16) % 3))
 >>> directory = tempfile.mkdtemp()
->>> losses = fit_resumable(trainer(), dataset.batch(4), 3, directory, 2)
+>>> losses = train_resumable(trainer(), dataset.batch(4), 3, directory, 2)
 >>> [step for step, _ in list_checkpoints(directory)]
 [2, 3]
 >>> len(losses)
 3
 >>> resumed = trainer()  # as a new process would build it
->>> len(fit_resumable(resumed, dataset.batch(4), 4, directory, 2))
+>>> len(train_resumable(resumed, dataset.batch(4), 4, directory, 2))
 1
 >>> resumed.step
 4
@@ -208,7 +208,7 @@ class CheckpointEvery(keras.callbacks.Callback):
             self.save()
 
 
-def fit_resumable(
+def train_resumable(
     trainer,
     dataset,
     steps,

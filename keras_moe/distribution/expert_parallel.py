@@ -126,7 +126,7 @@ their devices. Every process runs the same program:
   `train_step`, `test_step` or `fit`; the global batch is never assembled
   in one process. Every process runs the same number of steps;
 * checkpoints: every process calls `save` (or `CheckpointEvery`,
-  `fit_resumable`) with the same path on a file system they all share;
+  `train_resumable`) with the same path on a file system they all share;
   process 0 writes `meta.json`, renames and prunes. `load` / `restore`
   read it onto any mesh, a single-process one included.
 

@@ -19,7 +19,7 @@ does, uninterrupted, with `DIR/reference` and `DIR/reference.npz`.
     python tests/distribution/_ep_checkpoint.py train --backup DIR \\
         --out FILE [--hang_in_save STEP]
 
-`fit_resumable` on `batch:2,expert:4`: 6 steps over a fixed sequence of
+`train_resumable` on `batch:2,expert:4`: 6 steps over a fixed sequence of
 batches, a checkpoint every 2 steps (newest 2 kept). Prints `start N`
 (the step it resumed at), `step N` after each step, `done N`; writes every
 state variable and the step to FILE. `--hang_in_save STEP` stops inside
@@ -50,7 +50,7 @@ from ep_models import one_moe_layer_model  # noqa: E402
 from tensorflow.experimental import dtensor  # noqa: E402
 
 from keras_moe.distribution import mesh as mesh_lib  # noqa: E402
-from keras_moe.distribution.checkpointing import fit_resumable  # noqa: E402
+from keras_moe.distribution.checkpointing import train_resumable  # noqa: E402
 from keras_moe.distribution.expert_parallel import (  # noqa: E402
     ExpertParallelTrainer,
 )
@@ -236,7 +236,7 @@ def run_train(backup, out):
     dataset = tf.data.Dataset.from_tensor_slices(
         tuple(np.stack(part) for part in zip(*batches(TOTAL_STEPS)))
     )
-    fit_resumable(
+    train_resumable(
         trainer,
         dataset,
         TOTAL_STEPS,

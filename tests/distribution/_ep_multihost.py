@@ -23,7 +23,7 @@ has two MoE layers (token and expert choice, 8 experts); each run trains
   into one checkpoint directory `<out>/ckpt` and loaded by both into a
   trainer on `make_mesh(2, 4)` built from other initial weights
   (`restored`);
-* `resumed`: GShard on `make_mesh(2, 4)` through `fit_resumable`
+* `resumed`: GShard on `make_mesh(2, 4)` through `train_resumable`
   (directory `<out>/resumable`, a checkpoint every step, one kept): 2
   steps, then a new trainer from other initial weights resumes and runs
   the third.
@@ -66,7 +66,7 @@ import keras  # noqa: E402
 from ep_models import two_moe_layers_model  # noqa: E402
 
 from keras_moe.distribution import mesh as mesh_lib  # noqa: E402
-from keras_moe.distribution.checkpointing import fit_resumable  # noqa: E402
+from keras_moe.distribution.checkpointing import train_resumable  # noqa: E402
 from keras_moe.distribution.expert_parallel import (  # noqa: E402
     ExpertParallelTrainer,
 )
@@ -190,9 +190,11 @@ def main():
     directory = os.path.join(args.out, "resumable")
     trainer = ExpertParallelTrainer(model(), mesh_2x4, adam(), loss=LOSS)
     local = own_rows(trainer, data)
-    losses = fit_resumable(trainer, local, 2, directory, 1, max_to_keep=1)
+    losses = train_resumable(trainer, local, 2, directory, 1, max_to_keep=1)
     trainer = ExpertParallelTrainer(model(seed=1), mesh_2x4, adam(), loss=LOSS)
-    losses += fit_resumable(trainer, local, STEPS, directory, 1, max_to_keep=1)
+    losses += train_resumable(
+        trainer, local, STEPS, directory, 1, max_to_keep=1
+    )
     record(results, "resumed", losses, trainer.model)
 
     if client == 0:

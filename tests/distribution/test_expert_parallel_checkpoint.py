@@ -8,7 +8,7 @@ virtual CPU devices:
   holds a whole kernel; it restores on `batch:1,expert:8` and on one
   device with every value equal to the saved one, and the next step there
   equals the original trainer's next step;
-* `fit_resumable` killed with SIGKILL in the middle of training, inside
+* `train_resumable` killed with SIGKILL in the middle of training, inside
   the save of step 4 (its files written, the directory not yet renamed),
   leaves the checkpoint of step 2 and a hidden directory; restarted with
   the same command it resumes at step 2 and ends with the state of a run
@@ -33,7 +33,7 @@ import tensorflow as tf
 from keras_moe.distribution import checkpointing
 from keras_moe.distribution import expert_parallel
 from keras_moe.distribution.checkpointing import CheckpointEvery
-from keras_moe.distribution.checkpointing import fit_resumable
+from keras_moe.distribution.checkpointing import train_resumable
 from keras_moe.distribution.checkpointing import list_checkpoints
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
 from keras_moe.distribution.expert_parallel_fit import ExpertParallelModel
@@ -397,10 +397,10 @@ def test_fit_resumable_after_a_crash_matches_an_uninterrupted_run(tmp_path):
 
     directory = str(tmp_path / "backup")
     with pytest.raises(RuntimeError, match="crash"):
-        fit_resumable(_trainer(), data, 6, directory, 3, callbacks=[Crash()])
+        train_resumable(_trainer(), data, 6, directory, 3, callbacks=[Crash()])
     assert [step for step, _ in list_checkpoints(directory)] == [3]
     trainer = _trainer(seed=4)
-    losses = fit_resumable(trainer, data, 6, directory, 3)
+    losses = train_resumable(trainer, data, 6, directory, 3)
     assert len(losses) == 3 and trainer.step == 6
     for a, b in zip(_state(trainer), _state(expected)):
         np.testing.assert_allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE)
@@ -414,9 +414,9 @@ def test_fit_resumable_after_a_crash_matches_an_uninterrupted_run(tmp_path):
         )
     assert [step for step, _ in list_checkpoints(directory)] == [3, 6]
     # Already at step 6: nothing to run. Past it: refused.
-    assert fit_resumable(_trainer(), data, 6, directory, 3) == []
+    assert train_resumable(_trainer(), data, 6, directory, 3) == []
     with pytest.raises(ValueError, match="at step 6, past steps=5"):
-        fit_resumable(_trainer(), data, 5, directory, 3)
+        train_resumable(_trainer(), data, 5, directory, 3)
 
 
 def test_checkpoint_every_under_keras_fit(tmp_path):
@@ -512,14 +512,14 @@ def test_checkpoint_every_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         CheckpointEvery(**args)
     with pytest.raises(ValueError, match=match):
-        fit_resumable(dataset=_data(), steps=2, **args)
+        train_resumable(dataset=_data(), steps=2, **args)
     assert not (tmp_path / "backup").exists()  # nothing written
 
 
 def test_fit_resumable_rejects_bad_steps(tmp_path):
     for steps, match in ((-1, "steps must be >= 0"), (2.0, "must be an int")):
         with pytest.raises(ValueError, match=match):
-            fit_resumable(_trainer(), _data(), steps, str(tmp_path), 2)
+            train_resumable(_trainer(), _data(), steps, str(tmp_path), 2)
 
 
 def test_docstring_example_runs():

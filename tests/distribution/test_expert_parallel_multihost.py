@@ -8,7 +8,7 @@ ports) and train `ExpertParallelTrainer` on one mesh over their 8 devices
 each passing only its own rows of every global batch; the losses and
 weights must equal plain Keras on one device, which client 0 also runs.
 A checkpoint written by both clients into one directory must hold the
-whole state and load back on the other mesh, and `fit_resumable` must
+whole state and load back on the other mesh, and `train_resumable` must
 resume across both.
 """
 
