@@ -6,9 +6,9 @@ crash-safe expert-parallel training is `train_resumable` here
 # DTensor expert parallelism.
 from keras_moe.distribution.checkpointing import CheckpointEvery
 from keras_moe.distribution.checkpointing import checkpoint_path
-from keras_moe.distribution.checkpointing import train_resumable
 from keras_moe.distribution.checkpointing import list_checkpoints
 from keras_moe.distribution.checkpointing import restore_latest
+from keras_moe.distribution.checkpointing import train_resumable
 from keras_moe.distribution.expert_parallel import SUPPORTED_OPTIMIZERS
 from keras_moe.distribution.expert_parallel import DTensorOptimizer
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer

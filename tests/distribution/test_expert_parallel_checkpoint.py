@@ -33,8 +33,8 @@ import tensorflow as tf
 from keras_moe.distribution import checkpointing
 from keras_moe.distribution import expert_parallel
 from keras_moe.distribution.checkpointing import CheckpointEvery
-from keras_moe.distribution.checkpointing import train_resumable
 from keras_moe.distribution.checkpointing import list_checkpoints
+from keras_moe.distribution.checkpointing import train_resumable
 from keras_moe.distribution.expert_parallel import ExpertParallelTrainer
 from keras_moe.distribution.expert_parallel_fit import ExpertParallelModel
 from keras_moe.distribution.mesh import make_mesh
