@@ -701,11 +701,16 @@ def matched_extra_layers(dense_model, target_flops, step_flops_fn):
 # The protocol.
 
 
-def _print_row(task, seed, arm, budget, row, loss, metrics, label, timed):
-    """One progress line for an evaluated arm."""
-    shown = ", ".join(
+def _format_metrics(metrics):
+    """ "name value, ..." of the measured (not None) metrics."""
+    return ", ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
     )
+
+
+def _print_row(task, seed, arm, budget, row, loss, metrics, label, timed):
+    """One progress line for an evaluated arm."""
+    shown = _format_metrics(metrics)
     print(
         f"[{task.name} seed {seed}] {arm} +{budget:.0%}: "
         f"{row['steps']} steps (train loss {loss:.4f}), {label}{shown} "
@@ -1253,9 +1258,7 @@ def _pretrain(task, trainer, seed):
         curve.append(
             {"seed": seed, "step": trainer.steps, "train_loss": loss, **metrics}
         )
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if v is not None
-        )
+        shown = _format_metrics(metrics)
         print(
             f"[{task.name} seed {seed}] dense pre-training step "
             f"{trainer.steps}: train loss {loss:.4f}, held-out {shown} "
